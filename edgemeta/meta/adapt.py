@@ -1,0 +1,126 @@
+"""The adaptation API used everywhere: bundle weights + support set -> adapted weights.
+
+By default it runs exactly the inner loop the bundle was trained for (steps, step sizes, which
+parameters move). Run longer than trained, Meta-SGD's and ANIL's learned steps can diverge; a
+non-finite or rising support loss is therefore reported as :class:`AdaptationFailed` rather than
+returning weights that would be deployed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from edgemeta.meta.algorithms import make_learner
+from edgemeta.meta.bundle import Bundle
+from edgemeta.meta.inner import output_loss
+from edgemeta.meta.models import head_names
+from edgemeta.meta.tasks import TaskBatch
+
+
+class AdaptationFailed(RuntimeError):
+    """The inner loop diverged or was fed a support set it cannot use."""
+
+
+@dataclass
+class AdaptResult:
+    weights: dict[str, np.ndarray]
+    support_losses: list[float]
+    steps: int
+
+
+class Adapter:
+    """Holds the bundle's network once so repeated adaptations (the worker) skip the set-up."""
+
+    def __init__(self, bundle: Bundle, device: str | torch.device = "cpu"):
+        self.bundle = bundle
+        self.device = torch.device(device)
+        self.model_ = bundle.build_model().to(self.device)
+        meta = bundle.meta
+        self.kind_ = meta["task"]["kind"]
+        self.head_ = head_names(self.model_, meta["model"])
+        self.learner_ = make_learner(meta["algorithm"], self.model_, self.kind_,
+                                     int(meta["inner"]["steps"]), float(meta["inner"]["lr"]),
+                                     self.head_)
+        self.init_ = self._tensors(bundle.weights)
+        norm = meta["input"].get("normalization") or {}
+        self._mean = np.asarray(norm.get("mean", 0.0), dtype=np.float32)
+        self._std = np.asarray(norm.get("std", 1.0), dtype=np.float32)
+
+    def _tensors(self, weights: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        return {n: torch.as_tensor(np.asarray(w, dtype=np.float32), device=self.device)
+                for n, w in weights.items()}
+
+    def prepare(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validate and normalize a raw support set exactly as meta-training saw its data."""
+        x = np.asarray(x, dtype=np.float32)
+        features = int(self.bundle.meta["input"]["features"])
+        if x.ndim == 1 and features == 1:
+            x = x[:, None]
+        if x.ndim != 2 or x.shape[1] != features:
+            raise AdaptationFailed(f"support x has shape {x.shape}; the bundle expects (K, {features})")
+        y = np.asarray(y)
+        if len(y) != len(x) or len(x) == 0:
+            raise AdaptationFailed(f"support set has {len(x)} rows of x and {len(y)} labels")
+        if not (np.isfinite(x).all() and np.isfinite(y.astype(np.float64)).all()):
+            raise AdaptationFailed("support set contains NaN or infinite values")
+        xt = torch.as_tensor((x - self._mean) / self._std, device=self.device)
+        if self.kind_ == "regression":
+            yt = torch.as_tensor(y.astype(np.float32).reshape(len(y), -1), device=self.device)
+        else:
+            outputs = int(self.bundle.meta["output"]["size"])
+            if y.min() < 0 or y.max() >= outputs or not np.all(y == np.round(y)):
+                raise AdaptationFailed(f"class labels must be integers in [0, {outputs})")
+            yt = torch.as_tensor(y.astype(np.int64), device=self.device)
+        return xt, yt
+
+    def loss(self, params: Mapping[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> float:
+        with torch.no_grad():
+            out = torch.func.functional_call(self.model_, dict(params), (x,))
+            return float(output_loss(self.kind_, out, y))
+
+    def adapt(self, support_x: np.ndarray, support_y: np.ndarray, steps: int | None = None,
+              init: Mapping[str, np.ndarray] | None = None) -> AdaptResult:
+        """Adapt from the meta-initialization (or ``init``, e.g. the serving weights)."""
+        x, y = self.prepare(support_x, support_y)
+        params = dict(self.init_)
+        if init is not None:
+            params.update(self._tensors(init))
+        steps = int(self.bundle.meta["inner"]["steps"]) if steps is None else int(steps)
+        if steps < 0:
+            raise AdaptationFailed(f"steps must be >= 0, got {steps}")
+        batch = TaskBatch(x[None], y[None], x[None], y[None])
+        net = self.learner_.network(params)
+        losses = [self.loss(net, x, y)]
+        if self.bundle.meta["algorithm"] == "protonet":
+            fast = {n: p[0] for n, p in self.learner_.adapt(params, batch).items()}
+            losses.append(self.loss(fast, x, y))
+        else:
+            fast = params
+            for _ in range(steps):
+                with torch.enable_grad():
+                    fast = {**fast, **{n: p[0] for n, p in
+                                       self.learner_.adapt(fast, batch, steps=1,
+                                                           first_order=True).items()}}
+                losses.append(self.loss(self.learner_.network(fast), x, y))
+                if not np.isfinite(losses[-1]):
+                    break
+        if not np.all(np.isfinite(losses)):
+            raise AdaptationFailed(f"support loss became non-finite: {losses}")
+        if losses[-1] > losses[0] * (1 + 1e-6) + 1e-12:
+            raise AdaptationFailed(
+                f"support loss rose from {losses[0]:.4g} to {losses[-1]:.4g} over {steps} steps "
+                f"(trained for {self.bundle.meta['inner']['steps']}); not returning the weights")
+        weights = {n: p.detach().cpu().numpy().astype(np.float32)
+                   for n, p in self.learner_.network(fast).items()}
+        return AdaptResult(weights, losses, steps)
+
+
+def adapt(bundle: Bundle, support_x: np.ndarray, support_y: np.ndarray,
+          steps: int | None = None, init: Mapping[str, np.ndarray] | None = None,
+          device: str = "cpu") -> AdaptResult:
+    """One-off adaptation; long-lived callers keep an :class:`Adapter`."""
+    return Adapter(bundle, device).adapt(support_x, support_y, steps=steps, init=init)

@@ -1,0 +1,329 @@
+"""Task distributions: where few-shot episodes come from.
+
+Each distribution samples batches of tasks as stacked tensors so the inner loop can ``vmap`` over
+them. Splits are fixed by a split seed at construction, independent of the sampling seed, so the
+meta-test tasks never leak into meta-training whatever seed a run uses.
+
+>>> import numpy as np
+>>> tasks = SinusoidTasks(shots=5, queries=10)
+>>> batch = tasks.sample(4, np.random.default_rng(0))
+>>> tuple(batch.support_x.shape), tuple(batch.query_y.shape)
+((4, 5, 1), (4, 10, 1))
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+SPLITS = ("train", "val", "test")
+
+
+class TaskDataError(ValueError):
+    """Task data that cannot produce the requested episodes; the message names the file."""
+
+
+@dataclass
+class TaskBatch:
+    """A batch of episodes: support (adapt on it) and query (judge the adapted model on it)."""
+
+    support_x: torch.Tensor
+    support_y: torch.Tensor
+    query_x: torch.Tensor
+    query_y: torch.Tensor
+
+    def to(self, device: torch.device | str) -> TaskBatch:
+        return TaskBatch(*(t.to(device) for t in
+                           (self.support_x, self.support_y, self.query_x, self.query_y)))
+
+
+class SinusoidTasks:
+    """The MAML paper's regression tasks: y = A sin(x - phase), A in [0.1, 5], phase in [0, pi]."""
+
+    kind = "regression"
+    in_features = 1
+    out_features = 1
+
+    def __init__(self, shots: int = 5, queries: int = 10, amplitude=(0.1, 5.0),
+                 phase=(0.0, math.pi), x_range=(-5.0, 5.0)):
+        self.shots = shots
+        self.queries = queries
+        self.amplitude = tuple(amplitude)
+        self.phase = tuple(phase)
+        self.x_range = tuple(x_range)
+
+    def sample_functions(self, n_tasks: int, rng: np.random.Generator) -> np.ndarray:
+        amp = rng.uniform(*self.amplitude, size=n_tasks)
+        phase = rng.uniform(*self.phase, size=n_tasks)
+        return np.stack([amp, phase], axis=1)
+
+    def evaluate(self, params: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """Targets of tasks ``params`` [B, 2] at inputs ``x`` [B, N, 1]."""
+        return params[:, None, 0:1] * np.sin(x - params[:, None, 1:2])
+
+    def sample(self, n_tasks: int, rng: np.random.Generator, split: str = "train",
+               shots: int | None = None, queries: int | None = None) -> TaskBatch:
+        shots = self.shots if shots is None else shots
+        queries = self.queries if queries is None else queries
+        params = self.sample_functions(n_tasks, rng)
+        x = rng.uniform(*self.x_range, size=(n_tasks, shots + queries, 1))
+        y = self.evaluate(params, x)
+        return _split_batch(x, y, shots, np.float32)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": "sinusoid", "shots": self.shots, "queries": self.queries,
+                "amplitude": list(self.amplitude), "phase": list(self.phase),
+                "x_range": list(self.x_range)}
+
+    normalization = None
+
+
+def _split_batch(x: np.ndarray, y: np.ndarray, shots: int, y_dtype) -> TaskBatch:
+    xt = torch.as_tensor(x, dtype=torch.float32)
+    yt = torch.as_tensor(y.astype(y_dtype))
+    return TaskBatch(xt[:, :shots], yt[:, :shots], xt[:, shots:], yt[:, shots:])
+
+
+def load_labelled_array(path: str | Path, label_column: str = "label") -> tuple[np.ndarray, np.ndarray]:
+    """Read X and y from ``.npz`` (arrays ``X`` and ``y``) or CSV (header row, a label column)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TaskDataError(f"{path}: no such file")
+    if path.suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                missing = [k for k in ("X", "y") if k not in data.files]
+                if missing:
+                    raise TaskDataError(f"{path}: missing array(s) {missing}; need 'X' and 'y'")
+                x, y = np.asarray(data["X"], dtype=np.float64), np.asarray(data["y"])
+        except (OSError, ValueError) as exc:
+            raise TaskDataError(f"{path}: cannot read npz: {exc}") from exc
+    elif path.suffix == ".csv":
+        x, y = _read_csv(path, label_column)
+    else:
+        raise TaskDataError(f"{path}: unsupported format {path.suffix!r}; use .npz or .csv")
+    if x.ndim == 1:
+        x = x[:, None]
+    if x.ndim != 2 or len(x) != len(y):
+        raise TaskDataError(f"{path}: X has shape {x.shape} but y has {len(y)} rows")
+    if not np.isfinite(x).all():
+        row = int(np.argwhere(~np.isfinite(x))[0][0])
+        raise TaskDataError(f"{path}: non-finite feature value in row {row}")
+    return x, y
+
+
+def _read_csv(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
+    with path.open(newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if not header:
+            raise TaskDataError(f"{path}: empty CSV, expected a header row")
+        if label_column not in header:
+            raise TaskDataError(f"{path}: no label column {label_column!r} in header {header}")
+        li = header.index(label_column)
+        rows, labels = [], []
+        for lineno, row in enumerate(reader, start=2):
+            if len(row) != len(header):
+                raise TaskDataError(f"{path}, line {lineno}: {len(row)} fields, header has {len(header)}")
+            try:
+                rows.append([float(v) for i, v in enumerate(row) if i != li])
+                labels.append(float(row[li]))
+            except ValueError as exc:
+                raise TaskDataError(f"{path}, line {lineno}: not a number: {exc}") from exc
+    if not rows:
+        raise TaskDataError(f"{path}: no data rows")
+    return np.asarray(rows), np.asarray(labels)
+
+
+def _split_indices(n: int, fractions: tuple[float, float, float], split_seed: int) -> dict[str, np.ndarray]:
+    order = np.random.default_rng(split_seed).permutation(n)
+    n_train = int(round(fractions[0] * n))
+    n_val = int(round(fractions[1] * n))
+    return {"train": order[:n_train], "val": order[n_train:n_train + n_val],
+            "test": order[n_train + n_val:]}
+
+
+class ArrayClassificationTasks:
+    """N-way K-shot episodes from one labelled array, classes disjoint between splits.
+
+    Labels are re-drawn per episode (class ``c`` becomes a random slot 0..N-1), so the model must
+    learn from the support set rather than memorise a class identity.
+    """
+
+    kind = "classification"
+
+    def __init__(self, path: str | Path, n_way: int = 5, shots: int = 1, queries: int = 15,
+                 fractions=(0.6, 0.2, 0.2), split_seed: int = 0, label_column: str = "label"):
+        self.path = str(path)
+        self.n_way = n_way
+        self.shots = shots
+        self.queries = queries
+        self.fractions = tuple(fractions)
+        self.split_seed = split_seed
+        self.label_column = label_column
+        x, y = load_labelled_array(path, label_column)
+        classes = np.unique(y)
+        parts = _split_indices(len(classes), self.fractions, split_seed)
+        self._by_split: dict[str, list[np.ndarray]] = {}
+        train_rows = []
+        share_val = self.fractions[1] == 0
+        for split, idx in parts.items():
+            members = [np.flatnonzero(y == c) for c in classes[np.sort(idx)]]
+            if split == "val" and share_val:
+                # Too few classes for a class-disjoint validation split (e.g. digits, 10 classes):
+                # validate on held-out rows of the training classes instead.
+                rng = np.random.default_rng(split_seed)
+                shuffled = [rng.permutation(m) for m in self._by_split["train"]]
+                cut = [max(len(m) // 5, 1) for m in shuffled]
+                members = [m[:c] for m, c in zip(shuffled, cut, strict=True)]
+                self._by_split["train"] = [m[c:] for m, c in zip(shuffled, cut, strict=True)]
+                train_rows = np.concatenate(self._by_split["train"])
+            if len(members) < n_way:
+                raise TaskDataError(
+                    f"{self.path}: the {split} split has {len(members)} classes, fewer than "
+                    f"n_way={n_way} ({len(classes)} classes in all, fractions {list(self.fractions)})")
+            need = shots + queries
+            small = [i for i, m in enumerate(members) if len(m) < need]
+            if small:
+                raise TaskDataError(
+                    f"{self.path}: {len(small)} class(es) of the {split} split have fewer than "
+                    f"shots+queries={need} examples")
+            self._by_split[split] = members
+            if split == "train":
+                train_rows = np.concatenate(members)
+        mean = x[train_rows].mean(axis=0)
+        std = x[train_rows].std(axis=0)
+        std[std < 1e-8] = 1.0
+        self.normalization = {"mean": mean.tolist(), "std": std.tolist()}
+        self._x = ((x - mean) / std).astype(np.float32)
+        self.in_features = x.shape[1]
+        self.out_features = n_way
+
+    def sample(self, n_tasks: int, rng: np.random.Generator, split: str = "train",
+               shots: int | None = None, queries: int | None = None) -> TaskBatch:
+        shots = self.shots if shots is None else shots
+        queries = self.queries if queries is None else queries
+        members = self._by_split[split]
+        xs, ys = [], []
+        for _ in range(n_tasks):
+            chosen = rng.choice(len(members), size=self.n_way, replace=False)
+            sx, sy, qx, qy = [], [], [], []
+            for slot, c in enumerate(chosen):
+                rows = rng.choice(members[c], size=shots + queries, replace=False)
+                sx.append(self._x[rows[:shots]])
+                qx.append(self._x[rows[shots:]])
+                sy += [slot] * shots
+                qy += [slot] * queries
+            xs.append(np.concatenate(sx + qx))
+            ys.append(np.asarray(sy + qy))
+        return _split_batch(np.stack(xs), np.stack(ys), shots * self.n_way, np.int64)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": "array", "path": self.path, "n_way": self.n_way, "shots": self.shots,
+                "queries": self.queries, "fractions": list(self.fractions),
+                "split_seed": self.split_seed, "label_column": self.label_column}
+
+
+class TaskFolderTasks:
+    """A directory of user tasks, one ``.npz``/``.csv`` file each, split by task into train/val/test.
+
+    Regression tasks sample ``shots`` support and ``queries`` query rows; classification tasks
+    sample ``shots`` per class of the task (its labels are its own classes, 0..C-1).
+    """
+
+    def __init__(self, path: str | Path, kind: str = "regression", shots: int = 5,
+                 queries: int = 10, fractions=(0.6, 0.2, 0.2), split_seed: int = 0,
+                 label_column: str = "label"):
+        if kind not in ("regression", "classification"):
+            raise TaskDataError(f"task folder kind must be regression or classification, not {kind!r}")
+        self.path = str(path)
+        self.kind = kind
+        self.shots = shots
+        self.queries = queries
+        self.fractions = tuple(fractions)
+        self.split_seed = split_seed
+        self.label_column = label_column
+        root = Path(path)
+        if not root.is_dir():
+            raise TaskDataError(f"{root}: not a directory of task files")
+        files = sorted(p for p in root.iterdir() if p.suffix in (".npz", ".csv"))
+        if len(files) < 3:
+            raise TaskDataError(f"{root}: {len(files)} task files; need at least 3 (.npz or .csv)")
+        tasks = [load_labelled_array(f, label_column) for f in files]
+        widths = {t[0].shape[1] for t in tasks}
+        if len(widths) != 1:
+            raise TaskDataError(f"{root}: task files disagree on the number of features: {sorted(widths)}")
+        self.in_features = widths.pop()
+        if kind == "classification":
+            n_classes = {len(np.unique(y)) for _, y in tasks}
+            if len(n_classes) != 1:
+                raise TaskDataError(f"{root}: tasks have different class counts {sorted(n_classes)}")
+            self.out_features = n_classes.pop()
+        else:
+            self.out_features = 1
+        for f, (x, y) in zip(files, tasks, strict=True):
+            need = shots + queries
+            if kind == "regression" and len(x) < need:
+                raise TaskDataError(f"{f}: {len(x)} rows, fewer than shots+queries={need}")
+            if kind == "classification":
+                counts = np.unique(y, return_counts=True)[1]
+                if counts.min() < need:
+                    raise TaskDataError(f"{f}: a class has {counts.min()} rows, fewer than {need}")
+        parts = _split_indices(len(files), self.fractions, split_seed)
+        for split, idx in parts.items():
+            if len(idx) == 0:
+                raise TaskDataError(f"{root}: the {split} split is empty; add task files")
+        self._splits = {s: [tasks[i] for i in np.sort(idx)] for s, idx in parts.items()}
+        train_x = np.concatenate([x for x, _ in self._splits["train"]])
+        mean, std = train_x.mean(axis=0), train_x.std(axis=0)
+        std[std < 1e-8] = 1.0
+        self.normalization = {"mean": mean.tolist(), "std": std.tolist()}
+        self._mean, self._std = mean, std
+
+    def sample(self, n_tasks: int, rng: np.random.Generator, split: str = "train",
+               shots: int | None = None, queries: int | None = None) -> TaskBatch:
+        shots = self.shots if shots is None else shots
+        queries = self.queries if queries is None else queries
+        pool = self._splits[split]
+        xs, ys = [], []
+        for _ in range(n_tasks):
+            x, y = pool[rng.integers(len(pool))]
+            if self.kind == "regression":
+                rows = rng.choice(len(x), size=shots + queries, replace=False)
+                xs.append(x[rows])
+                ys.append(y[rows, None])
+            else:
+                classes = np.unique(y)
+                picks = [rng.choice(np.flatnonzero(y == c), size=shots + queries, replace=False)
+                         for c in classes]
+                rows = np.concatenate([p[:shots] for p in picks] + [p[shots:] for p in picks])
+                xs.append(x[rows])
+                ys.append(np.searchsorted(classes, y[rows]))
+        x = (np.stack(xs) - self._mean) / self._std
+        n_support = shots if self.kind == "regression" else shots * self.out_features
+        y_dtype = np.float32 if self.kind == "regression" else np.int64
+        return _split_batch(x, np.stack(ys), n_support, y_dtype)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": "folder", "path": self.path, "kind": self.kind, "shots": self.shots,
+                "queries": self.queries, "fractions": list(self.fractions),
+                "split_seed": self.split_seed, "label_column": self.label_column}
+
+
+def build_tasks(spec: dict[str, Any]):
+    """Recreate a task distribution from its ``describe()`` dict (stored in bundle.json)."""
+    spec = dict(spec)
+    name = spec.pop("name", None)
+    if name == "sinusoid":
+        return SinusoidTasks(**spec)
+    if name == "array":
+        return ArrayClassificationTasks(**spec)
+    if name == "folder":
+        return TaskFolderTasks(**spec)
+    raise TaskDataError(f"unknown task distribution {name!r}; use sinusoid, array or folder")

@@ -1,0 +1,222 @@
+"""The outer loop: meta-train an initialization, validate on held-out tasks, keep the best.
+
+Settings are checked before any work so a typo costs nothing; the loop itself is deterministic
+under a seed on CPU (task sampling uses a numpy Generator, weights a seeded torch generator).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from edgemeta.meta.algorithms import ALGORITHMS, make_learner
+from edgemeta.meta.inner import batch_loss
+from edgemeta.meta.models import build_model, head_names
+
+
+class SettingsError(ValueError):
+    """Meta-training settings that make no sense; the message names the setting."""
+
+
+@dataclass
+class TrainSettings:
+    algorithm: str = "maml"
+    tasks: dict[str, Any] = field(default_factory=lambda: {"name": "sinusoid"})
+    model: dict[str, Any] = field(default_factory=lambda: {"arch": "mlp", "hidden": [40, 40]})
+    inner_steps: int = 1
+    inner_lr: float = 0.01
+    outer_lr: float = 0.001
+    meta_batch: int = 25
+    iterations: int = 1000
+    time_budget: float | None = None
+    val_every: int = 100
+    val_tasks: int = 100
+    seed: int = 0
+    device: str = "auto"
+
+    def validate(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise SettingsError(
+                f"algorithm: unknown {self.algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+        for name in ("inner_steps", "meta_batch", "iterations", "val_every", "val_tasks"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise SettingsError(f"{name}: must be a positive integer, got {value!r}")
+        for name in ("inner_lr", "outer_lr"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise SettingsError(f"{name}: must be a positive number, got {value!r}")
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise SettingsError(f"time_budget: must be positive seconds, got {self.time_budget!r}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise SettingsError(f"device: use auto, cpu or cuda[:N], got {self.device!r}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise SettingsError(f"device: {self.device!r} asked for but CUDA is not available")
+        for key in ("shots", "queries"):
+            value = self.tasks.get(key, 1)
+            if not isinstance(value, int) or value <= 0:
+                raise SettingsError(f"tasks.{key}: must be a positive integer, got {value!r}")
+        if self.inner_lr <= self.outer_lr and self.algorithm != "protonet":
+            warnings.warn(
+                f"inner_lr={self.inner_lr} is not above outer_lr={self.outer_lr}; the inner rate is "
+                "normally about 10x the outer one", stacklevel=2)
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+@dataclass
+class TrainResult:
+    params: dict[str, torch.Tensor]
+    best_val: float
+    best_iteration: int
+    iterations_done: int
+    seconds: float
+    interrupted: bool
+    history: list[dict[str, float]]
+    model: torch.nn.Module
+    tasks: Any
+    head: list[str]
+    settings: TrainSettings
+
+    def summary(self) -> dict[str, Any]:
+        return {"best_val_loss": self.best_val, "best_iteration": self.best_iteration,
+                "iterations": self.iterations_done, "seconds": round(self.seconds, 2),
+                "interrupted": self.interrupted, "settings": asdict(self.settings)}
+
+
+def build_for(settings: TrainSettings, tasks) -> tuple[torch.nn.Module, list[str]]:
+    spec = dict(settings.model)
+    if spec.get("arch") == "mlp":
+        spec.setdefault("in_features", tasks.in_features)
+        spec.setdefault("out_features", tasks.out_features)
+    model = build_model(spec)
+    settings.model = spec
+    return model, head_names(model, spec)
+
+
+def meta_validate(learner, params, tasks, n_tasks: int, seed: int, device, split: str = "val",
+                  steps: int | None = None) -> float:
+    """Mean query loss after adaptation on ``n_tasks`` fixed held-out tasks."""
+    batch = tasks.sample(n_tasks, np.random.default_rng(seed), split=split).to(device)
+    with torch.enable_grad():
+        fast = learner.adapt({n: p.detach() for n, p in params.items()}, batch, steps=steps,
+                             first_order=True)
+    loss = batch_loss(learner.model, learner.kind, fast, batch.query_x, batch.query_y)
+    return float(loss.mean().detach())
+
+
+def train(settings: TrainSettings, tasks,
+          progress: Callable[[int, float, float | None], None] | None = None) -> TrainResult:
+    """Meta-train; Ctrl-C (KeyboardInterrupt) stops early and still returns the best so far."""
+    settings.validate()
+    device = settings.resolved_device()
+    torch.manual_seed(settings.seed)
+    rng = np.random.default_rng(settings.seed)
+    model, head = build_for(settings, tasks)
+    model.to(device)
+    learner = make_learner(settings.algorithm, model, tasks.kind, settings.inner_steps,
+                           settings.inner_lr, head)
+    net = {n: p.detach().clone() for n, p in model.named_parameters()}
+    params = {**net, **learner.extra_params(net)}
+    for p in params.values():
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(params.values(), lr=settings.outer_lr)
+    best = {n: p.detach().clone() for n, p in params.items()}
+    best_val, best_it = meta_validate(learner, params, tasks, settings.val_tasks,
+                                      settings.seed + 1, device), 0
+    history: list[dict[str, float]] = []
+    start = time.perf_counter()
+    interrupted = False
+    it = 0
+    try:
+        while it < settings.iterations:
+            if settings.time_budget and time.perf_counter() - start > settings.time_budget:
+                break
+            batch = tasks.sample(settings.meta_batch, rng).to(device)
+            loss = learner.outer_loss(params, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"meta-loss became {float(loss)} at iteration {it + 1}; lower outer_lr "
+                    f"({settings.outer_lr}) or inner_lr ({settings.inner_lr})")
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            it += 1
+            val = None
+            if it % settings.val_every == 0 or it == settings.iterations:
+                val = meta_validate(learner, params, tasks, settings.val_tasks,
+                                    settings.seed + 1, device)
+                history.append({"iteration": it, "meta_loss": loss.item(), "val_loss": val})
+                if val < best_val:
+                    best_val, best_it = val, it
+                    best = {n: p.detach().clone() for n, p in params.items()}
+            if progress:
+                progress(it, loss.item(), val)
+    except KeyboardInterrupt:
+        interrupted = True
+    return TrainResult({n: p.cpu() for n, p in best.items()}, best_val, best_it, it,
+                       time.perf_counter() - start, interrupted, history, model.cpu(), tasks,
+                       head, settings)
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr with the meta-loss and the latest validation loss."""
+
+    def __init__(self, total: int, stream=sys.stderr, every: int = 10):
+        self.total = total
+        self.stream = stream
+        self.every = every
+        self._val: float | None = None
+        self._start = time.perf_counter()
+
+    def __call__(self, it: int, loss: float, val: float | None) -> None:
+        if val is not None:
+            self._val = val
+        if it % self.every and val is None and it != self.total:
+            return
+        done = int(30 * it / self.total)
+        val_text = f"{self._val:.4f}" if self._val is not None else "-"
+        self.stream.write(f"\r[{'#' * done}{'.' * (30 - done)}] {it}/{self.total} "
+                          f"meta-loss {loss:.4f} val {val_text} "
+                          f"{time.perf_counter() - self._start:.0f}s")
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.stream.write("\n")
+
+
+def bundle_meta(result: TrainResult) -> dict[str, Any]:
+    """bundle.json contents for a training run (the format lives in DESIGN.md)."""
+    s, tasks = result.settings, result.tasks
+    adapts = {"anil": result.head, "protonet": result.head}.get(s.algorithm, "all")
+    names = [f"x{i}" for i in range(tasks.in_features)]
+    return {
+        "task": {"kind": tasks.kind, "distribution": tasks.describe()},
+        "input": {"features": tasks.in_features, "feature_names": names,
+                  "normalization": tasks.normalization},
+        "output": {"size": tasks.out_features},
+        "model": s.model,
+        "algorithm": s.algorithm,
+        "inner": {"steps": s.inner_steps, "lr": s.inner_lr, "adapts": adapts,
+                  "learned_lr": s.algorithm == "metasgd"},
+        "training": result.summary(),
+    }
+
+
+def save_bundle(result: TrainResult, path) -> Any:
+    from edgemeta.meta.bundle import write_bundle
+
+    probe = result.tasks.sample(4, np.random.default_rng(result.settings.seed + 7), split="test")
+    probe_x = probe.query_x.reshape(-1, result.tasks.in_features).numpy()
+    return write_bundle(path, bundle_meta(result), result.params, probe_x)
