@@ -224,6 +224,13 @@ class ArrayClassificationTasks:
             ys.append(np.asarray(sy + qy))
         return _split_batch(np.stack(xs), np.stack(ys), shots * self.n_way, np.int64)
 
+    def pooled(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """All rows of a split with split-local class ids (for the pretrain baseline)."""
+        members = self._by_split[split]
+        x = np.concatenate([self._x[m] for m in members])
+        y = np.concatenate([np.full(len(m), i) for i, m in enumerate(members)])
+        return x, y.astype(np.int64)
+
     def describe(self) -> dict[str, Any]:
         return {"name": "array", "path": self.path, "n_way": self.n_way, "shots": self.shots,
                 "queries": self.queries, "fractions": list(self.fractions),

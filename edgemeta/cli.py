@@ -1,0 +1,186 @@
+"""The ``edgemeta`` command: parse, validate, call into the rooms; no logic of its own.
+
+Heavy imports (torch) happen inside the sub-commands so ``edgemeta --help`` stays instant and the
+serving commands never load torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from edgemeta import __version__
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def _positive_int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
+    return values
+
+
+def task_spec(args: argparse.Namespace) -> dict:
+    if args.tasks == "sinusoid":
+        return {"name": "sinusoid", "shots": args.shots, "queries": args.queries}
+    if args.data is None:
+        raise CliError(f"--tasks {args.tasks} needs --data PATH")
+    common = {"path": str(Path(args.data).resolve()), "shots": args.shots, "queries": args.queries,
+              "split_seed": args.split_seed, "label_column": args.label_column}
+    if args.val_fraction is not None or args.test_fraction is not None:
+        val = args.val_fraction if args.val_fraction is not None else 0.2
+        test = args.test_fraction if args.test_fraction is not None else 0.2
+        common["fractions"] = [1 - val - test, val, test]
+    if args.tasks == "array":
+        return {"name": "array", "n_way": args.ways, **common}
+    return {"name": "folder", "kind": args.kind, **common}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from edgemeta.meta.bundle import BundleError
+    from edgemeta.meta.models import ModelSpecError
+    from edgemeta.meta.tasks import TaskDataError, build_tasks
+    from edgemeta.meta.train import ProgressBar, SettingsError, TrainSettings, save_bundle, train
+
+    model: dict = {"arch": "mlp", "hidden": args.hidden}
+    if args.model_factory:
+        try:
+            kwargs = json.loads(args.model_kwargs)
+        except json.JSONDecodeError as exc:
+            raise CliError(f"--model-kwargs: not valid JSON: {exc}") from exc
+        model = {"factory": args.model_factory, "kwargs": kwargs}
+    settings = TrainSettings(
+        algorithm=args.algorithm, tasks=task_spec(args), model=model,
+        inner_steps=args.inner_steps, inner_lr=args.inner_lr, outer_lr=args.outer_lr,
+        meta_batch=args.meta_batch, iterations=args.iterations, time_budget=args.time_budget,
+        val_every=args.val_every, val_tasks=args.val_tasks, seed=args.seed, device=args.device)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            settings.validate()
+        for w in caught:
+            print(f"warning: {w.message}", file=sys.stderr)
+        tasks = build_tasks(settings.tasks)
+        bar = None if args.quiet else ProgressBar(settings.iterations)
+        result = train(settings, tasks, progress=bar)
+        if bar:
+            bar.close()
+        if result.interrupted:
+            print(f"interrupted at iteration {result.iterations_done}; writing the best bundle so far",
+                  file=sys.stderr)
+        path = save_bundle(result, args.out)
+    except (SettingsError, TaskDataError, ModelSpecError, BundleError, FloatingPointError) as exc:
+        raise CliError(str(exc)) from exc
+    print(f"bundle written to {path} (best meta-validation loss {result.best_val:.4f} at iteration "
+          f"{result.best_iteration}, {result.iterations_done} iterations in {result.seconds:.1f}s)")
+    return 130 if result.interrupted else 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from edgemeta.meta.bundle import BundleError, read_bundle
+    from edgemeta.meta.evaluate import evaluate, format_table
+    from edgemeta.meta.tasks import TaskDataError
+
+    try:
+        bundle = read_bundle(args.bundle)
+        results = evaluate(bundle, shots=args.shots, steps=args.steps, n_tasks=args.tasks,
+                           seed=args.seed, baselines=not args.no_baselines,
+                           pretrain_iterations=args.pretrain_iterations, target=args.target)
+    except (BundleError, TaskDataError) as exc:
+        raise CliError(str(exc)) from exc
+    print(json.dumps(results, indent=2) if args.json else format_table(results))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from edgemeta.bench.fewshot import run_fewshot
+
+    run_fewshot(Path(args.out), quick=args.quick, seed=args.seed)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from edgemeta.demo import run_demo
+
+    return run_demo(Path(args.workdir) if args.workdir else None, iterations=args.iterations)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgemeta", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"edgemeta {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="meta-train a bundle")
+    t.add_argument("--out", required=True, help="bundle directory to write")
+    t.add_argument("--tasks", choices=["sinusoid", "array", "folder"], default="sinusoid")
+    t.add_argument("--data", help="labelled array (.npz/.csv) or task folder")
+    t.add_argument("--kind", choices=["regression", "classification"], default="regression",
+                   help="task kind of a task folder")
+    t.add_argument("--label-column", default="label")
+    t.add_argument("--ways", type=int, default=5, help="N of N-way classification")
+    t.add_argument("--shots", type=int, default=5)
+    t.add_argument("--queries", type=int, default=10)
+    t.add_argument("--split-seed", type=int, default=0)
+    t.add_argument("--val-fraction", type=float)
+    t.add_argument("--test-fraction", type=float)
+    t.add_argument("--algorithm", default="maml",
+                   help="maml, fomaml, reptile, metasgd, anil or protonet")
+    t.add_argument("--hidden", type=_positive_int_list, default=[40, 40], help="e.g. 40,40")
+    t.add_argument("--model-factory", help="package.module:function returning an nn.Module")
+    t.add_argument("--model-kwargs", default="{}", help="JSON keyword arguments for the factory")
+    t.add_argument("--inner-steps", type=int, default=1)
+    t.add_argument("--inner-lr", type=float, default=0.01)
+    t.add_argument("--outer-lr", type=float, default=0.001)
+    t.add_argument("--meta-batch", type=int, default=25)
+    t.add_argument("--iterations", type=int, default=10000)
+    t.add_argument("--time-budget", type=float, help="stop after this many seconds")
+    t.add_argument("--val-every", type=int, default=500)
+    t.add_argument("--val-tasks", type=int, default=100)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="few-shot evaluation with baselines")
+    e.add_argument("bundle")
+    e.add_argument("--shots", type=int)
+    e.add_argument("--steps", type=_positive_int_list, default=[0, 1, 5, 10])
+    e.add_argument("--tasks", type=int, default=600)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--target", type=float, help="report steps and shots needed to reach this loss")
+    e.add_argument("--pretrain-iterations", type=int, default=2000)
+    e.add_argument("--no-baselines", action="store_true")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("bench", help="reproducible benchmarks")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    f = bsub.add_parser("fewshot", help="sinusoid and digits few-shot benchmark")
+    f.add_argument("--out", default="bench-out/fewshot")
+    f.add_argument("--quick", action="store_true", help="tiny budget, for smoke tests")
+    f.add_argument("--seed", type=int, default=0)
+    f.set_defaults(func=cmd_bench)
+
+    d = sub.add_parser("demo", help="meta-train and evaluate a sinusoid bundle end to end")
+    d.add_argument("--workdir", help="where to cache the bundle (default: ~/.cache/edgemeta/demo)")
+    d.add_argument("--iterations", type=int, default=3000)
+    d.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CliError as exc:
+        print(f"edgemeta {args.command}: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,153 @@
+"""Few-shot evaluation on meta-test tasks, beside the baselines a user would weigh it against.
+
+Every method sees the same sampled tasks (same support and query sets), so differences between
+rows are the methods', not the luck of the draw. Intervals are 95% normal-approximation intervals
+over tasks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from edgemeta.meta.algorithms import MetaLearner, make_learner
+from edgemeta.meta.bundle import Bundle
+from edgemeta.meta.inner import batch_loss, batch_predict, output_loss
+from edgemeta.meta.models import build_model, head_names
+from edgemeta.meta.tasks import ArrayClassificationTasks, TaskBatch, build_tasks
+
+
+def interval(values: torch.Tensor) -> dict[str, float]:
+    v = values.detach().double()
+    half = 1.96 * float(v.std(unbiased=True)) / math.sqrt(len(v)) if len(v) > 1 else float("nan")
+    return {"mean": float(v.mean()), "ci95": half}
+
+
+def score(learner: MetaLearner, params, batch: TaskBatch, steps: int) -> dict[str, Any]:
+    with torch.enable_grad():
+        fast = learner.adapt({n: p.detach() for n, p in params.items()}, batch, steps=steps,
+                             first_order=True)
+    fast = {n: p.detach() for n, p in fast.items()}
+    with torch.no_grad():
+        losses = batch_loss(learner.model, learner.kind, fast, batch.query_x, batch.query_y)
+        row = {"steps": steps, "loss": interval(losses)}
+        if learner.kind == "classification":
+            out = batch_predict(learner.model, fast, batch.query_x)
+            row["accuracy"] = interval((out.argmax(-1) == batch.query_y).double().mean(-1))
+    return row
+
+
+def pretrain(bundle: Bundle, tasks, iterations: int, seed: int) -> dict[str, torch.Tensor]:
+    """One model trained jointly on the meta-train tasks: the transfer-learning baseline.
+
+    For a class-split array the network is trained on all meta-train classes with a head as wide
+    as those classes; the head is then replaced by a fresh n-way head to be fine-tuned.
+    """
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    spec = dict(bundle.meta["model"])
+    kind = bundle.meta["task"]["kind"]
+    pooled = isinstance(tasks, ArrayClassificationTasks)
+    if pooled:
+        x_all, y_all = tasks.pooled("train")
+        spec["out_features"] = int(y_all.max()) + 1
+    model = build_model(spec)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(iterations):
+        if pooled:
+            rows = rng.integers(len(x_all), size=256)
+            x, y = torch.as_tensor(x_all[rows]), torch.as_tensor(y_all[rows])
+        else:
+            b = tasks.sample(16, rng)
+            x = torch.cat([b.support_x, b.query_x], 1).flatten(0, 1)
+            y = torch.cat([b.support_y, b.query_y], 1).flatten(0, 1)
+        loss = output_loss(kind, model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    if pooled:
+        fresh = build_model(bundle.meta["model"])
+        for n in head_names(fresh, bundle.meta["model"]):
+            params[n] = dict(fresh.named_parameters())[n].detach()
+    return params
+
+
+def evaluate(bundle: Bundle, shots: int | None = None, steps: Sequence[int] = (0, 1, 5, 10),
+             n_tasks: int = 600, seed: int = 0, baselines: bool = True,
+             pretrain_iterations: int = 2000, target: float | None = None,
+             shot_grid: Sequence[int] = (1, 2, 5, 10, 20)) -> dict[str, Any]:
+    """Query loss (and accuracy) after each step count, for the bundle and the baselines."""
+    meta = bundle.meta
+    tasks = build_tasks(meta["task"]["distribution"])
+    shots = int(shots or tasks.shots)
+    batch = tasks.sample(n_tasks, np.random.default_rng(10_000 + seed), split="test", shots=shots)
+    model = bundle.build_model()
+    head = head_names(model, meta["model"])
+    kind = meta["task"]["kind"]
+    inner_lr = float(meta["inner"]["lr"])
+    learner = make_learner(meta["algorithm"], model, kind, int(meta["inner"]["steps"]), inner_lr, head)
+    init = {n: torch.from_numpy(w.copy()) for n, w in bundle.weights.items()}
+    plain = make_learner("maml", model, kind, 1, inner_lr, head)
+    methods: dict[str, tuple[MetaLearner, dict[str, torch.Tensor]]] = {
+        meta["algorithm"]: (learner, init)}
+    if baselines:
+        torch.manual_seed(seed)
+        random_init = {n: p.detach() for n, p in build_model(meta["model"]).named_parameters()}
+        methods["random-init"] = (plain, random_init)
+        methods["pretrain-finetune"] = (plain, pretrain(bundle, tasks, pretrain_iterations, seed))
+    results: dict[str, Any] = {"bundle": str(bundle.path), "algorithm": meta["algorithm"],
+                               "kind": kind, "shots": shots, "tasks": n_tasks, "methods": {}}
+    step_list = [0] if meta["algorithm"] == "protonet" else list(steps)
+    for name, (lrn, params) in methods.items():
+        rows = [score(lrn, params, batch, s) for s in (step_list if lrn is learner else steps)]
+        results["methods"][name] = rows
+    if baselines:
+        results["methods"]["no-adaptation"] = [score(plain, learner.network(init), batch, 0)]
+    if target is not None:
+        results["speed"] = speed_view(results, learner, init, tasks, target, shot_grid, seed)
+    return results
+
+
+def speed_view(results: dict[str, Any], learner: MetaLearner, init, tasks, target: float,
+               shot_grid: Sequence[int], seed: int) -> dict[str, Any]:
+    """How many steps, and how many shots, the bundle needs to reach ``target`` query loss."""
+    steps_needed = {
+        name: next((r["steps"] for r in rows if r["loss"]["mean"] <= target), None)
+        for name, rows in results["methods"].items()}
+    trained = learner.inner_steps
+    shots_needed = None
+    for k in shot_grid:
+        try:
+            b = tasks.sample(200, np.random.default_rng(20_000 + seed), split="test", shots=k)
+        except ValueError:
+            break
+        if score(learner, init, b, trained)["loss"]["mean"] <= target:
+            shots_needed = k
+            break
+    return {"target_loss": target, "steps_to_target": steps_needed,
+            "shots_to_target_at_trained_steps": shots_needed, "shot_grid": list(shot_grid)}
+
+
+def format_table(results: dict[str, Any]) -> str:
+    lines = [f"{results['algorithm']} bundle, {results['shots']}-shot, {results['tasks']} "
+             f"meta-test tasks (mean +- 95% interval of query loss)"]
+    header = f"{'method':<20} {'steps':>5} {'loss':>18}"
+    if results["kind"] == "classification":
+        header += f" {'accuracy':>18}"
+    lines.append(header)
+    for name, rows in results["methods"].items():
+        for r in rows:
+            line = f"{name:<20} {r['steps']:>5} {r['loss']['mean']:>9.4f} +- {r['loss']['ci95']:<6.4f}"
+            if "accuracy" in r:
+                line += f" {r['accuracy']['mean']:>9.4f} +- {r['accuracy']['ci95']:<6.4f}"
+            lines.append(line)
+    if "speed" in results:
+        s = results["speed"]
+        lines.append(f"target loss {s['target_loss']}: steps needed {s['steps_to_target']}; "
+                     f"shots needed at trained steps: {s['shots_to_target_at_trained_steps']}")
+    return "\n".join(lines)
