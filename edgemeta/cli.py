@@ -115,7 +115,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgemeta", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="edgemeta", description="meta-learned few-shot adaptation for edge devices")
     parser.add_argument("--version", action="version", version=f"edgemeta {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -1,0 +1,111 @@
+"""The CLI as a user calls it: a real `python -m edgemeta` process, exit codes and messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def edgemeta(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgemeta", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def test_train_then_eval_json(tmp_path):
+    out = tmp_path / "b"
+    proc = edgemeta("train", "--out", str(out), "--iterations", "60", "--val-every", "20",
+                    "--seed", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert "bundle written to" in proc.stdout and "meta-loss" in proc.stderr
+    assert (out / "bundle.json").is_file() and (out / "model.onnx").is_file()
+    proc = edgemeta("eval", str(out), "--tasks", "40", "--steps", "0,1", "--json",
+                    "--pretrain-iterations", "20", "--target", "100")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert set(result["methods"]) == {"maml", "random-init", "pretrain-finetune", "no-adaptation"}
+    assert [r["steps"] for r in result["methods"]["maml"]] == [0, 1]
+    assert result["speed"]["steps_to_target"]["maml"] == 0
+
+
+def test_classification_from_a_csv_file(tmp_path, digits_npz):
+    import numpy as np
+
+    with np.load(digits_npz) as d:
+        x, y = d["X"], d["y"]
+    csv = tmp_path / "digits.csv"
+    header = ",".join([f"p{i}" for i in range(x.shape[1])] + ["label"])
+    rows = [",".join(map(str, list(r) + [int(c)])) for r, c in zip(x, y, strict=True)]
+    csv.write_text(header + "\n" + "\n".join(rows) + "\n")
+    proc = edgemeta("train", "--out", str(tmp_path / "b"), "--tasks", "array", "--data", str(csv),
+                    "--ways", "3", "--shots", "1", "--queries", "5", "--algorithm", "protonet",
+                    "--val-fraction", "0", "--test-fraction", "0.4", "--iterations", "20",
+                    "--val-every", "10", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    proc = edgemeta("eval", str(tmp_path / "b"), "--tasks", "20", "--no-baselines")
+    assert proc.returncode == 0, proc.stderr
+    assert "protonet" in proc.stdout and "accuracy" in proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--algorithm", "magic"], "algorithm: unknown 'magic'"),
+    (["--inner-steps", "0"], "inner_steps: must be a positive integer, got 0"),
+    (["--shots", "-1"], "tasks.shots: must be a positive integer, got -1"),
+    (["--tasks", "array"], "--tasks array needs --data PATH"),
+    (["--tasks", "array", "--data", "/nonexistent.npz"], "/nonexistent.npz: no such file"),
+    (["--model-factory", "nope:f"], "cannot import 'nope'"),
+])
+def test_nonsense_settings_fail_fast_with_the_setting_named(tmp_path, args, message):
+    started = time.monotonic()
+    proc = edgemeta("train", "--out", str(tmp_path / "b"), *args)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert not (tmp_path / "b").exists()
+    assert time.monotonic() - started < 60
+
+
+def test_inner_rate_not_above_outer_rate_warns_naming_both(tmp_path):
+    proc = edgemeta("train", "--out", str(tmp_path / "b"), "--inner-lr", "0.001", "--outer-lr",
+                    "0.01", "--iterations", "2", "--val-every", "1", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert "inner_lr=0.001 is not above outer_lr=0.01" in proc.stderr
+
+
+def test_eval_refuses_a_tampered_bundle(sinusoid_bundle, tmp_path):
+    import shutil
+
+    copy = tmp_path / "b"
+    shutil.copytree(sinusoid_bundle.path, copy)
+    with (copy / "model.onnx").open("ab") as fh:
+        fh.write(b"x")
+    proc = edgemeta("eval", str(copy))
+    assert proc.returncode == 2 and "model.onnx: checksum mismatch" in proc.stderr
+
+
+def test_ctrl_c_writes_the_best_bundle_so_far(tmp_path):
+    out = tmp_path / "b"
+    proc = subprocess.Popen([sys.executable, "-m", "edgemeta", "train", "--out", str(out),
+                             "--iterations", "1000000", "--val-every", "20"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 120
+    seen = ""
+    while not re.search(r"val \d", seen):
+        assert time.monotonic() < deadline, seen
+        seen += proc.stderr.read(64)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "writing the best bundle so far" in stderr
+    assert (out / "bundle.json").is_file()
+    meta = json.loads((out / "bundle.json").read_text())
+    assert meta["training"]["interrupted"] is True
