@@ -101,10 +101,52 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from edgemeta.bench.fewshot import run_fewshot
+def cmd_models(args: argparse.Namespace) -> int:
+    import time
 
-    run_fewshot(Path(args.out), quick=args.quick, seed=args.seed)
+    from edgemeta.serve.registry import Registry, RegistryError
+
+    state = Path(args.state)
+    if not (state / "models").is_dir():
+        raise CliError(f"{state}: no models/ directory; is this a state directory?")
+    registry = Registry(state)
+    try:
+        if args.models == "rollback":
+            manifest = registry.rollback(to=args.to)
+            print(f"now serving v{manifest.version} (rollback to v{manifest.parent}); a running "
+                  "daemon picks it up with `edgemeta trigger reload` or on restart")
+            return 0
+    except RegistryError as exc:
+        raise CliError(str(exc)) from exc
+    rows = registry.list()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'':2}{'version':>7}  {'source':<10} {'parent':>6}  {'created':<19}  {'stream':<12} status")
+    for r in rows:
+        if not r["ok"]:
+            print(f"{'*' if r['current'] else ' ':2}{r['version']:>7}  BROKEN: {r['error']}")
+            continue
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created"]))
+        print(f"{'*' if r['current'] else ' ':2}{r['version']:>7}  {r['source']:<10} "
+              f"{r['parent'] if r['parent'] is not None else '-':>6}  {created:<19}  "
+              f"{r['stream'] or '-':<12} ok")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench == "fewshot":
+        from edgemeta.bench.fewshot import run_fewshot
+
+        run_fewshot(Path(args.out), quick=args.quick, seed=args.seed)
+    elif args.bench == "swap":
+        from edgemeta.bench.swap import run_swap
+
+        run_swap(Path(args.out), quick=args.quick)
+    else:
+        from edgemeta.bench.swap import run_serve
+
+        run_serve(Path(args.out), quick=args.quick)
     return 0
 
 
@@ -170,6 +212,23 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--quick", action="store_true", help="tiny budget, for smoke tests")
     f.add_argument("--seed", type=int, default=0)
     f.set_defaults(func=cmd_bench)
+    for name, text in (("swap", "weight-patch hot swap: latency, under load, memory"),
+                       ("serve", "serving cost: onnxruntime vs torch eager")):
+        p = bsub.add_parser(name, help=text)
+        p.add_argument("--out", default=f"bench-out/{name}")
+        p.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
+        p.set_defaults(func=cmd_bench)
+
+    m = sub.add_parser("models", help="list the model registry or roll back")
+    msub = m.add_subparsers(dest="models", required=True)
+    ml = msub.add_parser("list", help="versions, lineage and checksum status")
+    ml.add_argument("--state", required=True, help="the daemon's state directory")
+    ml.add_argument("--json", action="store_true")
+    mr = msub.add_parser("rollback", help="serve the previous (or a named) version again")
+    mr.add_argument("--state", required=True, help="the daemon's state directory")
+    mr.add_argument("--to", type=int, help="version to serve (default: the current one's parent)")
+    for p in (ml, mr):
+        p.set_defaults(func=cmd_models)
 
     d = sub.add_parser("demo", help="meta-train and evaluate a sinusoid bundle end to end")
     d.add_argument("--workdir", help="where to cache the bundle (default: ~/.cache/edgemeta/demo)")

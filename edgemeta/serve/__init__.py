@@ -1,0 +1,1 @@
+"""Serving: ONNX Runtime only; never imports torch or edgemeta.meta (see DESIGN.md)."""
