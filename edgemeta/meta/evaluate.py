@@ -22,9 +22,18 @@ from edgemeta.meta.tasks import ArrayClassificationTasks, TaskBatch, build_tasks
 
 
 def interval(values: torch.Tensor) -> dict[str, float]:
+    """Mean and 95% half-width over the tasks whose loss stayed finite; the rest count as diverged.
+
+    Meta-SGD run past its trained steps diverges on some tasks; one NaN must not hide the others.
+    """
     v = values.detach().double()
+    finite = torch.isfinite(v)
+    diverged = int((~finite).sum())
+    v = v[finite]
+    if len(v) == 0:
+        return {"mean": float("nan"), "ci95": float("nan"), "diverged": diverged}
     half = 1.96 * float(v.std(unbiased=True)) / math.sqrt(len(v)) if len(v) > 1 else float("nan")
-    return {"mean": float(v.mean()), "ci95": half}
+    return {"mean": float(v.mean()), "ci95": half, "diverged": diverged}
 
 
 def score(learner: MetaLearner, params, batch: TaskBatch, steps: int) -> dict[str, Any]:
@@ -143,6 +152,8 @@ def format_table(results: dict[str, Any]) -> str:
     for name, rows in results["methods"].items():
         for r in rows:
             line = f"{name:<20} {r['steps']:>5} {r['loss']['mean']:>9.4f} +- {r['loss']['ci95']:<6.4f}"
+            if r["loss"]["diverged"]:
+                line += f"  ({r['loss']['diverged']} tasks diverged)"
             if "accuracy" in r:
                 line += f" {r['accuracy']['mean']:>9.4f} +- {r['accuracy']['ci95']:<6.4f}"
             lines.append(line)

@@ -242,9 +242,13 @@ class Registry:
         if to is None:
             if current is None:
                 raise RegistryError("nothing to roll back: CURRENT is missing")
-            to = self.manifest(current).parent
+            serving = current
+            while (m := self.manifest(serving)).source == "rollback" and m.parent is not None:
+                serving = m.parent  # a rollback version serves its parent's model
+            to = self.manifest(serving).parent
             if to is None:
-                raise RegistryError(f"version {current} has no parent to roll back to")
+                raise RegistryError(f"version {current} serves v{serving}, which has no parent "
+                                    "to roll back to")
         if to not in self.versions():
             raise RegistryError(f"version {to} does not exist (have {self.versions()})")
         data, target = self.load(to)
