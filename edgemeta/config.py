@@ -1,0 +1,246 @@
+"""TOML config -> typed, validated settings; every error names the key.
+
+A daemon that starts with a typo in its config fails later, at the worst time; so every key is
+checked here, unknown keys are refused (they are almost always typos), and ``edgemeta config check``
+prints the effective settings with the defaults filled in.
+
+>>> s = parse_config({"bundle": {"path": "/b"}, "state": {"dir": "/s"},
+...                   "streams": [{"name": "s1", "features": ["x"], "label": "y"}]})
+>>> s.streams[0].format, s.drift.detector, s.metrics.port
+('csv', 'adwin', 9781)
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+FORMATS = ("csv", "jsonl", "npz")
+ERROR_DETECTORS = ("adwin", "ddm", "hddm_a", "hddm_w", "page_hinkley", "kswin")
+BINARY_DETECTORS = ("ddm", "hddm_a", "hddm_w")
+FEATURE_DETECTORS = ("none", "adwin", "kswin")
+DEFAULT_PORT = 9781  # not in the Prometheus default-port allocations
+_STREAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ConfigError(ValueError):
+    """A config the daemon refuses to start with; the message names the file and key."""
+
+
+@dataclass
+class StreamSettings:
+    name: str
+    features: list[str]
+    label: str | None = None
+    id: str | None = None
+    format: str = "csv"
+
+
+@dataclass
+class DriftSettings:
+    detector: str = "adwin"
+    delta: float = 0.002
+    feature_detector: str = "none"
+    cooldown_samples: int = 200
+    min_samples: int = 30
+
+
+@dataclass
+class AdaptationSettings:
+    support_size: int = 10
+    holdout_size: int = 20
+    steps: int | None = None
+    device: str = "auto"
+    timeout_s: float = 30.0
+    start_from: str = "meta-init"
+    selection: str = "recent"
+    window: int = 100
+
+
+@dataclass
+class GateSettings:
+    min_gain: float = 0.05
+
+
+@dataclass
+class ServingSettings:
+    providers: list[str] = field(default_factory=list)
+    intra_op_threads: int = 1
+
+
+@dataclass
+class MetricsSettings:
+    address: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    enabled: bool = True
+
+
+@dataclass
+class IngestSettings:
+    max_file_bytes: int = 64 * 1024 * 1024
+    settle_s: float = 0.2
+    rescan_interval_s: float = 5.0
+    label_cache: int = 100_000
+
+
+@dataclass
+class RetentionSettings:
+    keep_models: int = 10
+    keep_episodes: int = 1000
+
+
+@dataclass
+class Settings:
+    bundle: Path
+    state_dir: Path
+    streams: list[StreamSettings]
+    drift: DriftSettings = field(default_factory=DriftSettings)
+    adaptation: AdaptationSettings = field(default_factory=AdaptationSettings)
+    gate: GateSettings = field(default_factory=GateSettings)
+    serving: ServingSettings = field(default_factory=ServingSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    ingest: IngestSettings = field(default_factory=IngestSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
+    source: Path | None = None
+
+    def stream(self, name: str) -> StreamSettings:
+        for s in self.streams:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in data.items()}
+
+
+def _typed(section: str, cls, raw: Any):
+    """Build dataclass ``cls`` from ``raw``, checking types and refusing unknown keys."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{section}: must be a table, got {type(raw).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ConfigError(f"{section}.{unknown[0]}: unknown key (known: {', '.join(known)})")
+    values = {}
+    for name, value in raw.items():
+        kind = known[name].type
+        key = f"{section}.{name}"
+        if "float" in kind and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        expected = {"int": int, "float": float, "str": str, "bool": bool}
+        base = kind.split("|")[0].strip()
+        if base.startswith("list"):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{key}: must be a list of strings, got {value!r}")
+        elif base in expected and not (
+                isinstance(value, expected[base]) and not (base != "bool" and isinstance(value, bool))):
+            raise ConfigError(f"{key}: must be {base}, got {value!r}")
+        values[name] = value
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        missing = str(exc).split("argument")[-1].strip(": '")
+        raise ConfigError(f"{section}.{missing}: required key is missing") from exc
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(options)}")
+
+
+def parse_config(raw: dict[str, Any], source: Path | None = None) -> Settings:
+    known = {"bundle", "state", "streams", "drift", "adaptation", "gate", "serving", "metrics",
+             "ingest", "retention"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown section (known: {', '.join(sorted(known))})")
+    for key, sub in (("bundle", "path"), ("state", "dir")):
+        if not isinstance(raw.get(key), dict) or not isinstance(raw[key].get(sub), str):
+            raise ConfigError(f"{key}.{sub}: required (a path)")
+        extra = sorted(set(raw[key]) - {sub})
+        if extra:
+            raise ConfigError(f"{key}.{extra[0]}: unknown key")
+    base = source.parent if source else Path.cwd()
+    streams_raw = raw.get("streams")
+    if not isinstance(streams_raw, list) or not streams_raw:
+        raise ConfigError("streams: at least one [[streams]] table is required")
+    streams = [_typed(f"streams[{i}]", StreamSettings, s) for i, s in enumerate(streams_raw)]
+    seen = set()
+    for i, s in enumerate(streams):
+        if not _STREAM_NAME.match(s.name):
+            raise ConfigError(f"streams[{i}].name: {s.name!r} must be 1-64 of A-Z a-z 0-9 _ . -")
+        if s.name in seen:
+            raise ConfigError(f"streams[{i}].name: duplicate stream {s.name!r}")
+        seen.add(s.name)
+        _choice(f"streams[{i}].format", s.format, FORMATS)
+        if not s.features:
+            raise ConfigError(f"streams[{i}].features: list at least one feature column")
+        clash = {s.label, s.id} & set(s.features) - {None}
+        if clash:
+            raise ConfigError(f"streams[{i}]: column {sorted(clash)[0]!r} is both a feature and "
+                              "the label or id")
+    settings = Settings(
+        bundle=(base / raw["bundle"]["path"]).resolve(),
+        state_dir=(base / raw["state"]["dir"]).resolve(),
+        streams=streams,
+        drift=_typed("drift", DriftSettings, raw.get("drift", {})),
+        adaptation=_typed("adaptation", AdaptationSettings, raw.get("adaptation", {})),
+        gate=_typed("gate", GateSettings, raw.get("gate", {})),
+        serving=_typed("serving", ServingSettings, raw.get("serving", {})),
+        metrics=_typed("metrics", MetricsSettings, raw.get("metrics", {})),
+        ingest=_typed("ingest", IngestSettings, raw.get("ingest", {})),
+        retention=_typed("retention", RetentionSettings, raw.get("retention", {})),
+        source=source)
+    d, a = settings.drift, settings.adaptation
+    _choice("drift.detector", d.detector, ERROR_DETECTORS)
+    _choice("drift.feature_detector", d.feature_detector, FEATURE_DETECTORS)
+    _positive("drift.delta", d.delta)
+    _positive("drift.cooldown_samples", d.cooldown_samples, allow_zero=True)
+    _positive("drift.min_samples", d.min_samples, allow_zero=True)
+    _positive("adaptation.support_size", a.support_size)
+    _positive("adaptation.holdout_size", a.holdout_size)
+    if a.steps is not None:
+        _positive("adaptation.steps", a.steps)
+    _positive("adaptation.timeout_s", a.timeout_s)
+    _choice("adaptation.start_from", a.start_from, ("meta-init", "current"))
+    _choice("adaptation.selection", a.selection, ("recent", "diverse"))
+    if a.selection == "diverse" and a.window < a.support_size:
+        raise ConfigError(f"adaptation.window: {a.window} is smaller than support_size {a.support_size}")
+    if a.device not in ("auto", "cpu") and not a.device.startswith("cuda"):
+        raise ConfigError(f"adaptation.device: use auto, cpu or cuda[:N], got {a.device!r}")
+    if not 0 <= settings.gate.min_gain < 1:
+        raise ConfigError(f"gate.min_gain: must be in [0, 1), got {settings.gate.min_gain}")
+    if not 0 < settings.metrics.port < 65536:
+        raise ConfigError(f"metrics.port: {settings.metrics.port} is not a TCP port")
+    _positive("ingest.max_file_bytes", settings.ingest.max_file_bytes)
+    _positive("ingest.settle_s", settings.ingest.settle_s, allow_zero=True)
+    _positive("ingest.rescan_interval_s", settings.ingest.rescan_interval_s)
+    _positive("ingest.label_cache", settings.ingest.label_cache)
+    _positive("retention.keep_models", settings.retention.keep_models)
+    _positive("serving.intra_op_threads", settings.serving.intra_op_threads, allow_zero=True)
+    return settings
+
+
+def load_config(path: str | Path) -> Settings:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: no such config file") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    except (UnicodeDecodeError, IsADirectoryError, PermissionError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from exc
+    try:
+        return parse_config(raw, path.resolve())
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc

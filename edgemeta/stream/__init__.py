@@ -1,0 +1,1 @@
+"""Streams: ingest, labelled windows and drift detection; no torch."""

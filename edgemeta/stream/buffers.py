@@ -1,0 +1,88 @@
+"""Per-stream collection of the support and holdout sets after a drift.
+
+After a change only post-drift samples describe the new task, so collection starts at the drift:
+the next K labelled samples are the support set and the following H the holdout set (the gate's
+judge, never seen by the inner loop). With ``selection="diverse"`` a post-drift window is kept and
+the support set is chosen from it by greedy farthest-point sampling, which covers the input range
+better than the K most recent samples when those happen to bunch together.
+
+>>> c = SupportCollector(support_size=2, holdout_size=1)
+>>> c.start()
+>>> [c.offer([float(i)], float(i)) for i in range(3)][-1] is not None
+True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Episode:
+    support_x: np.ndarray
+    support_y: np.ndarray
+    holdout_x: np.ndarray
+    holdout_y: np.ndarray
+
+
+def farthest_point_indices(x: np.ndarray, k: int) -> list[int]:
+    """Greedy k-center: start at the first point, repeatedly add the point farthest from the set."""
+    chosen = [0]
+    dist = np.linalg.norm(x - x[0], axis=1)
+    while len(chosen) < k:
+        nxt = int(np.argmax(dist))
+        chosen.append(nxt)
+        dist = np.minimum(dist, np.linalg.norm(x - x[nxt], axis=1))
+    return chosen
+
+
+class SupportCollector:
+    """Idle until :meth:`start`; then gathers labelled rows until an :class:`Episode` is complete."""
+
+    def __init__(self, support_size: int = 10, holdout_size: int = 20, selection: str = "recent",
+                 window: int = 100):
+        self.support_size = support_size
+        self.holdout_size = holdout_size
+        self.selection = selection
+        self.window = window
+        self._x: list[Sequence[float]] = []
+        self._y: list[float] = []
+        self.collecting = False
+
+    @property
+    def needed(self) -> int:
+        if self.selection == "diverse":
+            return max(self.window, self.support_size + self.holdout_size)
+        return self.support_size + self.holdout_size
+
+    @property
+    def collected(self) -> int:
+        return len(self._y)
+
+    def start(self) -> None:
+        self._x, self._y = [], []
+        self.collecting = True
+
+    def cancel(self) -> None:
+        self._x, self._y = [], []
+        self.collecting = False
+
+    def offer(self, x: Sequence[float], y: float) -> Episode | None:
+        """Add one labelled row; returns the episode once enough rows have arrived."""
+        if not self.collecting:
+            return None
+        self._x.append(list(x))
+        self._y.append(y)
+        if len(self._y) < self.needed:
+            return None
+        x_all, y_all = np.asarray(self._x, dtype=np.float32), np.asarray(self._y)
+        self.cancel()
+        k, h = self.support_size, self.holdout_size
+        if self.selection == "diverse":
+            pool = len(y_all) - h
+            idx = farthest_point_indices(x_all[:pool], k)
+            return Episode(x_all[idx], y_all[idx], x_all[pool:], y_all[pool:])
+        return Episode(x_all[:k], y_all[:k], x_all[k:k + h], y_all[k:k + h])
