@@ -101,6 +101,93 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _setup_logging(verbose: bool = False) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+def _config(path: str):
+    from edgemeta.config import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from exc
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from edgemeta.daemon.runtime import Daemon, StartupError
+    from edgemeta.serve.providers import ProviderError
+
+    _setup_logging(args.verbose)
+    settings = _config(args.config)
+    daemon = Daemon(settings)
+    daemon.install_signal_handlers()
+    try:
+        return daemon.run()
+    except (StartupError, ProviderError, OSError) as exc:
+        raise CliError(str(exc)) from exc
+
+
+def cmd_trigger(args: argparse.Namespace) -> int:
+    from edgemeta.daemon.triggers import write_trigger
+
+    settings = _config(args.config)
+    body: dict = {}
+    if args.action == "adapt":
+        if args.stream:
+            body["stream"] = args.stream
+        if args.support:
+            body["support"] = args.support
+    elif args.action == "rollback" and args.version is not None:
+        body["version"] = args.version
+    path = write_trigger(settings.state_dir / "triggers", args.action, body)
+    print(f"trigger written: {path}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    settings = _config(args.config)
+    path = settings.state_dir / "status.json"
+    try:
+        status = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise CliError(f"{path}: no status yet; is the daemon running?") from exc
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    import time
+
+    age = time.time() - status["updated"]
+    print(f"serving version {status['version']} ({status['source']}) on {status['provider']}; "
+          f"pid {status['pid']}, updated {age:.0f}s ago")
+    w = status["worker"]
+    print(f"adapter worker: {'ready' if w['ready'] else 'NOT READY'} on {w['device']}, "
+          f"{w['restarts']} restart(s)")
+    for name, s in status["streams"].items():
+        state = ("adapting" if s["adapting"] else
+                 f"collecting {s['collected']}/{s['needed']}" if s["collecting"] else
+                 "DRIFT" if s["drift_active"] else "stable")
+        loss = f"{s['last_loss']:.4g}" if s["last_loss"] is not None else "-"
+        print(f"  stream {name}: {state}; {s['samples']} labelled samples, last loss {loss}")
+    for e in status["last_adaptations"]:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["time"]))
+        print(f"  {when} {e['stream']}: {e['result']} ({e['reason']}) "
+              f"{e.get('holdout_current', float('nan')):.4g} -> "
+              f"{e.get('holdout_candidate', float('nan')):.4g}, "
+              f"{e['timings_ms'].get('total', sum(e['timings_ms'].values())):.1f} ms")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    settings = _config(args.file)
+    print(json.dumps(settings.as_dict(), indent=2, default=str))
+    print(f"{args.file}: OK", file=sys.stderr)
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     import time
 
@@ -218,6 +305,30 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", default=f"bench-out/{name}")
         p.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
         p.set_defaults(func=cmd_bench)
+
+    r = sub.add_parser("run", help="the daemon")
+    r.add_argument("--config", required=True)
+    r.add_argument("--verbose", action="store_true")
+    r.set_defaults(func=cmd_run)
+
+    tr = sub.add_parser("trigger", help="drop a trigger file safely")
+    tr.add_argument("action", choices=["adapt", "rollback", "reload"])
+    tr.add_argument("--config", required=True)
+    tr.add_argument("--stream", help="adapt: the stream (default: the only one)")
+    tr.add_argument("--support", help="adapt: a labelled file, relative to <state>/inbox")
+    tr.add_argument("--version", type=int, help="rollback: the version to serve")
+    tr.set_defaults(func=cmd_trigger)
+
+    st = sub.add_parser("status", help="what the daemon is doing (from status.json)")
+    st.add_argument("--config", required=True)
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_status)
+
+    c = sub.add_parser("config", help="configuration tools")
+    csub = c.add_subparsers(dest="config_command", required=True)
+    cc = csub.add_parser("check", help="validate a config and print the effective settings")
+    cc.add_argument("file")
+    cc.set_defaults(func=cmd_config)
 
     m = sub.add_parser("models", help="list the model registry or roll back")
     msub = m.add_subparsers(dest="models", required=True)

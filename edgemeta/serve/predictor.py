@@ -65,6 +65,11 @@ class Predictor:
             live = self.load(model, version)
         except Exception as exc:
             raise PredictorError(f"version {version} refused: {exc}") from exc
+        return self.install(live)
+
+    def install(self, live: Live) -> Live:
+        """Make an already loaded and warmed session live (the gate loads it once, then installs)."""
+        version = live.version
         with self._swap_lock:
             previous, self._live = self._live, live
         if previous is None or previous.provider != live.provider:

@@ -1,0 +1,81 @@
+"""Prometheus metrics on the daemon's own registry (tests build their own, nothing is global).
+
+Naming follows Prometheus conventions: ``edgemeta_`` prefix, base units, ``_total`` counters, few
+bounded labels (stream, detector, result, reason, stage).
+"""
+
+from __future__ import annotations
+
+import platform
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from edgemeta import __version__
+
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                   1.0)
+STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        r = self.registry = registry if registry is not None else CollectorRegistry()
+        self.build_info = Gauge("edgemeta_build_info", "edgemeta build; always 1",
+                                ["version", "python"], registry=r)
+        self.build_info.labels(__version__, platform.python_version()).set(1)
+        self.samples = Counter("edgemeta_samples_total", "Rows ingested", ["stream"], registry=r)
+        self.predictions = Counter("edgemeta_predictions_total", "Predictions written", ["stream"],
+                                   registry=r)
+        self.labels = Counter("edgemeta_labels_total", "Labels received, by join result",
+                              ["stream", "result"], registry=r)
+        self.files = Counter("edgemeta_files_total", "Input files handled, by result",
+                             ["stream", "result"], registry=r)
+        self.quarantined = Counter("edgemeta_quarantined_files_total",
+                                   "Input files moved to quarantine", ["stream", "reason"], registry=r)
+        self.inference_latency = Histogram("edgemeta_inference_latency_seconds",
+                                           "ONNX Runtime call duration per input batch", ["stream"],
+                                           buckets=LATENCY_BUCKETS, registry=r)
+        self.stream_loss = Gauge("edgemeta_stream_loss", "Mean per-sample loss of the serving "
+                                 "model over the last labelled file or label batch", ["stream"],
+                                 registry=r)
+        self.drift_detections = Counter("edgemeta_drift_detections_total", "Drift detections",
+                                        ["stream", "detector"], registry=r)
+        self.drift_active = Gauge("edgemeta_drift_active", "1 while a detected drift awaits an "
+                                  "accepted adaptation", ["stream"], registry=r)
+        self.adaptations = Counter("edgemeta_adaptations_total", "Adaptation episodes by outcome",
+                                   ["stream", "result"], registry=r)
+        self.stage_duration = Histogram("edgemeta_adaptation_stage_duration_seconds",
+                                        "Adaptation duration by stage", ["stage"],
+                                        buckets=STAGE_BUCKETS, registry=r)
+        self.holdout_current = Gauge("edgemeta_holdout_loss_current",
+                                     "Holdout loss of the serving model at the last gate", ["stream"],
+                                     registry=r)
+        self.holdout_candidate = Gauge("edgemeta_holdout_loss_candidate",
+                                       "Holdout loss of the last candidate", ["stream"], registry=r)
+        self.model_version = Gauge("edgemeta_model_version", "Serving model version", registry=r)
+        self.model_created = Gauge("edgemeta_model_created_timestamp_seconds",
+                                   "Creation time of the serving model version", registry=r)
+        self.model_info = Gauge("edgemeta_model_info", "Serving model; always 1",
+                                ["source", "provider"], registry=r)
+        self.triggers = Counter("edgemeta_trigger_files_total", "Trigger files by result",
+                                ["result", "reason"], registry=r)
+        self.worker_restarts = Counter("edgemeta_worker_restarts_total",
+                                       "Adapter worker restarts", registry=r)
+        self.worker_up = Gauge("edgemeta_worker_up", "1 when the adapter worker is ready",
+                               registry=r)
+        self.model_load_failures = Counter("edgemeta_model_load_failures_total",
+                                           "Model versions refused at load", registry=r)
+
+    def set_model(self, version: int, created: float, source: str, provider: str) -> None:
+        self.model_version.set(version)
+        self.model_created.set(created)
+        self.model_info.clear()
+        self.model_info.labels(source, provider).set(1)
+
+
+def serve_http(metrics: Metrics, address: str, port: int):
+    """Start the /metrics endpoint; returns the server so it can be shut down."""
+    from prometheus_client import start_http_server
+
+    server, _thread = start_http_server(port, addr=address, registry=metrics.registry)
+    return server

@@ -1,0 +1,575 @@
+"""Wires the rooms together and runs the control loop of ``edgemeta run``.
+
+One thread acts: the control loop. Everything else only enqueues: signal handlers (SIGHUP reload,
+SIGTERM/SIGINT stop), the watchdog observer (file events) and the adapter client's reader thread.
+This keeps the daemon predictable: no handler ever touches the predictor, the registry or a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import queue
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgemeta.config import ConfigError, Settings, load_config
+from edgemeta.daemon.adapter import AdapterClient, AdaptOutcome
+from edgemeta.daemon.gate import decide, holdout_loss, per_sample_loss
+from edgemeta.daemon.metrics import Metrics, serve_http
+from edgemeta.daemon.systemd import Notifier
+from edgemeta.daemon.triggers import TriggerRejected, finish, parse_trigger, pending
+from edgemeta.serve.onnx_weights import OnnxTemplate, WeightPatchError
+from edgemeta.serve.predictor import Predictor, PredictorError
+from edgemeta.serve.registry import Registry, RegistryError, atomic_write
+from edgemeta.stream.buffers import Episode, SupportCollector
+from edgemeta.stream.drift import DriftMonitor
+from edgemeta.stream.ingest import (
+    InboxWatcher,
+    IngestError,
+    LabelCache,
+    PendingFiles,
+    StateLayout,
+    is_label_file,
+    parse_labels,
+    parse_rows,
+)
+
+log = logging.getLogger("edgemeta.daemon")
+LR_PREFIX = "metasgd_lr."
+
+
+class StartupError(RuntimeError):
+    """The daemon cannot start serving; the message says what to fix."""
+
+
+def bundle_parameter_names(bundle: Path) -> list[str]:
+    """Network parameter names from the safetensors header (no torch, nothing unpickled)."""
+    from safetensors import safe_open
+
+    with safe_open(str(bundle / "weights.safetensors"), framework="np") as fh:
+        return [k for k in fh.keys() if not k.startswith(LR_PREFIX)]  # noqa: SIM118
+
+
+@dataclass
+class StreamState:
+    name: str
+    monitor: DriftMonitor
+    collector: SupportCollector
+    samples: int = 0
+    last_loss: float | None = None
+    drift_started: float | None = None
+    trigger: str | None = None  # "drift" or "manual": why the current collection started
+
+
+@dataclass
+class InFlight:
+    stream: str
+    episode: Episode
+    source: str
+    complete_at: float
+    submitted_at: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Daemon:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None,
+                 notifier: Notifier | None = None):
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.notifier = notifier or Notifier()
+        self.events: queue.Queue = queue.Queue()
+        self.layout = StateLayout(settings.state_dir)
+        self.episodes: deque[dict[str, Any]] = deque(maxlen=20)
+        self.in_flight: dict[int, InFlight] = {}
+        self._stopping = False
+        self._status_dirty = True
+        self._last_rescan = 0.0
+        self._last_trigger_scan = 0.0
+        self._last_status = 0.0
+        self._http = None
+        self.watcher: InboxWatcher | None = None
+
+    # -- start-up --------------------------------------------------------------------------------
+    def setup(self) -> None:
+        s = self.settings
+        meta_path = s.bundle / "bundle.json"
+        try:
+            self.bundle_meta = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise StartupError(f"bundle.path: cannot read {meta_path}: {exc}") from exc
+        self.kind = self.bundle_meta["task"]["kind"]
+        features = int(self.bundle_meta["input"]["features"])
+        for i, stream in enumerate(s.streams):
+            if len(stream.features) != features:
+                raise StartupError(f"streams[{i}].features: {len(stream.features)} columns, the "
+                                   f"bundle expects {features}")
+        norm = self.bundle_meta["input"].get("normalization") or {}
+        self._mean = np.asarray(norm.get("mean", 0.0), dtype=np.float32)
+        self._std = np.asarray(norm.get("std", 1.0), dtype=np.float32)
+        self.layout.ensure(st.name for st in s.streams)
+        for sub in ("triggers", "episodes"):
+            (s.state_dir / sub).mkdir(parents=True, exist_ok=True)
+        self.template = OnnxTemplate((s.bundle / "model.onnx").read_bytes(),
+                                     bundle_parameter_names(s.bundle))
+        self.registry = Registry(s.state_dir, keep=s.retention.keep_models)
+        try:
+            self.registry.init_from_bundle(s.bundle)
+        except (RegistryError, OSError) as exc:
+            raise StartupError(f"bundle.path: {exc}") from exc
+        self.predictor = Predictor(s.serving.providers or None, s.serving.intra_op_threads)
+        self.load_current()
+        self.cache = LabelCache(s.ingest.label_cache)
+        self.pending = PendingFiles(s.ingest.settle_s)
+        self.streams = {st.name: self._stream_state(st.name) for st in s.streams}
+        self.adapter = AdapterClient(s.bundle, s.adaptation.device, s.adaptation.timeout_s,
+                                     on_restart=self.metrics.worker_restarts.inc)
+        self.adapter.start()
+        if s.metrics.enabled:
+            self._http = serve_http(self.metrics, s.metrics.address, s.metrics.port)
+            log.info("metrics on http://%s:%d/metrics", s.metrics.address, s.metrics.port)
+        self.watcher = InboxWatcher(self.layout, self.streams, self.events)
+        self.watcher.start()
+        self.rescan()
+
+    def _stream_state(self, name: str) -> StreamState:
+        d, a = self.settings.drift, self.settings.adaptation
+        monitor = DriftMonitor(d.detector, self.kind, d.delta, d.feature_detector,
+                               d.cooldown_samples, d.min_samples,
+                               n_features=len(self.settings.stream(name).features))
+        return StreamState(name, monitor, SupportCollector(a.support_size, a.holdout_size,
+                                                           a.selection, a.window))
+
+    def load_current(self) -> None:
+        """Serve what the registry says, falling back version by version past broken ones."""
+        data, manifest, problems = self.registry.load_serving()
+        for problem in problems:
+            log.error("model refused: %s", problem)
+            self.metrics.model_load_failures.inc()
+        while True:
+            try:
+                live = self.predictor.swap(data, manifest.version)
+                break
+            except PredictorError as exc:
+                log.error("model refused: %s", exc)
+                self.metrics.model_load_failures.inc()
+                older = [v for v in self.registry.versions() if v < manifest.version]
+                if not older:
+                    raise StartupError(f"no model version loads: {exc}") from exc
+                data, manifest = self.registry.load(older[-1])
+                self.registry.activate(manifest.version)
+        self.current_weights = OnnxTemplate(data, self.template.parameter_names).weights()
+        self.current_manifest = manifest
+        self.metrics.set_model(manifest.version, manifest.created, manifest.source, live.provider)
+        log.info("serving version=%d source=%s provider=%s", manifest.version, manifest.source,
+                 live.provider)
+        self._status_dirty = True
+
+    # -- the loop --------------------------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, _frame: self.events.put(("signal", signum)))
+
+    def run(self) -> int:
+        self.setup()
+        self.notifier.ready(self.summary())
+        log.info("ready: %s", self.summary())
+        while not self._stopping:
+            self.step()
+        return self.shutdown()
+
+    def step(self, wait: float = 0.05) -> None:
+        """One turn of the control loop (tests and the benchmark call it directly)."""
+        try:
+            item = self.events.get(timeout=wait)
+        except queue.Empty:
+            item = None
+        while item is not None:
+            self._dispatch(item)
+            try:
+                item = self.events.get_nowait()
+            except queue.Empty:
+                item = None
+        now = time.monotonic()
+        for stream, path in self.pending.ready(now):
+            self.handle_file(stream, path)
+        if now - self._last_rescan >= self.settings.ingest.rescan_interval_s:
+            self.rescan()
+        if now - self._last_trigger_scan >= 0.25:
+            self._last_trigger_scan = now
+            self.handle_triggers()
+        for outcome in self.adapter.poll():
+            self.finish_adaptation(outcome)
+        self.metrics.worker_up.set(1 if self.adapter.ready else 0)
+        if self.notifier.watchdog_due(now):
+            self.notifier.ping(now)
+        if self._status_dirty and now - self._last_status >= 0.5:
+            self.write_status()
+
+    def _dispatch(self, item: tuple) -> None:
+        if item[0] == "file":
+            self.pending.add(item[1], item[2])
+        elif item[0] == "signal":
+            if item[1] == signal.SIGHUP:
+                self.reload()
+            else:
+                log.info("signal %s: draining and stopping", signal.Signals(item[1]).name)
+                self._stopping = True
+
+    def rescan(self) -> None:
+        """watchdog can drop events when its queue overflows: look at the inboxes directly too."""
+        self._last_rescan = time.monotonic()
+        for stream, path in self.layout.scan(self.streams):
+            self.pending.add(stream, path)
+
+    # -- ingest ----------------------------------------------------------------------------------
+    def normalize(self, x: np.ndarray) -> np.ndarray:
+        return ((x - self._mean) / self._std).astype(np.float32)
+
+    def handle_file(self, stream: str, path: Path) -> None:
+        if not os.path.lexists(path):
+            return
+        try:
+            if is_label_file(path.name):
+                self.handle_labels(stream, path)
+            else:
+                self.handle_data(stream, path)
+        except IngestError as exc:
+            self.layout.quarantine(stream, path, exc)
+            self.metrics.quarantined.labels(stream, exc.reason).inc()
+            self.metrics.files.labels(stream, "quarantined").inc()
+            log.warning("quarantined stream=%s file=%s reason=%s: %s", stream, path.name,
+                        exc.reason, exc)
+            return
+        self.layout.processed(stream, path)
+        self.metrics.files.labels(stream, "processed").inc()
+
+    def handle_data(self, stream: str, path: Path) -> None:
+        rows = parse_rows(path, self.settings.stream(stream), self.settings.ingest.max_file_bytes,
+                          self.kind == "classification")
+        x = self.normalize(rows.x)
+        started = time.perf_counter()
+        outputs, version = self.predictor.predict(x)
+        self.metrics.inference_latency.labels(stream).observe(time.perf_counter() - started)
+        predictions = (outputs[:, 0].tolist() if self.kind == "regression"
+                       else outputs.argmax(axis=1).tolist())
+        self.layout.write_predictions(stream, path.name, [
+            {"id": i, "prediction": p, "version": version}
+            for i, p in zip(rows.ids, predictions, strict=True)])
+        self.metrics.samples.labels(stream).inc(len(rows.ids))
+        self.metrics.predictions.labels(stream).inc(len(rows.ids))
+        state = self.streams[stream]
+        if rows.y is not None:
+            losses = per_sample_loss(self.kind, outputs, rows.y)
+            self.learn(state, rows.x, rows.y, losses)
+        else:
+            for i, row_id in enumerate(rows.ids):
+                self.cache.put(stream, row_id, rows.x[i], outputs[i], version)
+            if self.settings.drift.feature_detector != "none":
+                for row in x:
+                    if state.monitor.update_features(row):
+                        self.on_drift(state, "feature")
+
+    def handle_labels(self, stream: str, path: Path) -> None:
+        labels = parse_labels(path, self.settings.ingest.max_file_bytes,
+                              self.kind == "classification")
+        xs, ys, outs = [], [], []
+        unknown = 0
+        for row_id, y in labels:
+            hit = self.cache.pop(stream, row_id)
+            if hit is None:
+                unknown += 1
+                continue
+            xs.append(hit[0])
+            ys.append(y)
+            outs.append(hit[1])
+        if unknown:
+            self.metrics.labels.labels(stream, "unknown").inc(unknown)
+            log.info("stream=%s file=%s: %d label(s) with unknown or expired ids", stream,
+                     path.name, unknown)
+        if xs:
+            self.metrics.labels.labels(stream, "matched").inc(len(xs))
+            y = np.asarray(ys)
+            self.learn(self.streams[stream], np.asarray(xs), y,
+                       per_sample_loss(self.kind, np.asarray(outs), y))
+
+    def learn(self, state: StreamState, x: np.ndarray, y: np.ndarray, losses: np.ndarray) -> None:
+        """Labelled rows: feed the drift detector, or the support collector while one is open."""
+        state.samples += len(y)
+        state.last_loss = float(np.mean(losses))
+        self.metrics.stream_loss.labels(state.name).set(state.last_loss)
+        busy = any(f.stream == state.name for f in self.in_flight.values())
+        for i in range(len(y)):
+            if state.collector.collecting:
+                episode = state.collector.offer(x[i], y[i])
+                if episode is not None:
+                    self.start_adaptation(state, episode)
+            elif not busy and state.monitor.update_error(losses[i]):
+                self.on_drift(state, self.settings.drift.detector)
+        self._status_dirty = True
+
+    def on_drift(self, state: StreamState, detector: str) -> None:
+        self.metrics.drift_detections.labels(state.name, detector).inc()
+        self.metrics.drift_active.labels(state.name).set(1)
+        if state.drift_started is None:
+            state.drift_started = time.time()
+        log.warning("drift detected stream=%s detector=%s version=%d samples=%d", state.name,
+                    detector, self.predictor.version, state.samples)
+        self.begin_collection(state, "drift")
+
+    def begin_collection(self, state: StreamState, source: str) -> None:
+        if not state.collector.collecting:
+            state.collector.start()
+            state.trigger = source
+
+    # -- adaptation ------------------------------------------------------------------------------
+    def start_adaptation(self, state: StreamState, episode: Episode) -> None:
+        now = time.perf_counter()
+        a = self.settings.adaptation
+        init = self.current_weights if a.start_from == "current" else None
+        rid = self.adapter.submit(episode.support_x, episode.support_y, a.steps, init)
+        source = state.trigger or "drift"
+        if rid is None:
+            self.record(state.name, episode, source, "failed", "worker_unavailable", {}, {})
+            return
+        self.in_flight[rid] = InFlight(state.name, episode, source, now, now)
+        log.info("adaptation requested stream=%s support=%d holdout=%d", state.name,
+                 len(episode.support_y), len(episode.holdout_y))
+
+    def finish_adaptation(self, outcome: AdaptOutcome) -> None:
+        job = self.in_flight.pop(outcome.request_id, None)
+        if job is None:
+            return
+        timings = {"adapt": time.perf_counter() - job.submitted_at}
+        state = self.streams[job.stream]
+        if not outcome.ok:
+            result = "timeout" if outcome.reason == "timeout" else "failed"
+            self.record(job.stream, job.episode, job.source, result, outcome.reason or "error",
+                        timings, {"error": outcome.error})
+            self.after_episode(state, accepted=False)
+            return
+        t = time.perf_counter()
+        try:
+            model = self.template.patch(outcome.weights)
+        except WeightPatchError as exc:
+            self.record(job.stream, job.episode, job.source, "failed", "bad_weights", timings,
+                        {"error": str(exc)})
+            self.after_episode(state, accepted=False)
+            return
+        timings["patch"] = time.perf_counter() - t
+        t = time.perf_counter()
+        hx = self.normalize(job.episode.holdout_x)
+        current_out, _ = self.predictor.predict(hx)
+        next_version = (self.registry.versions() or [0])[-1] + 1
+        try:
+            live = self.predictor.load(model, next_version)
+            candidate_out = live.session.run([live.output_name], {live.input_name: hx})[0]
+            candidate = holdout_loss(self.kind, candidate_out, job.episode.holdout_y)
+        except Exception as exc:  # noqa: BLE001 - a candidate that cannot run is rejected
+            live, candidate = None, float("nan")
+            log.error("candidate model failed to run: %s", exc)
+        current = holdout_loss(self.kind, current_out, job.episode.holdout_y)
+        decision = decide(current, candidate, self.settings.gate.min_gain)
+        timings["gate"] = time.perf_counter() - t
+        self.metrics.holdout_current.labels(job.stream).set(current)
+        self.metrics.holdout_candidate.labels(job.stream).set(candidate)
+        figures = {"holdout_current": current, "holdout_candidate": candidate,
+                   "support_losses": outcome.losses, "worker_seconds": outcome.seconds}
+        if not decision.accepted:
+            self.record(job.stream, job.episode, job.source, "rejected", decision.reason, timings,
+                        figures)
+            self.after_episode(state, accepted=False)
+            return
+        t = time.perf_counter()
+        manifest = self.registry.commit(
+            model, source=job.source, parent=self.predictor.version,
+            holdout={"current": current, "candidate": candidate}, stream=job.stream,
+            support_size=len(job.episode.support_y))
+        timings["commit"] = time.perf_counter() - t
+        t = time.perf_counter()
+        self.predictor.install(dataclasses.replace(live, version=manifest.version))
+        timings["swap"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - job.complete_at
+        self.current_weights = dict(outcome.weights)
+        self.current_manifest = manifest
+        self.metrics.set_model(manifest.version, manifest.created, manifest.source, live.provider)
+        self.record(job.stream, job.episode, job.source, "accepted", decision.reason, timings,
+                    {**figures, "version": manifest.version})
+        self.after_episode(state, accepted=True)
+        log.warning("adaptation accepted stream=%s version=%d holdout %.4g -> %.4g in %.1f ms",
+                    job.stream, manifest.version, current, candidate, timings["total"] * 1e3)
+
+    def after_episode(self, state: StreamState, accepted: bool) -> None:
+        state.monitor.reset(cooldown=True)
+        state.trigger = None
+        if accepted:
+            state.drift_started = None
+            self.metrics.drift_active.labels(state.name).set(0)
+            for other in self.streams.values():
+                if other is not state:
+                    other.monitor.reset(cooldown=True)  # every stream is now served by a new model
+        self._status_dirty = True
+
+    def record(self, stream: str, episode: Episode, source: str, result: str, reason: str,
+               timings: dict[str, float], figures: dict[str, Any]) -> None:
+        """Count the outcome and write the episode to episodes/ for audit and re-training."""
+        self.metrics.adaptations.labels(stream, result).inc()
+        for stage, seconds in timings.items():
+            if stage != "total":
+                self.metrics.stage_duration.labels(stage).observe(seconds)
+        entry = {"time": time.time(), "stream": stream, "trigger": source, "result": result,
+                 "reason": reason, "serving_version": self.predictor.version,
+                 "timings_ms": {k: round(v * 1e3, 3) for k, v in timings.items()}, **figures}
+        self.episodes.append(entry)
+        body = {**entry, "support": {"x": episode.support_x.tolist(),
+                                     "y": episode.support_y.tolist()},
+                "holdout": {"x": episode.holdout_x.tolist(), "y": episode.holdout_y.tolist()}}
+        directory = self.settings.state_dir / "episodes"
+        name = f"{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9:09d}-{stream}.json"
+        atomic_write(directory / name, json.dumps(body, default=float).encode())
+        self._prune_episodes(directory)
+        if result != "accepted":
+            log.warning("adaptation %s stream=%s reason=%s version=%s", result, stream, reason,
+                        self.predictor.version)
+        self._status_dirty = True
+
+    def _prune_episodes(self, directory: Path) -> None:
+        files = sorted(directory.glob("*.json"))
+        for old in files[:max(0, len(files) - self.settings.retention.keep_episodes)]:
+            old.unlink(missing_ok=True)
+
+    # -- operator commands -----------------------------------------------------------------------
+    def handle_triggers(self) -> None:
+        directory = self.settings.state_dir / "triggers"
+        for path in pending(directory):
+            try:
+                trigger = parse_trigger(path, self.settings.state_dir, list(self.streams))
+            except TriggerRejected as exc:
+                log.warning("trigger rejected file=%s reason=%s: %s", path.name, exc.reason, exc)
+                self.metrics.triggers.labels("rejected", exc.reason).inc()
+                finish(path, "rejected", str(exc), {"reason": exc.reason})
+                continue
+            except OSError as exc:
+                self.metrics.triggers.labels("rejected", "unreadable").inc()
+                finish(path, "rejected", str(exc), {"reason": "unreadable"})
+                continue
+            try:
+                message = self.act(trigger)
+            except (RegistryError, PredictorError, IngestError, StartupError) as exc:
+                log.error("trigger failed file=%s: %s", path.name, exc)
+                self.metrics.triggers.labels("failed", "error").inc()
+                finish(path, "failed", str(exc))
+                continue
+            self.metrics.triggers.labels("ok", "").inc()
+            finish(path, "ok", message)
+            log.info("trigger %s: %s", path.name, message)
+
+    def act(self, trigger) -> str:
+        if trigger.command == "reload":
+            self.reload()
+            return "reloaded"
+        if trigger.command == "rollback":
+            manifest = self.registry.rollback(to=trigger.args.get("version"))
+            self.load_current()
+            for state in self.streams.values():
+                state.monitor.reset(cooldown=True)
+            return f"now serving v{manifest.version} (rollback to v{manifest.parent})"
+        state = self.streams[trigger.args["stream"]]
+        state.collector.cancel()
+        self.begin_collection(state, "manual")
+        support = trigger.args.get("support")
+        if support is None:
+            return (f"collecting {state.collector.needed} labelled samples on stream "
+                    f"{state.name}")
+        rows = parse_rows(support, self.settings.stream(state.name),
+                          self.settings.ingest.max_file_bytes, self.kind == "classification")
+        if rows.y is None:
+            raise IngestError("wrong_columns", f"{support.name}: a support file needs the label "
+                              f"column {self.settings.stream(state.name).label!r}")
+        outputs, _ = self.predictor.predict(self.normalize(rows.x))
+        self.learn(state, rows.x, rows.y, per_sample_loss(self.kind, outputs, rows.y))
+        return (f"support file {support.name} gave {len(rows.y)} labelled rows on stream "
+                f"{state.name}")
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config (keeping the old one when the new one is invalid), re-load
+        the serving model from the registry (a `models rollback` may have changed CURRENT)."""
+        self.notifier.reloading()
+        log.info("reloading")
+        if self.settings.source is not None:
+            try:
+                new = load_config(self.settings.source)
+            except ConfigError as exc:
+                log.error("reload: keeping the running config: %s", exc)
+                new = None
+            if new is not None:
+                if [s.name for s in new.streams] != [s.name for s in self.settings.streams]:
+                    log.warning("reload: stream list changes take effect on restart")
+                    new.streams = self.settings.streams
+                self.settings = new
+                self.adapter.timeout_s = new.adaptation.timeout_s
+                self.pending.settle_s = new.ingest.settle_s
+                for name, state in self.streams.items():
+                    fresh = self._stream_state(name)
+                    state.monitor, state.collector = fresh.monitor, fresh.collector
+        try:
+            self.load_current()
+        except (RegistryError, StartupError) as exc:
+            log.error("reload: keeping the serving model: %s", exc)
+        self.notifier.ready(self.summary())
+
+    # -- status and shutdown ---------------------------------------------------------------------
+    def summary(self) -> str:
+        drifting = [n for n, s in self.streams.items() if s.monitor.active] if hasattr(
+            self, "streams") else []
+        return (f"serving v{self.predictor.version} on {self.predictor.provider}; "
+                f"{len(self.settings.streams)} stream(s); drift: {', '.join(drifting) or 'none'}")
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(), "updated": time.time(),
+            "version": self.predictor.version, "provider": self.predictor.provider,
+            "source": self.current_manifest.source,
+            "worker": {"ready": self.adapter.ready, "pid": self.adapter.pid,
+                       "device": self.adapter.info.get("device"),
+                       "restarts": self.adapter.restarts},
+            "streams": {n: {"samples": s.samples, "last_loss": s.last_loss,
+                            "drift_active": s.monitor.active, "drift_since": s.drift_started,
+                            "collecting": s.collector.collecting,
+                            "collected": s.collector.collected, "needed": s.collector.needed,
+                            "adapting": any(f.stream == n for f in self.in_flight.values())}
+                        for n, s in self.streams.items()},
+            "last_adaptations": list(self.episodes)[-10:],
+        }
+
+    def write_status(self) -> None:
+        self._status_dirty = False
+        self._last_status = time.monotonic()
+        atomic_write(self.settings.state_dir / "status.json",
+                     json.dumps(self.status(), indent=2, default=float).encode())
+        self.notifier.status(self.summary())
+
+    def shutdown(self, drain_s: float = 5.0) -> int:
+        self.notifier.stopping("draining")
+        if self.watcher:
+            self.watcher.stop()
+        for stream, path in self.pending.ready(time.monotonic() + 3600):
+            self.handle_file(stream, path)  # files already seen and settled: finish them
+        deadline = time.monotonic() + drain_s
+        while self.in_flight and time.monotonic() < deadline:
+            for outcome in self.adapter.poll(wait=0.1):
+                self.finish_adaptation(outcome)
+        self.adapter.stop(timeout=2.0)
+        if self._http is not None:
+            self._http.shutdown()
+        self.write_status()
+        log.info("stopped")
+        return 0
