@@ -24,3 +24,52 @@ def digits_npz(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "digits.npz"
     np.savez(path, X=d.data.astype(np.float32), y=d.target)
     return path
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(tmp_path, bundle_path, **sections) -> "Path":  # noqa: F821
+    """A daemon config in tmp_path; ``sections`` override/extend the TOML tables."""
+    import json
+
+    tables = {
+        "bundle": {"path": str(bundle_path)},
+        "state": {"dir": str(tmp_path / "state")},
+        "adaptation": {"support_size": 10, "holdout_size": 20, "timeout_s": 20},
+        "metrics": {"port": free_port()},
+        "ingest": {"settle_s": 0.05, "rescan_interval_s": 1.0},
+    }
+    for name, values in sections.items():
+        tables[name] = {**tables.get(name, {}), **values}
+    lines = []
+    for name, values in tables.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+    lines += ["[[streams]]", 'name = "sine"', 'features = ["x"]', 'label = "y"', 'id = "id"']
+    path = tmp_path / "edgemeta.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def sine_file(inbox, name, amplitude, phase, n=50, seed=0, labels=True, label_fn=None):
+    """Write a CSV batch of one sinusoid task the way producers should: temp name, then rename."""
+    import os
+
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-5, 5, n)
+    y = amplitude * np.sin(x - phase)
+    if label_fn is not None:
+        y = label_fn(y)
+    tmp = inbox / f".{name}.tmp"
+    header = "id,x,y" if labels else "id,x"
+    rows = [f"{name}-{i},{a}" + (f",{b}" if labels else "") for i, (a, b) in enumerate(zip(x, y))]
+    tmp.write_text(header + "\n" + "\n".join(rows) + "\n")
+    final = inbox / f"{name}.csv"
+    os.rename(tmp, final)
+    return final, x, y

@@ -54,6 +54,11 @@ class Predictor:
     def load(self, model: bytes, version: int) -> Live:
         """Create and warm up a session for ``model`` without installing it."""
         session = create_session(model, self.providers, self._options())
+        got = session.get_providers()[0]
+        if got != self.providers[0] and got in self.providers:
+            # A GPU provider that failed once will fail again: pin what works so later swaps do
+            # not pay (and log) the failed initialisation every time.
+            self.providers = self.providers[self.providers.index(got):]
         inp, out = session.get_inputs()[0], session.get_outputs()[0]
         width = inp.shape[-1] if isinstance(inp.shape[-1], int) else 1
         session.run([out.name], {inp.name: np.zeros((1, width), dtype=np.float32)})

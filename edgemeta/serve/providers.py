@@ -8,6 +8,7 @@ actually got and falls back to CPU with a warning.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Sequence
 
@@ -26,6 +27,10 @@ class ProviderError(ValueError):
     """An explicitly configured provider this onnxruntime build does not know."""
 
 
+def gpu_present() -> bool:
+    return any(os.path.exists(p) for p in ("/dev/nvidia0", "/dev/nvhost-ctrl-gpu", "/dev/nvgpu"))
+
+
 def select_providers(requested: Sequence[str] | None = None) -> list[str]:
     available = ort.get_available_providers()
     if requested:
@@ -35,7 +40,10 @@ def select_providers(requested: Sequence[str] | None = None) -> list[str]:
                                 f"build (available: {available})")
         chosen = list(requested)
     else:
-        chosen = [p for p in PREFERENCE if p in available]
+        # A GPU build lists its GPU providers even where no GPU exists; only try them where the
+        # device nodes of a discrete NVIDIA GPU or a Jetson are present.
+        gpu = gpu_present()
+        chosen = [p for p in PREFERENCE if p in available and (gpu or p == CPU)]
     if CPU not in chosen:
         chosen.append(CPU)
     return chosen

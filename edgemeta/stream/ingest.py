@@ -15,6 +15,7 @@ import json
 import math
 import os
 import queue
+import stat
 import threading
 import time
 import zipfile
@@ -70,7 +71,10 @@ def _read_checked(path: Path, max_bytes: int, text: bool) -> bytes | str:
     if path.is_symlink():
         raise IngestError("symlink", f"{path.name} is a symlink; inputs must be regular files")
     try:
-        size = path.stat().st_size
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise IngestError("unreadable", f"{path.name} is not a regular file")
+        size = info.st_size
         if size > max_bytes:
             raise IngestError("too_large", f"{path.name} is {size} bytes, over the limit of "
                               f"{max_bytes} (ingest.max_file_bytes)")

@@ -1,0 +1,207 @@
+"""The daemon's control loop driven in-process: real inbox files, a real worker process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from edgemeta.config import load_config
+from edgemeta.daemon.metrics import Metrics
+from edgemeta.daemon.runtime import Daemon
+from edgemeta.daemon.triggers import write_trigger
+from tests.conftest import sine_file, write_config
+
+
+@pytest.fixture
+def daemon(tmp_path, sinusoid_bundle):
+    cfg = write_config(tmp_path, sinusoid_bundle.path, metrics={"enabled": False},
+                       ingest={"max_file_bytes": 4096})
+    d = Daemon(load_config(cfg), metrics=Metrics())
+    d.setup()
+    assert d.adapter.wait_ready(120)
+    yield d
+    d.shutdown(drain_s=0.5)
+
+
+def run_until(daemon, predicate, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        daemon.step(wait=0.02)
+        if predicate():
+            return True
+    return False
+
+
+def inbox(daemon):
+    return daemon.layout.dir("inbox", "sine")
+
+
+def counter(daemon, name, **labels) -> float:
+    value = daemon.metrics.registry.get_sample_value(name, labels)
+    return value or 0.0
+
+
+def feed(daemon, prefix, amplitude, phase, files, n=50, **kw):
+    for i in range(files):
+        sine_file(inbox(daemon), f"{prefix}{i:03d}", amplitude, phase, n=n, seed=hash(prefix) % 1000 + i,
+                  **kw)
+        assert run_until(daemon, lambda: not any(inbox(daemon).iterdir()))
+
+
+def test_drift_is_detected_adapted_gated_and_the_new_version_answers(daemon):
+    feed(daemon, "a", 1.0, 0.0, 12)
+    assert counter(daemon, "edgemeta_drift_detections_total", stream="sine", detector="adwin") == 0
+    feed(daemon, "b", 4.5, 2.5, 6)
+    assert run_until(daemon, lambda: counter(daemon, "edgemeta_adaptations_total", stream="sine",
+                                             result="accepted") >= 1)
+    assert counter(daemon, "edgemeta_drift_detections_total", stream="sine", detector="adwin") >= 1
+    assert daemon.predictor.version == 2
+    feed(daemon, "c", 4.5, 2.5, 1)
+    out = daemon.layout.dir("outbox", "sine") / "c000.csv.predictions.jsonl"
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["version"] for r in records} == {2} and len(records) == 50
+    manifest = json.loads((daemon.registry.path(2) / "manifest.json").read_text())
+    assert manifest["source"] == "drift" and manifest["parent"] == 1
+    assert manifest["holdout"]["candidate"] < manifest["holdout"]["current"]
+    episodes = sorted((daemon.settings.state_dir / "episodes").glob("*.json"))
+    episode = json.loads(episodes[-1].read_text())
+    assert episode["result"] == "accepted" and len(episode["support"]["y"]) == 10
+    assert set(episode["timings_ms"]) >= {"adapt", "patch", "gate", "commit", "swap", "total"}
+    assert (daemon.layout.dir("processed", "sine") / "a000.csv").is_file()
+
+
+def test_poisoned_support_labels_make_the_gate_reject(daemon):
+    feed(daemon, "a", 2.0, 0.5, 4)
+    support = daemon.settings.state_dir / "inbox" / "poison.csv"
+    x = np.linspace(-5, 5, 10)
+    support.write_text("id,x,y\n" + "".join(f"p{i},{v},4\n" for i, v in enumerate(x)))
+    write_trigger(daemon.settings.state_dir / "triggers", "adapt", {"support": "poison.csv"})
+    run_until(daemon, lambda: daemon.streams["sine"].collector.collected == 10, timeout=5)
+    feed(daemon, "h", 2.0, 0.5, 1)  # the holdout comes from the stream's honest labels
+    assert run_until(daemon, lambda: counter(daemon, "edgemeta_adaptations_total", stream="sine",
+                                             result="rejected") == 1)
+    assert daemon.predictor.version == 1 and daemon.registry.versions() == [1]
+    done = list((daemon.settings.state_dir / "triggers" / "done").glob("*.result.json"))
+    assert json.loads(done[0].read_text())["result"] == "ok"
+
+
+def test_killing_the_worker_mid_adaptation_keeps_serving_and_it_comes_back(daemon):
+    feed(daemon, "a", 2.0, 0.5, 2)
+    old_pid = daemon.adapter.pid
+    os.kill(old_pid, signal.SIGSTOP)  # freeze it so the request is certainly in flight
+    write_trigger(daemon.settings.state_dir / "triggers", "adapt")
+    assert run_until(daemon, lambda: daemon.streams["sine"].collector.collecting, timeout=5)
+    feed(daemon, "k", 4.0, 1.0, 1)
+    assert run_until(daemon, lambda: bool(daemon.in_flight), timeout=5)
+    os.kill(old_pid, signal.SIGKILL)
+    assert run_until(daemon, lambda: counter(daemon, "edgemeta_adaptations_total", stream="sine",
+                                             result="failed") == 1, timeout=10)
+    assert daemon.predictor.version == 1
+    feed(daemon, "z", 2.0, 0.5, 1)  # serving never stopped
+    out = daemon.layout.dir("outbox", "sine") / "z000.csv.predictions.jsonl"
+    assert len(out.read_text().splitlines()) == 50
+    assert run_until(daemon, lambda: daemon.adapter.ready and daemon.adapter.pid != old_pid, 60)
+    assert counter(daemon, "edgemeta_worker_restarts_total") == 1
+    episode = json.loads(sorted((daemon.settings.state_dir / "episodes").glob("*.json"))[-1]
+                         .read_text())
+    assert (episode["result"], episode["reason"]) == ("failed", "worker_died")
+
+
+BAD_INPUTS = {
+    "trunc.csv": (b"id,x,y\n1,0.5,1.0\n2,0.", "truncated", 3),
+    "cols.csv": (b"id,z,y\n1,0.5,1.0\n", "wrong_columns", 1),
+    "text.csv": (b"id,x,y\n1,0.5,1.0\n2,abc,1.0\n", "non_numeric", 3),
+    "nan.csv": (b"id,x,y\n1,nan,1.0\n", "non_finite", 2),
+    "inf.jsonl": (b'{"id": 1, "x": 1e999, "y": 1}\n', "non_finite", 1),
+    "cut.jsonl": (b'{"id": 1, "x": 0.5, "y": 1}\n{"id": 2, "x"', "truncated", 2),
+    "bin.csv": (b"id,x,y\n\x00\x01\x02\xff\n", "binary", 2),
+    "big.csv": (b"id,x,y\n" + b"1,0.5,1.0\n" * 1000, "too_large", None),
+    "empty.csv": (b"", "empty", None),
+    "trunc.npz": (b"PK\x03\x04garbage", "truncated", None),
+}
+
+
+def test_every_bad_input_is_quarantined_with_its_reason_and_the_daemon_keeps_going(daemon, tmp_path):
+    for name, (data, _, _) in BAD_INPUTS.items():
+        (inbox(daemon) / name).write_bytes(data)
+    outside = tmp_path / "outside.csv"
+    outside.write_text("id,x,y\n1,0.5,1.0\n")
+    (inbox(daemon) / "link.csv").symlink_to(outside)
+    os.mkfifo(inbox(daemon) / "pipe.csv")
+    assert run_until(daemon, lambda: not any(inbox(daemon).iterdir()))
+    quarantine = daemon.layout.dir("quarantine", "sine")
+    expected = {n: (r, line) for n, (_, r, line) in BAD_INPUTS.items()}
+    expected["link.csv"] = ("symlink", None)
+    expected["pipe.csv"] = ("unreadable", None)
+    for name, (reason, line) in expected.items():
+        error = json.loads((quarantine / f"{name}.error.json").read_text())
+        assert error["reason"] == reason, (name, error)
+        assert line is None or error["line"] == line, (name, error)
+        assert os.path.lexists(quarantine / name), name
+        assert counter(daemon, "edgemeta_quarantined_files_total", stream="sine", reason=reason) >= 1
+    assert outside.read_text() == "id,x,y\n1,0.5,1.0\n"  # the symlink's target was not touched
+    feed(daemon, "ok", 1.0, 0.0, 1)
+    assert (daemon.layout.dir("outbox", "sine") / "ok000.csv.predictions.jsonl").is_file()
+
+
+def test_restart_rehandles_the_inbox_with_the_same_output(daemon, sinusoid_bundle, tmp_path):
+    final, _, _ = sine_file(inbox(daemon), "r000", 1.0, 0.0)
+    assert run_until(daemon, lambda: not final.exists())
+    out = daemon.layout.dir("outbox", "sine") / "r000.csv.predictions.jsonl"
+    first = out.read_text()
+    # Simulate a crash after the outbox write but before the move: the input is back in the inbox.
+    os.replace(daemon.layout.dir("processed", "sine") / "r000.csv", final)
+    daemon.rescan()
+    assert run_until(daemon, lambda: not final.exists())
+    assert out.read_text() == first
+
+
+def test_delayed_labels_join_to_earlier_predictions(daemon):
+    sine_file(inbox(daemon), "u000", 1.0, 0.0, labels=False)
+    assert run_until(daemon, lambda: not any(inbox(daemon).iterdir()))
+    ids = [json.loads(line)["id"] for line in
+           (daemon.layout.dir("outbox", "sine") / "u000.csv.predictions.jsonl").read_text().splitlines()]
+    labels = "id,label\n" + "".join(f"{i},0.5\n" for i in ids[:30]) + "nobody,1.0\n"
+    (inbox(daemon) / "u000.labels.csv").write_text(labels)
+    assert run_until(daemon, lambda: not any(inbox(daemon).iterdir()))
+    assert counter(daemon, "edgemeta_labels_total", stream="sine", result="matched") == 30
+    assert counter(daemon, "edgemeta_labels_total", stream="sine", result="unknown") == 1
+    assert daemon.streams["sine"].samples == 30
+
+
+@pytest.mark.parametrize("name, body, reason", [
+    ("explode", "", "unknown"),
+    ("adapt-x.json", "{not json", "malformed"),
+    ("adapt-y.json", json.dumps({"stream": "nope"}), "malformed"),
+    ("adapt-z.json", json.dumps({"support": "../../etc/passwd"}), "outside_state"),
+    ("rollback-big.json", " " * (65 * 1024), "too_large"),
+])
+def test_bad_trigger_files_are_rejected_with_a_reason(daemon, name, body, reason):
+    (daemon.settings.state_dir / "triggers" / name).write_text(body)
+    assert run_until(daemon, lambda: counter(daemon, "edgemeta_trigger_files_total",
+                                             result="rejected", reason=reason) == 1, timeout=5)
+    result = next((daemon.settings.state_dir / "triggers" / "done").glob("*.result.json"))
+    assert json.loads(result.read_text())["reason"] == reason
+
+
+def test_symlink_trigger_is_rejected(daemon, tmp_path):
+    target = tmp_path / "t"
+    target.write_text("{}")
+    (daemon.settings.state_dir / "triggers" / "reload").symlink_to(target)
+    assert run_until(daemon, lambda: counter(daemon, "edgemeta_trigger_files_total",
+                                             result="rejected", reason="symlink") == 1, timeout=5)
+
+
+def test_rollback_trigger_serves_the_previous_model(daemon):
+    daemon.registry.commit(daemon.template.patch(daemon.template.weights()), source="manual")
+    daemon.load_current()
+    assert daemon.predictor.version == 2
+    write_trigger(daemon.settings.state_dir / "triggers", "rollback")
+    assert run_until(daemon, lambda: daemon.predictor.version == 3, timeout=5)
+    assert daemon.registry.manifest(3).parent == 1
+    assert counter(daemon, "edgemeta_trigger_files_total", result="ok", reason="") == 1
