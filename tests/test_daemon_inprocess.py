@@ -205,3 +205,16 @@ def test_rollback_trigger_serves_the_previous_model(daemon):
     assert run_until(daemon, lambda: daemon.predictor.version == 3, timeout=5)
     assert daemon.registry.manifest(3).parent == 1
     assert counter(daemon, "edgemeta_trigger_files_total", result="ok", reason="") == 1
+
+
+def test_status_command_reports_version_streams_and_adaptations(daemon):
+    import subprocess
+    import sys
+
+    feed(daemon, "a", 2.0, 0.5, 2)
+    daemon.write_status()
+    out = subprocess.run([sys.executable, "-m", "edgemeta", "status", "--config",
+                          str(daemon.settings.source)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "serving version 1 (meta-init)" in out.stdout
+    assert "stream sine: stable; 100 labelled samples" in out.stdout

@@ -1,0 +1,63 @@
+"""A bad config refuses to start with a message naming the key."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from edgemeta.config import ConfigError, load_config
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return path
+
+
+BASE = '[bundle]\npath = "b"\n[state]\ndir = "s"\n[[streams]]\nname = "s1"\nfeatures = ["x"]\n'
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path):
+    settings = load_config(write(tmp_path, BASE))
+    assert settings.bundle == tmp_path / "b" and settings.state_dir == tmp_path / "s"
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("[drift]\ndetecter = 'adwin'\n", "drift.detecter: unknown key"),
+    ("[adaptation]\nsupport_size = 'ten'\n", "adaptation.support_size: must be int, got 'ten'"),
+    ("[adaptation]\nsupport_size = 0\n", "adaptation.support_size: must be > 0, got 0"),
+    ("[gate]\nmin_gain = 1.5\n", "gate.min_gain: must be in [0, 1)"),
+    ("[metrics]\nport = 70000\n", "metrics.port: 70000 is not a TCP port"),
+    ("[serving]\nproviders = 'CPU'\n", "serving.providers: must be a list of strings"),
+    ("[adaptation]\nselection = 'diverse'\nwindow = 5\n", "adaptation.window: 5 is smaller"),
+    ("[typo]\nx = 1\n", "typo: unknown section"),
+    ("[[streams]]\nname = \"s1\"\nfeatures = [\"x\"]\n", "streams[1].name: duplicate stream 's1'"),
+    ("[[streams]]\nname = \"s2\"\nformat = \"xml\"\nfeatures = [\"x\"]\n",
+     "streams[1].format: 'xml' is not one of csv, jsonl, npz"),
+    ("[[streams]]\nname = \"../up\"\nfeatures = [\"x\"]\n", "streams[1].name: '../up' must be"),
+])
+def test_config_errors_name_the_key(tmp_path, extra, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, BASE + extra))
+    assert message in str(err.value) and "c.toml" in str(err.value)
+
+
+def test_missing_sections_and_bad_toml(tmp_path):
+    with pytest.raises(ConfigError, match="bundle.path: required"):
+        load_config(write(tmp_path, "[state]\ndir = 's'\n"))
+    with pytest.raises(ConfigError, match="c.toml: not valid TOML"):
+        load_config(write(tmp_path, "[bundle\n"))
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_config_check_prints_the_effective_settings(tmp_path):
+    path = write(tmp_path, BASE)
+    out = subprocess.run([sys.executable, "-m", "edgemeta", "config", "check", str(path)],
+                         capture_output=True, text=True, check=True)
+    effective = json.loads(out.stdout)
+    assert effective["drift"]["detector"] == "adwin"
+    assert effective["metrics"] == {"address": "127.0.0.1", "port": 9781, "enabled": True}
