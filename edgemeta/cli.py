@@ -230,10 +230,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from edgemeta.bench.swap import run_swap
 
         run_swap(Path(args.out), quick=args.quick)
-    else:
+    elif args.bench == "serve":
         from edgemeta.bench.swap import run_serve
 
         run_serve(Path(args.out), quick=args.quick)
+    else:
+        bundle = Path(args.bundle)
+        if not (bundle / "bundle.json").is_file():
+            raise CliError(f"--bundle {bundle}: not a bundle; run `edgemeta bench fewshot` or "
+                           "`edgemeta train` first")
+        if args.bench == "drift":
+            from edgemeta.bench.drift import run_drift
+
+            run_drift(Path(args.out), bundle, seeds=3 if args.quick else 10)
+        else:
+            from edgemeta.bench.daemon import run_daemon_bench
+
+            run_daemon_bench(Path(args.out), bundle, quick=args.quick)
     return 0
 
 
@@ -303,6 +316,13 @@ def build_parser() -> argparse.ArgumentParser:
                        ("serve", "serving cost: onnxruntime vs torch eager")):
         p = bsub.add_parser(name, help=text)
         p.add_argument("--out", default=f"bench-out/{name}")
+        p.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
+        p.set_defaults(func=cmd_bench)
+    for name, text in (("drift", "false alarms and detection delay of the default detectors"),
+                       ("daemon", "drift-to-serving latency, ingest throughput, RSS")):
+        p = bsub.add_parser(name, help=text)
+        p.add_argument("--out", default=f"bench-out/{name}")
+        p.add_argument("--bundle", default="bench-out/fewshot/sinusoid-maml")
         p.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
         p.set_defaults(func=cmd_bench)
 

@@ -34,7 +34,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_config(tmp_path, bundle_path, **sections) -> "Path":  # noqa: F821
+def write_config(tmp_path, bundle_path, **sections) -> Path:  # noqa: F821
     """A daemon config in tmp_path; ``sections`` override/extend the TOML tables."""
     import json
 
@@ -68,7 +68,8 @@ def sine_file(inbox, name, amplitude, phase, n=50, seed=0, labels=True, label_fn
         y = label_fn(y)
     tmp = inbox / f".{name}.tmp"
     header = "id,x,y" if labels else "id,x"
-    rows = [f"{name}-{i},{a}" + (f",{b}" if labels else "") for i, (a, b) in enumerate(zip(x, y))]
+    rows = [f"{name}-{i},{a}" + (f",{b}" if labels else "")
+            for i, (a, b) in enumerate(zip(x, y, strict=True))]
     tmp.write_text(header + "\n" + "\n".join(rows) + "\n")
     final = inbox / f"{name}.csv"
     os.rename(tmp, final)

@@ -218,3 +218,16 @@ def test_status_command_reports_version_streams_and_adaptations(daemon):
     assert out.returncode == 0, out.stderr
     assert "serving version 1 (meta-init)" in out.stdout
     assert "stream sine: stable; 100 labelled samples" in out.stdout
+
+
+def test_an_episode_completed_while_the_worker_restarts_waits_for_it(daemon):
+    feed(daemon, "a", 1.0, 0.0, 2)
+    daemon.adapter.kill()
+    assert run_until(daemon, lambda: not daemon.adapter.ready, timeout=5)
+    write_trigger(daemon.settings.state_dir / "triggers", "adapt")
+    assert run_until(daemon, lambda: daemon.streams["sine"].collector.collecting, timeout=5)
+    feed(daemon, "w", 4.5, 2.5, 1)
+    assert daemon.waiting, "the episode should wait for the worker, not fail"
+    assert run_until(daemon, lambda: counter(daemon, "edgemeta_adaptations_total", stream="sine",
+                                             result="accepted") == 1, timeout=60)
+    assert counter(daemon, "edgemeta_adaptations_total", stream="sine", result="failed") == 0

@@ -90,6 +90,7 @@ class Daemon:
         self.layout = StateLayout(settings.state_dir)
         self.episodes: deque[dict[str, Any]] = deque(maxlen=20)
         self.in_flight: dict[int, InFlight] = {}
+        self.waiting: list[InFlight] = []
         self._stopping = False
         self._status_dirty = True
         self._last_rescan = 0.0
@@ -208,6 +209,8 @@ class Daemon:
             self.handle_triggers()
         for outcome in self.adapter.poll():
             self.finish_adaptation(outcome)
+        if self.waiting:
+            self.submit_waiting()
         self.metrics.worker_up.set(1 if self.adapter.ready else 0)
         if self.notifier.watchdog_due(now):
             self.notifier.ping(now)
@@ -306,7 +309,7 @@ class Daemon:
         state.samples += len(y)
         state.last_loss = float(np.mean(losses))
         self.metrics.stream_loss.labels(state.name).set(state.last_loss)
-        busy = any(f.stream == state.name for f in self.in_flight.values())
+        busy = any(f.stream == state.name for f in [*self.in_flight.values(), *self.waiting])
         for i in range(len(y)):
             if state.collector.collecting:
                 episode = state.collector.offer(x[i], y[i])
@@ -335,14 +338,34 @@ class Daemon:
         now = time.perf_counter()
         a = self.settings.adaptation
         init = self.current_weights if a.start_from == "current" else None
-        rid = self.adapter.submit(episode.support_x, episode.support_y, a.steps, init)
         source = state.trigger or "drift"
+        rid = self.adapter.submit(episode.support_x, episode.support_y, a.steps, init)
         if rid is None:
-            self.record(state.name, episode, source, "failed", "worker_unavailable", {}, {})
+            # The worker is starting or restarting: hold the episode until it is ready.
+            self.waiting.append(InFlight(state.name, episode, source, now, now))
+            log.info("adaptation waiting for the worker stream=%s", state.name)
             return
         self.in_flight[rid] = InFlight(state.name, episode, source, now, now)
         log.info("adaptation requested stream=%s support=%d holdout=%d", state.name,
                  len(episode.support_y), len(episode.holdout_y))
+
+    def submit_waiting(self) -> None:
+        """Send held episodes once the worker is up; give up on those held too long."""
+        a = self.settings.adaptation
+        init = self.current_weights if a.start_from == "current" else None
+        still = []
+        for job in self.waiting:
+            rid = self.adapter.submit(job.episode.support_x, job.episode.support_y, a.steps, init)
+            if rid is not None:
+                job.submitted_at = time.perf_counter()
+                self.in_flight[rid] = job
+            elif time.perf_counter() - job.complete_at > self.adapter.start_timeout_s:
+                self.record(job.stream, job.episode, job.source, "failed", "worker_unavailable",
+                            {}, {})
+                self.after_episode(self.streams[job.stream], accepted=False)
+            else:
+                still.append(job)
+        self.waiting = still
 
     def finish_adaptation(self, outcome: AdaptOutcome) -> None:
         job = self.in_flight.pop(outcome.request_id, None)
@@ -404,7 +427,7 @@ class Daemon:
         self.record(job.stream, job.episode, job.source, "accepted", decision.reason, timings,
                     {**figures, "version": manifest.version})
         self.after_episode(state, accepted=True)
-        log.warning("adaptation accepted stream=%s version=%d holdout %.4g -> %.4g in %.1f ms",
+        log.info("adaptation accepted stream=%s version=%d holdout %.4g -> %.4g in %.1f ms",
                     job.stream, manifest.version, current, candidate, timings["total"] * 1e3)
 
     def after_episode(self, state: StreamState, accepted: bool) -> None:

@@ -1,0 +1,128 @@
+"""``edgemeta bench daemon``: drift-to-serving latency by stage, ingest throughput, process RSS.
+
+The daemon runs in this process exactly as ``edgemeta run`` builds it (real state directory, real
+worker process, real registry commits), driven without the file watcher so the figures measure the
+work, not inotify latency. This module imports no torch: the RSS it reports is the serving
+process's, and the worker's is read from /proc.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgemeta.config import parse_config
+from edgemeta.daemon.metrics import Metrics
+from edgemeta.daemon.runtime import Daemon
+
+
+def rss_mb(pid: int | str = "self") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _daemon(bundle: Path, state: Path) -> Daemon:
+    settings = parse_config({
+        "bundle": {"path": str(bundle)}, "state": {"dir": str(state)},
+        "streams": [{"name": "sine", "features": ["x"], "label": "y", "id": "id"}],
+        "adaptation": {"support_size": 10, "holdout_size": 20},
+        "metrics": {"enabled": False}, "ingest": {"max_file_bytes": 1 << 30},
+        "retention": {"keep_models": 5, "keep_episodes": 50}})
+    daemon = Daemon(settings, metrics=Metrics())
+    daemon.setup()
+    if not daemon.adapter.wait_ready(120):
+        raise RuntimeError("adapter worker did not start")
+    return daemon
+
+
+def latency(daemon: Daemon, episodes: int, seed: int = 0) -> dict[str, Any]:
+    """From a complete support+holdout set to the first answer from the new version."""
+    rng = np.random.default_rng(seed)
+    state = daemon.streams["sine"]
+    totals, stages, results = [], {s: [] for s in ("adapt", "patch", "gate", "commit", "swap")}, []
+    probe = np.zeros((1, 1), np.float32)
+    for _ in range(episodes):
+        amp, phase = rng.uniform(0.1, 5.0), rng.uniform(0, np.pi)
+        x = rng.uniform(-5, 5, (30, 1)).astype(np.float32)
+        y = amp * np.sin(x[:, 0] - phase)
+        before = daemon.predictor.version
+        daemon.begin_collection(state, "manual")
+        outputs, _ = daemon.predictor.predict(daemon.normalize(x))
+        daemon.learn(state, x, y, (outputs[:, 0] - y) ** 2)  # completes the episode: submit
+        job = next(iter(daemon.in_flight.values()))
+        while daemon.in_flight:
+            for outcome in daemon.adapter.poll(wait=0.001):
+                daemon.finish_adaptation(outcome)
+        _, version = daemon.predictor.predict(probe)
+        done = time.perf_counter()
+        entry = daemon.episodes[-1]
+        results.append(entry["result"])
+        if entry["result"] == "accepted" and version != before:
+            totals.append(done - job.complete_at)
+            for stage in stages:
+                stages[stage].append(entry["timings_ms"][stage])
+    ms = np.asarray(totals) * 1e3
+    return {"episodes": episodes, "accepted": len(totals),
+            "rejected": results.count("rejected"), "failed": results.count("failed"),
+            "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
+            "p99_ms": float(np.percentile(ms, 99)),
+            "stage_p50_ms": {s: float(np.median(v)) for s, v in stages.items()}}
+
+
+def throughput(daemon: Daemon, files: int, rows: int, seed: int = 1) -> dict[str, Any]:
+    """Rows per second through parse, predict, drift, outbox write and the move to processed/."""
+    rng = np.random.default_rng(seed)
+    inbox = daemon.layout.dir("inbox", "sine")
+    paths = []
+    for i in range(files):
+        x = rng.uniform(-5, 5, rows)
+        y = 2.0 * np.sin(x - 0.5)
+        path = inbox / f"t{i:04d}.csv"
+        body = "".join(f"t{i}-{j},{a:.6f},{b:.6f}\n" for j, (a, b) in enumerate(zip(x, y, strict=True)))
+        path.write_text("id,x,y\n" + body)
+        paths.append(path)
+    started = time.perf_counter()
+    for path in paths:
+        daemon.handle_file("sine", path)
+    seconds = time.perf_counter() - started
+    processed = sum(1 for _ in daemon.layout.dir("processed", "sine").glob("t*.csv"))
+    return {"files": files, "rows_per_file": rows, "seconds": seconds,
+            "rows_per_second": files * rows / seconds, "processed": processed}
+
+
+def run_daemon_bench(out: Path, bundle: Path, quick: bool = False) -> dict[str, Any]:
+    import sys
+
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"machine": f"{platform.node()} {platform.machine()}",
+                              "date": time.strftime("%Y-%m-%d"), "bundle": str(bundle)}
+    with tempfile.TemporaryDirectory() as tmp:
+        daemon = _daemon(bundle, Path(tmp) / "state")
+        try:
+            report["rss_mb_serving_after_start"] = rss_mb()
+            report["latency"] = latency(daemon, 20 if quick else 200)
+            lat = report["latency"]
+            print(f"drift-to-serving: p50 {lat['p50_ms']:.1f} ms, p90 {lat['p90_ms']:.1f} ms "
+                  f"({lat['accepted']}/{lat['episodes']} accepted); stage p50 (ms): "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in lat["stage_p50_ms"].items()))
+            report["throughput"] = throughput(daemon, 4 if quick else 20, 5_000)
+            t = report["throughput"]
+            print(f"ingest: {t['rows_per_second']:.0f} rows/s ({t['files']} files x "
+                  f"{t['rows_per_file']} rows in {t['seconds']:.2f} s)")
+            report["rss_mb_serving"] = rss_mb()
+            report["rss_mb_worker"] = rss_mb(daemon.adapter.pid)
+            report["torch_in_serving_process"] = "torch" in sys.modules
+            print(f"RSS: serving process {report['rss_mb_serving']:.0f} MB (torch imported: "
+                  f"{report['torch_in_serving_process']}), worker {report['rss_mb_worker']:.0f} MB")
+        finally:
+            daemon.shutdown(drain_s=1.0)
+    (out / "daemon.json").write_text(json.dumps(report, indent=2))
+    return report
