@@ -193,7 +193,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     from edgemeta.serve.registry import Registry, RegistryError
 
-    state = Path(args.state)
+    state = _config(args.config).state_dir if args.config else Path(args.state)
     if not (state / "models").is_dir():
         raise CliError(f"{state}: no models/ directory; is this a state directory?")
     registry = Registry(state)
@@ -353,12 +353,13 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list the model registry or roll back")
     msub = m.add_subparsers(dest="models", required=True)
     ml = msub.add_parser("list", help="versions, lineage and checksum status")
-    ml.add_argument("--state", required=True, help="the daemon's state directory")
     ml.add_argument("--json", action="store_true")
     mr = msub.add_parser("rollback", help="serve the previous (or a named) version again")
-    mr.add_argument("--state", required=True, help="the daemon's state directory")
     mr.add_argument("--to", type=int, help="version to serve (default: the current one's parent)")
     for p in (ml, mr):
+        where = p.add_mutually_exclusive_group(required=True)
+        where.add_argument("--config", help="the daemon's config file")
+        where.add_argument("--state", help="the daemon's state directory")
         p.set_defaults(func=cmd_models)
 
     d = sub.add_parser("demo", help="meta-train and evaluate a sinusoid bundle end to end")

@@ -61,3 +61,23 @@ def test_config_check_prints_the_effective_settings(tmp_path):
     effective = json.loads(out.stdout)
     assert effective["drift"]["detector"] == "adwin"
     assert effective["metrics"] == {"address": "127.0.0.1", "port": 9781, "enabled": True}
+
+
+def test_the_shipped_example_config_is_accepted_and_sets_every_key():
+    import tomllib
+    from dataclasses import fields
+    from pathlib import Path
+
+    from edgemeta import config as cfg
+
+    path = Path(__file__).resolve().parents[1] / "deploy" / "edgemeta.toml.example"
+    settings = load_config(path)
+    assert settings.streams[0].name == "sensor"
+    raw = tomllib.loads(path.read_text())
+    commented = path.read_text()
+    for section, cls in (("drift", cfg.DriftSettings), ("adaptation", cfg.AdaptationSettings),
+                         ("gate", cfg.GateSettings), ("serving", cfg.ServingSettings),
+                         ("metrics", cfg.MetricsSettings), ("ingest", cfg.IngestSettings),
+                         ("retention", cfg.RetentionSettings)):
+        for f in fields(cls):
+            assert f.name in raw[section] or f"# {f.name} =" in commented, f"{section}.{f.name}"
