@@ -231,3 +231,37 @@ def test_an_episode_completed_while_the_worker_restarts_waits_for_it(daemon):
     assert run_until(daemon, lambda: counter(daemon, "edgemeta_adaptations_total", stream="sine",
                                              result="accepted") == 1, timeout=60)
     assert counter(daemon, "edgemeta_adaptations_total", stream="sine", result="failed") == 0
+
+
+def test_a_hung_adaptation_times_out_and_the_worker_is_replaced(tmp_path, sinusoid_bundle):
+    cfg = write_config(tmp_path, sinusoid_bundle.path, metrics={"enabled": False},
+                       adaptation={"timeout_s": 1.0})
+    d = Daemon(load_config(cfg), metrics=Metrics())
+    d.setup()
+    try:
+        assert d.adapter.wait_ready(120)
+        frozen = d.adapter.pid
+        os.kill(frozen, signal.SIGSTOP)
+        write_trigger(d.settings.state_dir / "triggers", "adapt")
+        assert run_until(d, lambda: d.streams["sine"].collector.collecting, timeout=5)
+        feed(d, "t", 3.0, 1.0, 1)
+        assert run_until(d, lambda: counter(d, "edgemeta_adaptations_total", stream="sine",
+                                            result="timeout") == 1, timeout=15)
+        assert run_until(d, lambda: d.adapter.ready and d.adapter.pid != frozen, timeout=60)
+        assert d.predictor.version == 1
+    finally:
+        d.shutdown(drain_s=0.5)
+
+
+def test_diverse_selection_spreads_the_support_set_over_the_inputs():
+    from edgemeta.stream.buffers import SupportCollector
+
+    collector = SupportCollector(support_size=4, holdout_size=2, selection="diverse", window=12)
+    collector.start()
+    xs = [0.0, 0.1, 0.2, 0.15, 0.05, 5.0, 0.12, -5.0, 0.11, 2.5, 7.0, 8.0]
+    episode = None
+    for x in xs:
+        episode = collector.offer([x], x) or episode
+    assert episode is not None
+    assert sorted(episode.support_x[:, 0].tolist()) == [-5.0, 0.0, 2.5, 5.0]
+    assert episode.holdout_x[:, 0].tolist() == [7.0, 8.0]
