@@ -230,3 +230,22 @@ def test_every_answer_matches_the_version_it_reports_during_swaps(sinusoid_bundl
         t.join()
     assert not errors, errors[:5]
     assert answers[0] > 100 and predictor.version == 40
+
+
+def test_a_newly_shipped_bundle_becomes_a_new_meta_init_version(registry, sinusoid_bundle, tmp_path):
+    import hashlib
+
+    registry.commit(b"adapted", source="drift")
+    registry.init_from_bundle(sinusoid_bundle.path)  # same bundle again: nothing changes
+    assert registry.versions() == [1, 2] and registry.current_version() == 2
+    shipped = tmp_path / "new-bundle"
+    shipped.mkdir()
+    (shipped / "model.onnx").write_bytes(b"new graph")
+    (shipped / "bundle.json").write_text(json.dumps(
+        {"sha256": {"model.onnx": hashlib.sha256(b"new graph").hexdigest()}}))
+    manifest = registry.init_from_bundle(shipped)
+    assert (manifest.version, manifest.source) == (3, "meta-init")
+    assert registry.load_serving()[0] == b"new graph"
+    (shipped / "model.onnx").write_bytes(b"tampered")
+    with pytest.raises(RegistryError, match="checksum does not match bundle.json"):
+        registry.init_from_bundle(shipped)

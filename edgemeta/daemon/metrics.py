@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import platform
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 from edgemeta import __version__
+
+# The *_created series double the scrape for no operational use; Prometheus does not need them.
+disable_created_metrics()
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                    1.0)
@@ -65,6 +68,28 @@ class Metrics:
                                registry=r)
         self.model_load_failures = Counter("edgemeta_model_load_failures_total",
                                            "Model versions refused at load", registry=r)
+
+    def init_streams(self, streams, detector: str, feature_detector: str) -> None:
+        """Create every labelled series at 0, so ``increase()`` in alerts sees the first event."""
+        from edgemeta.stream.ingest import REASONS
+
+        for stream in streams:
+            self.samples.labels(stream)
+            self.predictions.labels(stream)
+            for result in ("matched", "unknown"):
+                self.labels.labels(stream, result)
+            for result in ("processed", "quarantined"):
+                self.files.labels(stream, result)
+            for reason in REASONS:
+                self.quarantined.labels(stream, reason)
+            for det in {detector, "feature"} if feature_detector != "none" else {detector}:
+                self.drift_detections.labels(stream, det)
+            self.drift_active.labels(stream).set(0)
+            for result in ("accepted", "rejected", "failed", "timeout"):
+                self.adaptations.labels(stream, result)
+        for result, reason in (("ok", ""), ("rejected", "unknown"), ("rejected", "malformed"),
+                               ("failed", "error")):
+            self.triggers.labels(result, reason)
 
     def set_model(self, version: int, created: float, source: str, provider: str) -> None:
         self.model_version.set(version)

@@ -117,8 +117,11 @@ class Daemon:
         self._mean = np.asarray(norm.get("mean", 0.0), dtype=np.float32)
         self._std = np.asarray(norm.get("std", 1.0), dtype=np.float32)
         self.layout.ensure(st.name for st in s.streams)
-        for sub in ("triggers", "episodes"):
-            (s.state_dir / sub).mkdir(parents=True, exist_ok=True)
+        (s.state_dir / "episodes").mkdir(parents=True, exist_ok=True)
+        triggers = s.state_dir / "triggers"
+        triggers.mkdir(parents=True, exist_ok=True)
+        # setgid + group-writable: operators in the daemon's group can drop trigger files.
+        os.chmod(triggers, 0o2770)
         self.template = OnnxTemplate((s.bundle / "model.onnx").read_bytes(),
                                      bundle_parameter_names(s.bundle))
         self.registry = Registry(s.state_dir, keep=s.retention.keep_models)
@@ -131,6 +134,7 @@ class Daemon:
         self.cache = LabelCache(s.ingest.label_cache)
         self.pending = PendingFiles(s.ingest.settle_s)
         self.streams = {st.name: self._stream_state(st.name) for st in s.streams}
+        self.metrics.init_streams(self.streams, s.drift.detector, s.drift.feature_detector)
         self.adapter = AdapterClient(s.bundle, s.adaptation.device, s.adaptation.timeout_s,
                                      on_restart=self.metrics.worker_restarts.inc)
         self.adapter.start()

@@ -257,13 +257,29 @@ class Registry:
                            note=f"rollback from v{current} to v{to}")
 
     def init_from_bundle(self, bundle_dir: str | Path) -> Manifest:
-        """Version 1 is the bundle's meta-initialization; a no-op when versions exist."""
-        if self.versions():
-            return self.manifest(self.versions()[0])
+        """Make sure the bundle's meta-initialization is in the registry.
+
+        Version 1 is the first bundle's. When a different bundle is shipped later (an OTA update),
+        its meta-initialization is committed as a new ``meta-init`` version and served: versions
+        adapted from the old initialization stay in the registry for rollback but are not served.
+        """
         bundle_dir = Path(bundle_dir)
         data = (bundle_dir / "model.onnx").read_bytes()
         meta = json.loads((bundle_dir / "bundle.json").read_text())
-        recorded = meta.get("sha256", {}).get("model.onnx")
-        if recorded != hashlib.sha256(data).hexdigest():
+        digest = hashlib.sha256(data).hexdigest()
+        if meta.get("sha256", {}).get("model.onnx") != digest:
             raise RegistryError(f"{bundle_dir / 'model.onnx'}: checksum does not match bundle.json")
-        return self.commit(data, source="meta-init", note=f"bundle {bundle_dir}")
+        inits = []
+        for v in self.versions():
+            try:
+                m = self.manifest(v)
+            except RegistryError:
+                continue
+            if m.source == "meta-init":
+                inits.append(m)
+        if inits and inits[-1].sha256 == digest:
+            return inits[-1]
+        if inits:
+            log.warning("a new bundle was shipped (%s): serving its meta-initialization", bundle_dir)
+        return self.commit(data, source="meta-init", parent=None if not inits else
+                           self.current_version(), note=f"bundle {bundle_dir} sha256 {digest}")
