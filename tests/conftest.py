@@ -11,7 +11,7 @@ from edgemeta.meta.train import TrainSettings, save_bundle, train
 @pytest.fixture(scope="session")
 def sinusoid_bundle(tmp_path_factory):
     """A small MAML sinusoid bundle shared by the tests that only read bundles."""
-    settings = TrainSettings(algorithm="maml", iterations=300, val_every=100, seed=0, device="cpu")
+    settings = TrainSettings(algorithm="maml", iterations=1000, val_every=250, seed=0, device="cpu")
     result = train(settings, SinusoidTasks(shots=5, queries=10))
     return read_bundle(save_bundle(result, tmp_path_factory.mktemp("bundles") / "sinusoid"))
 
