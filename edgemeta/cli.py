@@ -30,8 +30,8 @@ def _positive_int_list(text: str) -> list[int]:
 
 
 def task_spec(args: argparse.Namespace) -> dict:
-    if args.tasks == "sinusoid":
-        return {"name": "sinusoid", "shots": args.shots, "queries": args.queries}
+    if args.tasks in ("sinusoid", "hyperplane"):
+        return {"name": args.tasks, "shots": args.shots, "queries": args.queries}
     if args.data is None:
         raise CliError(f"--tasks {args.tasks} needs --data PATH")
     common = {"path": str(Path(args.data).resolve()), "shots": args.shots, "queries": args.queries,
@@ -234,6 +234,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from edgemeta.bench.swap import run_serve
 
         run_serve(Path(args.out), quick=args.quick)
+    elif args.bench == "stream":
+        from edgemeta.bench.stream import FAMILIES, run_stream_bench
+
+        families = [f.strip() for f in args.families.split(",") if f.strip()]
+        unknown = sorted(set(families) - set(FAMILIES))
+        if unknown or not families:
+            raise CliError(f"--families: unknown {', '.join(unknown) or '(none)'}; "
+                           f"use {','.join(FAMILIES)}")
+        if not 0 < args.hazard < 1:
+            raise CliError(f"--hazard: must be in (0, 1), got {args.hazard}")
+        for name in ("seeds", "samples", "steps", "support", "holdout"):
+            if getattr(args, name) < 1:
+                raise CliError(f"--{name}: must be >= 1, got {getattr(args, name)}")
+        quick = {"n": 3000, "seeds": 1, "iterations": 500} if args.quick else {}
+        run_stream_bench(Path(args.out), families, seeds=quick.get("seeds", args.seeds),
+                         n=quick.get("n", args.samples), hazard=args.hazard, noise=args.noise,
+                         steps=args.steps, support=args.support, holdout=args.holdout,
+                         iterations=quick.get("iterations"))
     else:
         bundle = Path(args.bundle)
         if not (bundle / "bundle.json").is_file():
@@ -264,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="meta-train a bundle")
     t.add_argument("--out", required=True, help="bundle directory to write")
-    t.add_argument("--tasks", choices=["sinusoid", "array", "folder"], default="sinusoid")
+    t.add_argument("--tasks", choices=["sinusoid", "hyperplane", "array", "folder"],
+                   default="sinusoid")
     t.add_argument("--data", help="labelled array (.npz/.csv) or task folder")
     t.add_argument("--kind", choices=["regression", "classification"], default="regression",
                    help="task kind of a task folder")
@@ -325,6 +344,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--bundle", default="bench-out/fewshot/sinusoid-maml")
         p.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
         p.set_defaults(func=cmd_bench)
+
+    s = bsub.add_parser("stream", help="continual adaptation vs an oracle, river and baselines")
+    s.add_argument("--out", default="bench-out/stream")
+    s.add_argument("--families", default="sinusoid,hyperplane")
+    s.add_argument("--seeds", type=int, default=3)
+    s.add_argument("--samples", type=int, default=20_000)
+    s.add_argument("--hazard", type=float, default=1 / 300, help="switch probability per sample")
+    s.add_argument("--noise", type=float, default=None,
+                   help="label noise: std (sinusoid, default 0.1) or flip rate (hyperplane, 0.05)")
+    s.add_argument("--steps", type=int, default=10, help="inner steps per adaptation")
+    s.add_argument("--support", type=int, default=10)
+    s.add_argument("--holdout", type=int, default=20)
+    s.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
+    s.set_defaults(func=cmd_bench)
 
     r = sub.add_parser("run", help="the daemon")
     r.add_argument("--config", required=True)

@@ -58,6 +58,7 @@ class AdaptationSettings:
     start_from: str = "meta-init"
     selection: str = "recent"
     window: int = 100
+    adapt_on_start: bool = True
 
 
 @dataclass

@@ -266,3 +266,29 @@ def test_diverse_selection_spreads_the_support_set_over_the_inputs():
     assert episode is not None
     assert sorted(episode.support_x[:, 0].tolist()) == [-5.0, 0.0, 2.5, 5.0]
     assert episode.holdout_x[:, 0].tolist() == [7.0, 8.0]
+
+
+def test_a_bare_meta_initialization_is_adapted_on_the_first_labels_without_a_drift(
+        tmp_path, sinusoid_bundle):
+    cfg = write_config(tmp_path, sinusoid_bundle.path, metrics={"enabled": False},
+                       adaptation={"adapt_on_start": True})
+    d = Daemon(load_config(cfg), metrics=Metrics())
+    d.setup()
+    try:
+        assert d.adapter.wait_ready(120)
+        feed(d, "a", 3.0, 1.0, 1)  # 50 labelled rows: K=10 support, H=20 holdout, no drift at all
+        assert run_until(d, lambda: counter(d, "edgemeta_adaptations_total", stream="sine",
+                                            result="accepted") == 1)
+        assert counter(d, "edgemeta_drift_detections_total", stream="sine", detector="adwin") == 0
+        manifest = json.loads((d.registry.path(2) / "manifest.json").read_text())
+        assert (manifest["source"], manifest["parent"]) == ("initial", 1)
+        feed(d, "b", 3.0, 1.0, 2)
+        assert d.registry.versions() == [1, 2]  # adapted once; from now on only drift adapts
+    finally:
+        d.shutdown(drain_s=0.5)
+    restarted = Daemon(load_config(cfg), metrics=Metrics())
+    restarted.setup()  # serving v2 (source "initial"): nothing to collect at start
+    try:
+        assert not restarted.streams["sine"].collector.collecting
+    finally:
+        restarted.shutdown(drain_s=0.5)

@@ -67,7 +67,8 @@ class StreamState:
     samples: int = 0
     last_loss: float | None = None
     drift_started: float | None = None
-    trigger: str | None = None  # "drift" or "manual": why the current collection started
+    trigger: str | None = None  # "initial", "drift" or "manual": why the collection started
+    drifts: int = 0  # drift detections so far (the stream benchmark reads it)
 
 
 @dataclass
@@ -135,6 +136,11 @@ class Daemon:
         self.pending = PendingFiles(s.ingest.settle_s)
         self.streams = {st.name: self._stream_state(st.name) for st in s.streams}
         self.metrics.init_streams(self.streams, s.drift.detector, s.drift.feature_detector)
+        if s.adaptation.adapt_on_start and self.current_manifest.source == "meta-init":
+            # A meta-initialization is a starting point, not a model: adapt it to what this device
+            # sees as soon as K+H labelled rows arrive, rather than waiting for a drift.
+            for state in self.streams.values():
+                self.begin_collection(state, "initial")
         self.adapter = AdapterClient(s.bundle, s.adaptation.device, s.adaptation.timeout_s,
                                      on_restart=self.metrics.worker_restarts.inc)
         self.adapter.start()
@@ -262,28 +268,47 @@ class Daemon:
     def handle_data(self, stream: str, path: Path) -> None:
         rows = parse_rows(path, self.settings.stream(stream), self.settings.ingest.max_file_bytes,
                           self.kind == "classification")
-        x = self.normalize(rows.x)
-        started = time.perf_counter()
-        outputs, version = self.predictor.predict(x)
-        self.metrics.inference_latency.labels(stream).observe(time.perf_counter() - started)
-        predictions = (outputs[:, 0].tolist() if self.kind == "regression"
-                       else outputs.argmax(axis=1).tolist())
+        predictions, version = self.serve_rows(stream, rows.x, rows.y, rows.ids)
         self.layout.write_predictions(stream, path.name, [
             {"id": i, "prediction": p, "version": version}
             for i, p in zip(rows.ids, predictions, strict=True)])
-        self.metrics.samples.labels(stream).inc(len(rows.ids))
-        self.metrics.predictions.labels(stream).inc(len(rows.ids))
+
+    def serve_rows(self, stream: str, x: np.ndarray, y: np.ndarray | None = None,
+                   ids: list | None = None) -> tuple[list, int]:
+        """Predict raw rows, then learn from their labels (or remember them for delayed labels).
+
+        Every input takes this path, whether it came from an inbox file or from the stream
+        benchmark, which drives the daemon in-process: both make the same decisions.
+        """
+        started = time.perf_counter()
+        outputs, version = self.predictor.predict(self.normalize(x))
+        self.metrics.inference_latency.labels(stream).observe(time.perf_counter() - started)
+        predictions = (outputs[:, 0].tolist() if self.kind == "regression"
+                       else outputs.argmax(axis=1).tolist())
+        self.metrics.samples.labels(stream).inc(len(predictions))
+        self.metrics.predictions.labels(stream).inc(len(predictions))
         state = self.streams[stream]
-        if rows.y is not None:
-            losses = per_sample_loss(self.kind, outputs, rows.y)
-            self.learn(state, rows.x, rows.y, losses)
-        else:
-            for i, row_id in enumerate(rows.ids):
-                self.cache.put(stream, row_id, rows.x[i], outputs[i], version)
-            if self.settings.drift.feature_detector != "none":
-                for row in x:
-                    if state.monitor.update_features(row):
-                        self.on_drift(state, "feature")
+        if y is not None:
+            self.learn(state, x, y, per_sample_loss(self.kind, outputs, y))
+            return predictions, version
+        for i, row_id in enumerate(ids if ids is not None else range(len(x))):
+            self.cache.put(stream, row_id, x[i], outputs[i], version)
+        if self.settings.drift.feature_detector != "none":
+            for row in self.normalize(x):
+                if state.monitor.update_features(row):
+                    self.on_drift(state, "feature")
+        return predictions, version
+
+    def settle(self, timeout: float = 60.0) -> bool:
+        """Finish every requested adaptation before going on (the benchmark's deterministic mode:
+        the daemon proper never waits, it keeps serving while the worker adapts)."""
+        deadline = time.monotonic() + timeout
+        while (self.in_flight or self.waiting) and time.monotonic() < deadline:
+            for outcome in self.adapter.poll(wait=0.002):
+                self.finish_adaptation(outcome)
+            if self.waiting:
+                self.submit_waiting()
+        return not (self.in_flight or self.waiting)
 
     def handle_labels(self, stream: str, path: Path) -> None:
         labels = parse_labels(path, self.settings.ingest.max_file_bytes,
@@ -324,6 +349,7 @@ class Daemon:
         self._status_dirty = True
 
     def on_drift(self, state: StreamState, detector: str) -> None:
+        state.drifts += 1
         self.metrics.drift_detections.labels(state.name, detector).inc()
         self.metrics.drift_active.labels(state.name).set(1)
         if state.drift_started is None:

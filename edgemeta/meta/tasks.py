@@ -84,6 +84,56 @@ class SinusoidTasks:
     normalization = None
 
 
+class HyperplaneTasks:
+    """Binary classification by a random hyperplane: y = [w . x + b > 0], x uniform in [-1, 1]^d.
+
+    The classification counterpart of the sinusoid family: every task is the same kind of rule
+    with different parameters, so a stream can switch between tasks and a meta-learned
+    initialization can pick up the new rule from a handful of labels. ``shots`` counts support rows
+    per task (labels fall where the rule puts them, as on a stream), not rows per class.
+
+    >>> tasks = HyperplaneTasks(shots=10, queries=20, dims=2)
+    >>> batch = tasks.sample(3, np.random.default_rng(0))
+    >>> tuple(batch.support_x.shape), sorted(set(batch.query_y.flatten().tolist()))
+    ((3, 10, 2), [0, 1])
+    """
+
+    kind = "classification"
+    out_features = 2
+    normalization = None
+
+    def __init__(self, shots: int = 10, queries: int = 20, dims: int = 2, offset: float = 0.3):
+        self.shots = shots
+        self.queries = queries
+        self.dims = dims
+        self.offset = offset
+        self.in_features = dims
+
+    def sample_functions(self, n_tasks: int, rng: np.random.Generator) -> np.ndarray:
+        """Rows of [w_1..w_d, b] with w a random unit vector."""
+        w = rng.normal(size=(n_tasks, self.dims))
+        w /= np.linalg.norm(w, axis=1, keepdims=True)
+        b = rng.uniform(-self.offset, self.offset, size=(n_tasks, 1))
+        return np.concatenate([w, b], axis=1)
+
+    def evaluate(self, params: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """Labels of tasks ``params`` [B, d+1] at inputs ``x`` [B, N, d]."""
+        scores = np.einsum("bnd,bd->bn", x, params[:, :-1]) + params[:, None, -1]
+        return (scores > 0).astype(np.int64)
+
+    def sample(self, n_tasks: int, rng: np.random.Generator, split: str = "train",
+               shots: int | None = None, queries: int | None = None) -> TaskBatch:
+        shots = self.shots if shots is None else shots
+        queries = self.queries if queries is None else queries
+        params = self.sample_functions(n_tasks, rng)
+        x = rng.uniform(-1.0, 1.0, size=(n_tasks, shots + queries, self.dims))
+        return _split_batch(x, self.evaluate(params, x), shots, np.int64)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": "hyperplane", "shots": self.shots, "queries": self.queries,
+                "dims": self.dims, "offset": self.offset}
+
+
 def _split_batch(x: np.ndarray, y: np.ndarray, shots: int, y_dtype) -> TaskBatch:
     xt = torch.as_tensor(x, dtype=torch.float32)
     yt = torch.as_tensor(y.astype(y_dtype))
@@ -329,8 +379,10 @@ def build_tasks(spec: dict[str, Any]):
     name = spec.pop("name", None)
     if name == "sinusoid":
         return SinusoidTasks(**spec)
+    if name == "hyperplane":
+        return HyperplaneTasks(**spec)
     if name == "array":
         return ArrayClassificationTasks(**spec)
     if name == "folder":
         return TaskFolderTasks(**spec)
-    raise TaskDataError(f"unknown task distribution {name!r}; use sinusoid, array or folder")
+    raise TaskDataError(f"unknown task distribution {name!r}; use sinusoid, hyperplane, array or folder")
