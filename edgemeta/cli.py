@@ -271,7 +271,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from edgemeta.demo import run_demo
 
-    return run_demo(Path(args.workdir) if args.workdir else None, iterations=args.iterations)
+    if args.iterations < 1 or args.rows_per_task < 25:
+        raise CliError("--iterations must be >= 1 and --rows-per-task >= 25")
+    return run_demo(Path(args.workdir) if args.workdir else None, iterations=args.iterations,
+                    rows_per_task=args.rows_per_task, keep_running=args.keep_running,
+                    state_dir=Path(args.state_dir) if args.state_dir else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -395,9 +399,14 @@ def build_parser() -> argparse.ArgumentParser:
         where.add_argument("--state", help="the daemon's state directory")
         p.set_defaults(func=cmd_models)
 
-    d = sub.add_parser("demo", help="meta-train and evaluate a sinusoid bundle end to end")
+    d = sub.add_parser("demo", help="the whole loop on a switching stream: train, serve, drift, "
+                       "adapt, swap")
     d.add_argument("--workdir", help="where to cache the bundle (default: ~/.cache/edgemeta/demo)")
-    d.add_argument("--iterations", type=int, default=3000)
+    d.add_argument("--iterations", type=int, default=3000, help="meta-training iterations")
+    d.add_argument("--rows-per-task", type=int, default=400, help="rows before the task switches")
+    d.add_argument("--state-dir", help="the daemon's state directory (default: a new temp dir)")
+    d.add_argument("--keep-running", action="store_true",
+                   help="leave the daemon up to scrape it and drop trigger files")
     d.set_defaults(func=cmd_demo)
     return parser
 

@@ -44,7 +44,7 @@ class DriftSettings:
     detector: str = "adwin"
     delta: float = 0.002
     feature_detector: str = "none"
-    cooldown_samples: int = 200
+    cooldown_samples: int = 50
     min_samples: int = 30
 
 
@@ -59,6 +59,8 @@ class AdaptationSettings:
     selection: str = "recent"
     window: int = 100
     adapt_on_start: bool = True
+    backfill: bool = True
+    retries: int = 2
 
 
 @dataclass
@@ -211,6 +213,7 @@ def parse_config(raw: dict[str, Any], source: Path | None = None) -> Settings:
     _positive("adaptation.holdout_size", a.holdout_size)
     if a.steps is not None:
         _positive("adaptation.steps", a.steps)
+    _positive("adaptation.retries", a.retries, allow_zero=True)
     _positive("adaptation.timeout_s", a.timeout_s)
     _choice("adaptation.start_from", a.start_from, ("meta-init", "current"))
     _choice("adaptation.selection", a.selection, ("recent", "diverse"))

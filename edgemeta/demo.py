@@ -1,37 +1,329 @@
-"""``edgemeta demo``: the offline half end to end (meta-train, bundle, few-shot evaluation).
+"""``edgemeta demo``: the whole loop on a switching sinusoid stream, with nothing to set up.
 
-The daemon half (drift, hot swap) joins the demo when it lands; until then the demo shows what a
-bundle buys on unseen sinusoid tasks against the baselines. The bundle is cached so a second run
-starts at the evaluation.
+It meta-trains (or reuses) a sinusoid bundle, starts the real daemon (``edgemeta run`` as a child
+process: watchdog inboxes, the adapter worker, the metrics endpoint on loopback) on a fresh state
+directory, and replays a stream whose task switches every ``rows_per_task`` rows into the inbox as
+files, with the labels of each file arriving ``label_delay`` files later, the way ground truth
+arrives late on a device. It reads back only what a user could: the outbox, the episode records
+and the metrics endpoint. At the end it prints a summary, writes ``demo-summary.json`` and a plot
+``demo.png`` into the state directory, and stops the daemon unless ``keep_running``.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# (amplitude, phase) of the tasks the stream switches between; far enough apart to be seen.
+TASKS = ((1.0, 0.0), (4.5, 2.5), (2.0, 1.2), (4.0, 0.3), (0.8, 2.8), (3.0, 1.8))
 
 
-def run_demo(workdir: Path | None = None, iterations: int = 3000) -> int:
+@dataclass
+class DemoRun:
+    """What the demo saw, file by file: enough to rebuild the table and the plot."""
+
+    state_dir: Path
+    metrics_url: str
+    files: list[dict[str, Any]] = field(default_factory=list)
+    drifts: list[int] = field(default_factory=list)  # sample index when the counter rose
+    episodes: list[dict[str, Any]] = field(default_factory=list)
+    switches: list[int] = field(default_factory=list)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def demo_bundle(workdir: Path, iterations: int) -> Path:
+    """The cached demo bundle, meta-trained with a progress bar the first time."""
     from edgemeta.meta.bundle import BundleError, read_bundle
-    from edgemeta.meta.evaluate import evaluate, format_table
     from edgemeta.meta.tasks import SinusoidTasks
     from edgemeta.meta.train import ProgressBar, TrainSettings, save_bundle, train
 
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgemeta" / "demo"
-    workdir = workdir or cache
     path = workdir / f"sinusoid-maml-{iterations}"
     try:
-        bundle = read_bundle(path)
+        read_bundle(path)
         print(f"reusing the cached bundle {path}")
+        return path
     except BundleError:
-        print(f"meta-training a sinusoid MAML bundle ({iterations} iterations) into {path}")
-        settings = TrainSettings(algorithm="maml", iterations=iterations, val_every=250)
-        bar = ProgressBar(iterations)
-        result = train(settings, SinusoidTasks(shots=5, queries=10), progress=bar)
-        bar.close()
-        bundle = read_bundle(save_bundle(result, path))
-    results = evaluate(bundle, shots=5, steps=(0, 1, 5, 10), n_tasks=200, pretrain_iterations=1000,
-                       target=0.5)
-    print(format_table(results))
-    print(f"bundle: {bundle.path}  (try: edgemeta eval {bundle.path} --json)")
-    return 0
+        pass
+    print(f"meta-training a sinusoid MAML bundle ({iterations} iterations) into {path}")
+    settings = TrainSettings(algorithm="maml", iterations=iterations,
+                             val_every=max(1, iterations // 10), seed=0, device="cpu")
+    bar = ProgressBar(iterations)
+    result = train(settings, SinusoidTasks(shots=5, queries=10), progress=bar)
+    bar.close()
+    return save_bundle(result, path)
+
+
+def write_config(state_dir: Path, bundle: Path, port: int) -> Path:
+    path = state_dir.parent / f"{state_dir.name}.toml"
+    path.write_text(f"""# written by `edgemeta demo`
+[bundle]
+path = "{bundle.resolve()}"
+[state]
+dir = "{state_dir}"
+[adaptation]
+support_size = 10
+holdout_size = 20
+steps = 5
+[metrics]
+address = "127.0.0.1"
+port = {port}
+[ingest]
+settle_s = 0.05
+rescan_interval_s = 1.0
+[[streams]]
+name = "sine"
+id = "id"
+features = ["x"]
+label = "y"
+""")
+    return path
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Sum of each metric's samples by name (the demo only needs totals)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        text = resp.read().decode()
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    return totals
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """How producers should write: a temporary name, then a rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.rename(tmp, path)
+
+
+def _wait(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the daemon exited (status {proc.returncode}) while waiting for "
+                               f"{what}")
+        time.sleep(0.02)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def replay(run: DemoRun, proc: subprocess.Popen, tasks, rows_per_task: int, rows_per_file: int,
+           label_delay: int, seed: int) -> None:
+    """Write the stream into the inbox file by file; labels follow ``label_delay`` files later."""
+    inbox = run.state_dir / "inbox" / "sine"
+    outbox = run.state_dir / "outbox" / "sine"
+    rng = np.random.default_rng(seed)
+    pending_labels: list[tuple[str, list[str], np.ndarray]] = []
+    seen_episodes: set[str] = set()
+    drifts_seen = 0.0
+    sample = 0
+    for t, (amp, phase) in enumerate(tasks):
+        if t:
+            run.switches.append(sample)
+            print(f"-- sample {sample}: the task switches to A={amp} phase={phase}")
+        for _ in range(rows_per_task // rows_per_file):
+            name = f"d{len(run.files):04d}"
+            x = rng.uniform(-5, 5, rows_per_file)
+            y = amp * np.sin(x - phase) + rng.normal(0, 0.05, rows_per_file)
+            ids = [f"{name}-{i}" for i in range(rows_per_file)]
+            _write_atomic(inbox / f"{name}.csv", "id,x\n" + "".join(
+                f"{i},{v:.6f}\n" for i, v in zip(ids, x, strict=True)))
+            out = outbox / f"{name}.csv.predictions.jsonl"
+            _wait(out.exists, 30, f"predictions for {name}", proc)
+            records = [json.loads(line) for line in out.read_text().splitlines()]
+            pred = np.array([r["prediction"] for r in records])
+            run.files.append({"name": name, "start": sample, "rows": rows_per_file, "task": t,
+                              "version": records[0]["version"],
+                              "mse": float(np.mean((pred - y) ** 2))})
+            sample += rows_per_file
+            pending_labels.append((name, ids, y))
+            if len(pending_labels) > label_delay:
+                _send_labels(inbox, *pending_labels.pop(0))
+            drifts_seen = _report(run, seen_episodes, drifts_seen, sample)
+    while pending_labels:
+        _send_labels(inbox, *pending_labels.pop(0))
+    _wait(lambda: not any(p for p in inbox.iterdir() if not p.name.startswith(".")), 30,
+          "the last labels to be read", proc)
+    _wait(lambda: not json.loads((run.state_dir / "status.json").read_text())["streams"]["sine"]
+          ["adapting"], 30, "the last adaptation", proc)
+    time.sleep(0.6)  # one more status/episode write
+    _report(run, seen_episodes, drifts_seen, sample)
+
+
+def _send_labels(inbox: Path, name: str, ids: list[str], y: np.ndarray) -> None:
+    _write_atomic(inbox / f"{name}.labels.csv", "id,label\n" + "".join(
+        f"{i},{v:.6f}\n" for i, v in zip(ids, y, strict=True)))
+
+
+def _report(run: DemoRun, seen: set[str], drifts_seen: float, sample: int) -> float:
+    """Print what happened since the last look: new drift detections and episodes."""
+    drifts = scrape(run.metrics_url).get("edgemeta_drift_detections_total", 0.0)
+    if drifts > drifts_seen:
+        run.drifts.append(sample)
+        print(f"   sample {sample}: drift detected (labels arrive late, so this is a little "
+              f"after the switch)")
+    for path in sorted((run.state_dir / "episodes").glob("*.json")):
+        if path.name in seen:
+            continue
+        seen.add(path.name)
+        episode = json.loads(path.read_text())
+        episode["sample"] = sample
+        run.episodes.append(episode)
+        ms = episode["timings_ms"]
+        stages = ", ".join(f"{k} {v:.1f}" for k, v in ms.items() if k != "total")
+        verdict = (f"accepted -> serving v{episode['version']}" if episode["result"] == "accepted"
+                   else f"{episode['result']} ({episode['reason']})")
+        print(f"   sample {sample}: adaptation ({episode['trigger']}) {verdict}; holdout MSE "
+              f"{episode.get('holdout_current', float('nan')):.3f} -> "
+              f"{episode.get('holdout_candidate', float('nan')):.3f}; ms: {stages}"
+              + (f"; total {ms['total']:.1f}" if "total" in ms else ""))
+    return max(drifts, drifts_seen)
+
+
+def summarize(run: DemoRun) -> dict[str, Any]:
+    """Stream error before and after each swap, drift-to-serving latency, versions served."""
+    files = run.files
+    rows = []
+    for e in (e for e in run.episodes if e["result"] == "accepted"):
+        first = next((i for i, f in enumerate(files) if f["version"] == e["version"]), None)
+        if first is None:
+            continue
+        task = files[first]["task"]
+        before = [f["mse"] for f in files[:first] if f["task"] == task][-4:]
+        after = [f["mse"] for f in files[first:] if f["task"] == task and
+                 f["version"] == e["version"]]
+        task_start = run.switches[task - 1] if task else 0
+        rows.append({"version": e["version"], "trigger": e["trigger"],
+                     "drift_to_serving_ms": e["timings_ms"].get("total"),
+                     "samples_after_switch": files[first]["start"] - task_start,
+                     "mse_before": float(np.mean(before)) if before else None,
+                     "mse_after": float(np.mean(after)) if after else None})
+    return {"state_dir": str(run.state_dir), "metrics": run.metrics_url,
+            "samples": sum(f["rows"] for f in files), "switches": run.switches,
+            "drifts_detected": len(run.drifts),
+            "adaptations": {r: sum(e["result"] == r for e in run.episodes)
+                            for r in ("accepted", "rejected", "failed", "timeout")},
+            "versions_served": sorted({f["version"] for f in files}),
+            "swaps": rows, "stream_mse": float(np.mean([f["mse"] for f in files]))}
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    lines = [f"{'version':>7} {'trigger':>8} {'drift->serving':>15} {'samples after switch':>21} "
+             f"{'MSE before':>11} {'MSE after':>10}"]
+    for r in summary["swaps"]:
+        ms = f"{r['drift_to_serving_ms']:.1f} ms" if r["drift_to_serving_ms"] is not None else "-"
+        before = f"{r['mse_before']:.3f}" if r["mse_before"] is not None else "-"
+        after = f"{r['mse_after']:.3f}" if r["mse_after"] is not None else "-"
+        lines.append(f"{r['version']:>7} {r['trigger']:>8} {ms:>15} "
+                     f"{r['samples_after_switch']:>21} {before:>11} {after:>10}")
+    a = summary["adaptations"]
+    lines.append(f"drifts detected: {summary['drifts_detected']} for {len(summary['switches'])} "
+                 f"task switches; adaptations: {a['accepted']} accepted, {a['rejected']} rejected, "
+                 f"{a['failed'] + a['timeout']} failed; versions served: "
+                 f"{', '.join(f'v{v}' for v in summary['versions_served'])}")
+    return "\n".join(lines)
+
+
+def plot(run: DemoRun, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    starts = [f["start"] for f in run.files]
+    fig, (ax, bx) = plt.subplots(2, 1, figsize=(11, 6), sharex=True,
+                                 gridspec_kw={"height_ratios": [3, 1]})
+    ax.semilogy(starts, [max(f["mse"], 1e-4) for f in run.files], "-o", ms=3,
+                label="stream MSE per file")
+    for i, s in enumerate(run.switches):
+        ax.axvline(s, color="grey", ls="--", lw=1, label="task switch" if i == 0 else None)
+    for i, d in enumerate(run.drifts):
+        ax.axvline(d, color="tab:red", lw=1, alpha=0.7, label="drift detected" if i == 0 else None)
+    swaps = [f["start"] for a, f in zip(run.files, run.files[1:], strict=False)
+             if f["version"] != a["version"]]
+    for i, s in enumerate(swaps):
+        ax.axvline(s, color="tab:green", lw=1.5, label="new version serving" if i == 0 else None)
+    ax.set_ylabel("MSE (log)")
+    ax.set_title("edgemeta demo: switching sinusoid stream, delayed labels")
+    ax.legend(fontsize=8, loc="upper right")
+    bx.step(starts, [f["version"] for f in run.files], where="post")
+    bx.set_ylabel("served version")
+    bx.set_xlabel("sample")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_demo(workdir: Path | None = None, iterations: int = 3000, rows_per_task: int = 400,
+             rows_per_file: int = 25, label_delay: int = 2, tasks=TASKS,
+             keep_running: bool = False, state_dir: Path | None = None, seed: int = 0) -> int:
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgemeta" / "demo"
+    workdir = workdir or cache
+    bundle = demo_bundle(workdir, iterations)
+    state_dir = state_dir or Path(tempfile.mkdtemp(prefix="edgemeta-demo-")) / "state"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    config = write_config(state_dir, bundle, port)
+    log = (state_dir / "daemon.log").open("ab")
+    print(f"starting the daemon: edgemeta run --config {config}")
+    proc = subprocess.Popen([sys.executable, "-m", "edgemeta", "run", "--config", str(config)],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    run = DemoRun(state_dir, f"http://127.0.0.1:{port}/metrics")
+    stop = True
+    try:
+        _wait(lambda: (state_dir / "status.json").exists()
+              and json.loads((state_dir / "status.json").read_text())["worker"]["ready"], 180,
+              "the daemon and its adapter worker to start", proc)
+        print(f"daemon ready (pid {proc.pid}); metrics on {run.metrics_url}")
+        replay(run, proc, tasks, rows_per_task, rows_per_file, label_delay, seed)
+        summary = summarize(run)
+        (state_dir / "demo-summary.json").write_text(json.dumps(summary, indent=2))
+        plot(run, state_dir / "demo.png")
+        print()
+        print(format_summary(summary))
+        print(f"\nstate directory: {state_dir}\nplot:            {state_dir / 'demo.png'}\n"
+              f"summary:         {state_dir / 'demo-summary.json'}\n"
+              f"daemon log:      {state_dir / 'daemon.log'}")
+        if keep_running:
+            stop = False
+            print(f"\nthe daemon keeps running (pid {proc.pid}); try:\n"
+                  f"  curl -s {run.metrics_url} | grep ^edgemeta_\n"
+                  f"  edgemeta status --config {config}\n"
+                  f"  edgemeta trigger rollback --config {config}\n"
+                  f"  edgemeta models list --config {config}\n"
+                  f"stop it with: kill {proc.pid}")
+        return 0
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"edgemeta demo: error: {exc}; the daemon's log is {state_dir / 'daemon.log'}",
+              file=sys.stderr)
+        return 1
+    finally:
+        if stop and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.close()

@@ -115,7 +115,7 @@ def daemon_config(workdir: Path, bundle: Path, kind: str, features: int, **adapt
     """A daemon config for the in-process run: no metrics endpoint, one stream ``s``."""
     names = [f"x{i}" for i in range(features)]
     a = {"support_size": 10, "holdout_size": 20, "timeout_s": 60, **adaptation}
-    lines = ["[bundle]", f'path = "{bundle}"', "[state]", f'dir = "{workdir / "state"}"',
+    lines = ["[bundle]", f'path = "{bundle.resolve()}"', "[state]", f'dir = "{workdir / "state"}"',
              "[metrics]", "enabled = false", "[adaptation]"]
     lines += [f"{k} = {json.dumps(v)}" for k, v in a.items()]
     lines += ["[retention]", "keep_models = 5", "keep_episodes = 100000",

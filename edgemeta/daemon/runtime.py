@@ -69,6 +69,14 @@ class StreamState:
     drift_started: float | None = None
     trigger: str | None = None  # "initial", "drift" or "manual": why the collection started
     drifts: int = 0  # drift detections so far (the stream benchmark reads it)
+    retries: int = 0  # collections re-opened for the current drift after a failed episode
+    # Labelled rows the detector has seen since its last reset, aligned with its losses: after an
+    # alarm the ones since the estimated change point seed the support/holdout collection.
+    recent: deque = field(default_factory=lambda: deque(maxlen=500))
+
+    def reset_monitor(self) -> None:
+        self.monitor.reset(cooldown=True)
+        self.recent.clear()
 
 
 @dataclass
@@ -98,6 +106,7 @@ class Daemon:
         self._last_trigger_scan = 0.0
         self._last_status = 0.0
         self._http = None
+        self._worker_ready: bool | None = None
         self.watcher: InboxWatcher | None = None
 
     # -- start-up --------------------------------------------------------------------------------
@@ -221,7 +230,10 @@ class Daemon:
             self.finish_adaptation(outcome)
         if self.waiting:
             self.submit_waiting()
-        self.metrics.worker_up.set(1 if self.adapter.ready else 0)
+        if self.adapter.ready != self._worker_ready:
+            self._worker_ready = self.adapter.ready
+            self.metrics.worker_up.set(1 if self._worker_ready else 0)
+            self._status_dirty = True  # `edgemeta status` shows the worker coming and going
         if self.notifier.watchdog_due(now):
             self.notifier.ping(now)
         if self._status_dirty and now - self._last_status >= 0.5:
@@ -313,7 +325,7 @@ class Daemon:
     def handle_labels(self, stream: str, path: Path) -> None:
         labels = parse_labels(path, self.settings.ingest.max_file_bytes,
                               self.kind == "classification")
-        xs, ys, outs = [], [], []
+        xs, ys, outs, versions = [], [], [], []
         unknown = 0
         for row_id, y in labels:
             hit = self.cache.pop(stream, row_id)
@@ -323,6 +335,7 @@ class Daemon:
             xs.append(hit[0])
             ys.append(y)
             outs.append(hit[1])
+            versions.append(hit[2])
         if unknown:
             self.metrics.labels.labels(stream, "unknown").inc(unknown)
             log.info("stream=%s file=%s: %d label(s) with unknown or expired ids", stream,
@@ -331,10 +344,17 @@ class Daemon:
             self.metrics.labels.labels(stream, "matched").inc(len(xs))
             y = np.asarray(ys)
             self.learn(self.streams[stream], np.asarray(xs), y,
-                       per_sample_loss(self.kind, np.asarray(outs), y))
+                       per_sample_loss(self.kind, np.asarray(outs), y),
+                       np.asarray(versions) == self.predictor.version)
 
-    def learn(self, state: StreamState, x: np.ndarray, y: np.ndarray, losses: np.ndarray) -> None:
-        """Labelled rows: feed the drift detector, or the support collector while one is open."""
+    def learn(self, state: StreamState, x: np.ndarray, y: np.ndarray, losses: np.ndarray,
+              judged: np.ndarray | None = None) -> None:
+        """Labelled rows: feed the drift detector, or the support collector while one is open.
+
+        ``judged`` marks the rows whose prediction the serving version made: a late label for a
+        prediction of an earlier version says nothing about the model serving now, so it may
+        seed a support set but never feeds the detector.
+        """
         state.samples += len(y)
         state.last_loss = float(np.mean(losses))
         self.metrics.stream_loss.labels(state.name).set(state.last_loss)
@@ -344,8 +364,12 @@ class Daemon:
                 episode = state.collector.offer(x[i], y[i])
                 if episode is not None:
                     self.start_adaptation(state, episode)
-            elif not busy and state.monitor.update_error(losses[i]):
-                self.on_drift(state, self.settings.drift.detector)
+                    busy = True  # the rest of the batch is judged after the outcome
+            elif not busy and (judged is None or judged[i]):
+                state.recent.append((x[i], y[i]))
+                if state.monitor.update_error(losses[i]):
+                    self.on_drift(state, self.settings.drift.detector)
+                    busy = not state.collector.collecting
         self._status_dirty = True
 
     def on_drift(self, state: StreamState, detector: str) -> None:
@@ -356,12 +380,22 @@ class Daemon:
             state.drift_started = time.time()
         log.warning("drift detected stream=%s detector=%s version=%d samples=%d", state.name,
                     detector, self.predictor.version, state.samples)
-        self.begin_collection(state, "drift")
+        rows = []
+        if self.settings.adaptation.backfill and detector != "feature":
+            since = state.monitor.rows_since_change()
+            rows = list(state.recent)[len(state.recent) - since:] if since else []
+        self.begin_collection(state, "drift", rows)
 
-    def begin_collection(self, state: StreamState, source: str) -> None:
+    def begin_collection(self, state: StreamState, source: str, rows=()) -> None:
+        """Open the support/holdout collection, seeded with ``rows`` (backfill after a drift)."""
         if not state.collector.collecting:
-            state.collector.start()
             state.trigger = source
+            episode = state.collector.start(rows)
+            if rows:
+                log.info("stream=%s: %d labelled row(s) since the estimated change point seed the "
+                         "collection", state.name, min(len(rows), state.collector.needed))
+            if episode is not None:
+                self.start_adaptation(state, episode)
 
     # -- adaptation ------------------------------------------------------------------------------
     def start_adaptation(self, state: StreamState, episode: Episode) -> None:
@@ -461,14 +495,25 @@ class Daemon:
                     job.stream, manifest.version, current, candidate, timings["total"] * 1e3)
 
     def after_episode(self, state: StreamState, accepted: bool) -> None:
-        state.monitor.reset(cooldown=True)
+        retry = (not accepted and state.trigger == "drift" and not self._stopping
+                 and state.retries < self.settings.adaptation.retries)
+        state.reset_monitor()
         state.trigger = None
+        if retry:
+            # The drift stands and the serving model is still the one that drifted: a fresh
+            # detector would take its bad error as the new normal, so try again on new rows.
+            state.retries += 1
+            log.info("stream=%s: drift unresolved, collecting again (retry %d of %d)", state.name,
+                     state.retries, self.settings.adaptation.retries)
+            self.begin_collection(state, "drift")
+        else:
+            state.retries = 0
         if accepted:
             state.drift_started = None
             self.metrics.drift_active.labels(state.name).set(0)
             for other in self.streams.values():
                 if other is not state:
-                    other.monitor.reset(cooldown=True)  # every stream is now served by a new model
+                    other.reset_monitor()  # every stream is now served by a new model
         self._status_dirty = True
 
     def record(self, stream: str, episode: Episode, source: str, result: str, reason: str,
@@ -533,7 +578,7 @@ class Daemon:
             manifest = self.registry.rollback(to=trigger.args.get("version"))
             self.load_current()
             for state in self.streams.values():
-                state.monitor.reset(cooldown=True)
+                state.reset_monitor()
             return f"now serving v{manifest.version} (rollback to v{manifest.parent})"
         state = self.streams[trigger.args["stream"]]
         state.collector.cancel()
@@ -573,6 +618,7 @@ class Daemon:
                 for name, state in self.streams.items():
                     fresh = self._stream_state(name)
                     state.monitor, state.collector = fresh.monitor, fresh.collector
+                    state.recent.clear()
         try:
             self.load_current()
         except (RegistryError, StartupError) as exc:

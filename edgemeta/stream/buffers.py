@@ -62,9 +62,15 @@ class SupportCollector:
     def collected(self) -> int:
         return len(self._y)
 
-    def start(self) -> None:
+    def start(self, rows: Sequence[tuple[Sequence[float], float]] = ()) -> Episode | None:
+        """Open a collection, optionally seeded with labelled rows already seen (oldest first,
+        at most :attr:`needed`); returns the episode at once if those rows complete it."""
         self._x, self._y = [], []
         self.collecting = True
+        episode = None
+        for x, y in list(rows)[-self.needed:]:
+            episode = self.offer(x, y)
+        return episode
 
     def cancel(self) -> None:
         self._x, self._y = [], []

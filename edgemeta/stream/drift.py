@@ -19,8 +19,10 @@ True
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 
+import numpy as np
 from river import drift
 
 from edgemeta.config import BINARY_DETECTORS
@@ -43,6 +45,30 @@ def make_detector(name: str, delta: float = 0.002):
     raise ValueError(f"unknown drift detector {name!r}")
 
 
+def rows_since_change(losses: Sequence[float], min_side: int = 5) -> int:
+    """How many of the most recent losses come after the most likely change point.
+
+    The split that maximises the standardised difference of the two means (one step of binary
+    segmentation). The daemon uses it to reuse the labelled rows that already show the new regime
+    instead of waiting for new ones.
+
+    >>> rows_since_change([0.1] * 200 + [5.0] * 12)
+    12
+    >>> rows_since_change([0.1, 0.2])
+    0
+    """
+    values = np.asarray(losses, dtype=np.float64)
+    n = len(values)
+    if n < 2 * min_side:
+        return 0
+    csum = np.cumsum(values)
+    t = np.arange(min_side, n - min_side + 1)
+    left = csum[t - 1] / t
+    right = (csum[-1] - csum[t - 1]) / (n - t)
+    score = np.abs(right - left) * np.sqrt(t * (n - t) / n)
+    return int(n - t[int(np.argmax(score))])
+
+
 class DriftMonitor:
     """Error-based (and optionally feature-based) drift detection for one stream."""
 
@@ -58,6 +84,7 @@ class DriftMonitor:
         self.cooldown_samples = cooldown_samples
         self.min_samples = min_samples
         self.n_features = n_features
+        self._recent: deque[float] = deque(maxlen=500)
         self.reset()
 
     def reset(self, cooldown: bool = False) -> None:
@@ -69,7 +96,20 @@ class DriftMonitor:
         self._seen = 0
         self._rows = 0
         self._cooldown = self.cooldown_samples if cooldown else 0
+        self._recent.clear()
         self.active = False
+
+    def _worse(self) -> bool:
+        """ADWIN is two-sided; only a rise in the error is a drift to adapt to."""
+        since = rows_since_change(self._recent)
+        if not since:
+            return True
+        values = list(self._recent)
+        return float(np.mean(values[-since:])) > float(np.mean(values[:-since]))
+
+    def rows_since_change(self) -> int:
+        """After an error alarm: how many of the latest labelled rows belong to the new regime."""
+        return rows_since_change(self._recent)
 
     def _quiet(self) -> bool:
         return self._seen < self.min_samples or self._cooldown > 0
@@ -80,7 +120,8 @@ class DriftMonitor:
         if self._cooldown:
             self._cooldown -= 1
         self._error.update(float(loss))
-        if self._error.drift_detected and not self._quiet():
+        self._recent.append(float(loss))
+        if self._error.drift_detected and not self._quiet() and self._worse():
             self.active = True
             self._cooldown = self.cooldown_samples
             return True
