@@ -357,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--hazard", type=float, default=1 / 300, help="switch probability per sample")
     s.add_argument("--noise", type=float, default=None,
                    help="label noise: std (sinusoid, default 0.1) or flip rate (hyperplane, 0.05)")
-    s.add_argument("--steps", type=int, default=10, help="inner steps per adaptation")
+    s.add_argument("--steps", type=int, default=30, help="inner steps per adaptation")
     s.add_argument("--support", type=int, default=10)
     s.add_argument("--holdout", type=int, default=20)
     s.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")

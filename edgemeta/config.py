@@ -61,6 +61,7 @@ class AdaptationSettings:
     adapt_on_start: bool = True
     backfill: bool = True
     retries: int = 2
+    refine: list[int] = field(default_factory=lambda: [40, 100])
 
 
 @dataclass
@@ -137,8 +138,10 @@ def _typed(section: str, cls, raw: Any):
         expected = {"int": int, "float": float, "str": str, "bool": bool}
         base = kind.split("|")[0].strip()
         if base.startswith("list"):
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ConfigError(f"{key}: must be a list of strings, got {value!r}")
+            item = int if base == "list[int]" else str
+            if not isinstance(value, list) or not all(
+                    isinstance(v, item) and not isinstance(v, bool) for v in value):
+                raise ConfigError(f"{key}: must be a list of {item.__name__}s, got {value!r}")
         elif base in expected and not (
                 isinstance(value, expected[base]) and not (base != "bool" and isinstance(value, bool))):
             raise ConfigError(f"{key}: must be {base}, got {value!r}")
@@ -213,6 +216,10 @@ def parse_config(raw: dict[str, Any], source: Path | None = None) -> Settings:
     _positive("adaptation.holdout_size", a.holdout_size)
     if a.steps is not None:
         _positive("adaptation.steps", a.steps)
+    if not isinstance(a.refine, list) or any(not isinstance(k, int) or isinstance(k, bool)
+                                             or k <= a.support_size for k in a.refine):
+        raise ConfigError(f"adaptation.refine: a list of support sizes larger than support_size "
+                          f"({a.support_size}), got {a.refine!r}")
     _positive("adaptation.retries", a.retries, allow_zero=True)
     _positive("adaptation.timeout_s", a.timeout_s)
     _choice("adaptation.start_from", a.start_from, ("meta-init", "current"))

@@ -43,7 +43,7 @@ def write_config(tmp_path, bundle_path, **sections) -> Path:  # noqa: F821
         "state": {"dir": str(tmp_path / "state")},
         # adapt_on_start off: these tests pin behaviour relative to v1 (the meta-init) serving.
         "adaptation": {"support_size": 10, "holdout_size": 20, "timeout_s": 20,
-                       "adapt_on_start": False},
+                       "adapt_on_start": False, "refine": []},
         "metrics": {"port": free_port()},
         "ingest": {"settle_s": 0.05, "rescan_interval_s": 1.0},
     }

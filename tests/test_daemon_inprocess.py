@@ -72,6 +72,9 @@ def test_drift_is_detected_adapted_gated_and_the_new_version_answers(daemon):
     episodes = sorted((daemon.settings.state_dir / "episodes").glob("*.json"))
     episode = json.loads(episodes[-1].read_text())
     assert episode["result"] == "accepted" and len(episode["support"]["y"]) == 10
+    # Backfill: the support set comes from rows already seen since the change, i.e. task "b".
+    sx, sy = np.array(episode["support"]["x"])[:, 0], np.array(episode["support"]["y"])
+    assert np.sum(np.isclose(sy, 4.5 * np.sin(sx - 2.5), atol=1e-3)) >= 8
     assert set(episode["timings_ms"]) >= {"adapt", "patch", "gate", "commit", "swap", "total"}
     assert (daemon.layout.dir("processed", "sine") / "a000.csv").is_file()
 

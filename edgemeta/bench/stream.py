@@ -113,6 +113,7 @@ class Run:
 
 def daemon_config(workdir: Path, bundle: Path, kind: str, features: int, **adaptation) -> Path:
     """A daemon config for the in-process run: no metrics endpoint, one stream ``s``."""
+    workdir.mkdir(parents=True, exist_ok=True)
     names = [f"x{i}" for i in range(features)]
     a = {"support_size": 10, "holdout_size": 20, "timeout_s": 60, **adaptation}
     lines = ["[bundle]", f'path = "{bundle.resolve()}"', "[state]", f'dir = "{workdir / "state"}"',
@@ -452,7 +453,7 @@ def format_results(results: list[dict[str, Any]]) -> str:
 
 
 def run_stream_bench(out: Path, families: list[str], seeds: int = 3, n: int = 20_000,
-                     hazard: float = 1 / 300, noise: float | None = None, steps: int = 10,
+                     hazard: float = 1 / 300, noise: float | None = None, steps: int = 30,
                      support: int = 10, holdout: int = 20, iterations: int | None = None,
                      bundles: Path | None = None) -> list[dict[str, Any]]:
     out.mkdir(parents=True, exist_ok=True)

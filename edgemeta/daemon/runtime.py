@@ -70,12 +70,13 @@ class StreamState:
     trigger: str | None = None  # "initial", "drift" or "manual": why the collection started
     drifts: int = 0  # drift detections so far (the stream benchmark reads it)
     retries: int = 0  # collections re-opened for the current drift after a failed episode
+    refine_stage: int = 0  # index into adaptation.refine of the refinement being collected
     # Labelled rows the detector has seen since its last reset, aligned with its losses: after an
     # alarm the ones since the estimated change point seed the support/holdout collection.
     recent: deque = field(default_factory=lambda: deque(maxlen=500))
 
-    def reset_monitor(self) -> None:
-        self.monitor.reset(cooldown=True)
+    def reset_monitor(self, expected: float | None = None) -> None:
+        self.monitor.reset(cooldown=True, expected=expected)
         self.recent.clear()
 
 
@@ -360,16 +361,20 @@ class Daemon:
         self.metrics.stream_loss.labels(state.name).set(state.last_loss)
         busy = any(f.stream == state.name for f in [*self.in_flight.values(), *self.waiting])
         for i in range(len(y)):
-            if state.collector.collecting:
-                episode = state.collector.offer(x[i], y[i])
-                if episode is not None:
-                    self.start_adaptation(state, episode)
-                    busy = True  # the rest of the batch is judged after the outcome
-            elif not busy and (judged is None or judged[i]):
+            # A refinement collects while the adapted model serves: the detector keeps watching.
+            refining = state.collector.collecting and state.trigger == "refine"
+            if not busy and (refining or not state.collector.collecting) and (
+                    judged is None or judged[i]):
                 state.recent.append((x[i], y[i]))
                 if state.monitor.update_error(losses[i]):
                     self.on_drift(state, self.settings.drift.detector)
                     busy = not state.collector.collecting
+                    continue  # the row is in the backfill already
+            if state.collector.collecting and not busy:
+                episode = state.collector.offer(x[i], y[i])
+                if episode is not None:
+                    self.start_adaptation(state, episode)
+                    busy = True  # the rest of the batch is judged after the outcome
         self._status_dirty = True
 
     def on_drift(self, state: StreamState, detector: str) -> None:
@@ -380,17 +385,20 @@ class Daemon:
             state.drift_started = time.time()
         log.warning("drift detected stream=%s detector=%s version=%d samples=%d", state.name,
                     detector, self.predictor.version, state.samples)
+        if state.trigger == "refine":
+            state.collector.cancel()  # the world moved on: refining the old fit is pointless
         rows = []
         if self.settings.adaptation.backfill and detector != "feature":
             since = state.monitor.rows_since_change()
             rows = list(state.recent)[len(state.recent) - since:] if since else []
         self.begin_collection(state, "drift", rows)
 
-    def begin_collection(self, state: StreamState, source: str, rows=()) -> None:
+    def begin_collection(self, state: StreamState, source: str, rows=(),
+                         support_size: int | None = None) -> None:
         """Open the support/holdout collection, seeded with ``rows`` (backfill after a drift)."""
         if not state.collector.collecting:
             state.trigger = source
-            episode = state.collector.start(rows)
+            episode = state.collector.start(rows, support_size)
             if rows:
                 log.info("stream=%s: %d labelled row(s) since the estimated change point seed the "
                          "collection", state.name, min(len(rows), state.collector.needed))
@@ -490,15 +498,28 @@ class Daemon:
         self.metrics.set_model(manifest.version, manifest.created, manifest.source, live.provider)
         self.record(job.stream, job.episode, job.source, "accepted", decision.reason, timings,
                     {**figures, "version": manifest.version})
-        self.after_episode(state, accepted=True)
+        expected = float(per_sample_loss(self.kind, candidate_out, job.episode.holdout_y).mean())
+        self.after_episode(state, accepted=True, expected=expected)
         log.info("adaptation accepted stream=%s version=%d holdout %.4g -> %.4g in %.1f ms",
                     job.stream, manifest.version, current, candidate, timings["total"] * 1e3)
 
-    def after_episode(self, state: StreamState, accepted: bool) -> None:
-        retry = (not accepted and state.trigger == "drift" and not self._stopping
-                 and state.retries < self.settings.adaptation.retries)
-        state.reset_monitor()
+    def after_episode(self, state: StreamState, accepted: bool,
+                      expected: float | None = None) -> None:
+        a = self.settings.adaptation
+        source = state.trigger
+        retry = (not accepted and source == "drift" and not self._stopping
+                 and state.retries < a.retries)
+        stage = state.refine_stage + 1 if source == "refine" else 0
+        refine = (accepted and source in ("initial", "drift", "refine") and not self._stopping
+                  and stage < len(a.refine))
+        if accepted or source != "refine":
+            state.reset_monitor(expected)  # a rejected refinement changed nothing: keep watching
         state.trigger = None
+        if refine:
+            # Labels keep coming: adapt again on a larger support set while the new model serves,
+            # and let the gate decide whether the extra data bought anything.
+            state.refine_stage = stage
+            self.begin_collection(state, "refine", support_size=a.refine[stage])
         if retry:
             # The drift stands and the serving model is still the one that drifted: a fresh
             # detector would take its bad error as the new normal, so try again on new rows.

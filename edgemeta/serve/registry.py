@@ -29,7 +29,7 @@ from typing import Any
 
 log = logging.getLogger("edgemeta.registry")
 
-SOURCES = ("meta-init", "initial", "drift", "manual", "rollback")
+SOURCES = ("meta-init", "initial", "drift", "refine", "manual", "rollback")
 _VERSION_DIR = re.compile(r"^v(\d{6})$")
 
 

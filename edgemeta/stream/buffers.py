@@ -50,21 +50,25 @@ class SupportCollector:
         self.window = window
         self._x: list[Sequence[float]] = []
         self._y: list[float] = []
+        self._k = support_size
         self.collecting = False
 
     @property
     def needed(self) -> int:
         if self.selection == "diverse":
-            return max(self.window, self.support_size + self.holdout_size)
-        return self.support_size + self.holdout_size
+            return max(self.window, self._k + self.holdout_size)
+        return self._k + self.holdout_size
 
     @property
     def collected(self) -> int:
         return len(self._y)
 
-    def start(self, rows: Sequence[tuple[Sequence[float], float]] = ()) -> Episode | None:
+    def start(self, rows: Sequence[tuple[Sequence[float], float]] = (),
+              support_size: int | None = None) -> Episode | None:
         """Open a collection, optionally seeded with labelled rows already seen (oldest first,
-        at most :attr:`needed`); returns the episode at once if those rows complete it."""
+        at most :attr:`needed`); returns the episode at once if those rows complete it.
+        ``support_size`` overrides K for this collection (refinements use larger ones)."""
+        self._k = self.support_size if support_size is None else support_size
         self._x, self._y = [], []
         self.collecting = True
         episode = None
@@ -86,7 +90,7 @@ class SupportCollector:
             return None
         x_all, y_all = np.asarray(self._x, dtype=np.float32), np.asarray(self._y)
         self.cancel()
-        k, h = self.support_size, self.holdout_size
+        k, h = self._k, self.holdout_size
         if self.selection == "diverse":
             pool = len(y_all) - h
             idx = farthest_point_indices(x_all[:pool], k)

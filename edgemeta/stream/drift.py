@@ -45,6 +45,10 @@ def make_detector(name: str, delta: float = 0.002):
     raise ValueError(f"unknown drift detector {name!r}")
 
 
+# After a swap, a first-warm-up mean loss this many times the holdout figure means a misfit.
+MISFIT_FACTOR = 3.0
+
+
 def rows_since_change(losses: Sequence[float], min_side: int = 5) -> int:
     """How many of the most recent losses come after the most likely change point.
 
@@ -87,8 +91,14 @@ class DriftMonitor:
         self._recent: deque[float] = deque(maxlen=500)
         self.reset()
 
-    def reset(self, cooldown: bool = False) -> None:
-        """Forget the past: after a swap the new model's errors form a new baseline."""
+    def reset(self, cooldown: bool = False, expected: float | None = None) -> None:
+        """Forget the past: after a swap the new model's errors form a new baseline.
+
+        ``expected`` is the new model's mean loss on the gate's holdout set. A change detector
+        cannot see a model that is bad from its first sample (the world moved again while it was
+        being adapted), so once the warm-up is over the error is also checked against it.
+        """
+        self._expected = expected
         self._error = make_detector(self.detector, self.delta)
         n = min(self.n_features, 8)
         self._features = ([make_detector(self.feature_detector, self.delta) for _ in range(n)]
@@ -97,15 +107,21 @@ class DriftMonitor:
         self._rows = 0
         self._cooldown = self.cooldown_samples if cooldown else 0
         self._recent.clear()
+        self._deferred = False
         self.active = False
 
     def _worse(self) -> bool:
-        """ADWIN is two-sided; only a rise in the error is a drift to adapt to."""
+        """ADWIN is two-sided; only a rise in the error is a drift to adapt to. After a fall the
+        losses before it are forgotten, so the next change point is looked for in this regime."""
         since = rows_since_change(self._recent)
         if not since:
             return True
         values = list(self._recent)
-        return float(np.mean(values[-since:])) > float(np.mean(values[:-since]))
+        if float(np.mean(values[-since:])) > float(np.mean(values[:-since])):
+            return True
+        for _ in range(len(values) - since):
+            self._recent.popleft()
+        return False
 
     def rows_since_change(self) -> int:
         """After an error alarm: how many of the latest labelled rows belong to the new regime."""
@@ -121,10 +137,25 @@ class DriftMonitor:
             self._cooldown -= 1
         self._error.update(float(loss))
         self._recent.append(float(loss))
-        if self._error.drift_detected and not self._quiet() and self._worse():
+        fired = self._error.drift_detected and self._worse()
+        if self._expected is not None and self._seen >= self.min_samples:
+            level, self._expected = self._expected, None
+            if float(np.mean(self._recent)) > MISFIT_FACTOR * level + 1e-9:
+                self._deferred = False
+                self.active = True
+                self._cooldown = self.cooldown_samples
+                return True
+        if self._quiet():
+            # The detector has already cut its window: remember the rise and look again once
+            # the warm-up or cooldown is over, or a change right after a swap goes unseen.
+            self._deferred = self._deferred or fired
+            return False
+        if fired or (self._deferred and self._worse()):
+            self._deferred = False
             self.active = True
             self._cooldown = self.cooldown_samples
             return True
+        self._deferred = False
         return False
 
     def update_features(self, row: Sequence[float]) -> bool:
