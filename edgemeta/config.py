@@ -138,10 +138,10 @@ def _typed(section: str, cls, raw: Any):
         expected = {"int": int, "float": float, "str": str, "bool": bool}
         base = kind.split("|")[0].strip()
         if base.startswith("list"):
-            item = int if base == "list[int]" else str
+            item, noun = (int, "integers") if base == "list[int]" else (str, "strings")
             if not isinstance(value, list) or not all(
                     isinstance(v, item) and not isinstance(v, bool) for v in value):
-                raise ConfigError(f"{key}: must be a list of {item.__name__}s, got {value!r}")
+                raise ConfigError(f"{key}: must be a list of {noun}, got {value!r}")
         elif base in expected and not (
                 isinstance(value, expected[base]) and not (base != "bool" and isinstance(value, bool))):
             raise ConfigError(f"{key}: must be {base}, got {value!r}")

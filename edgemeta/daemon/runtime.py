@@ -71,6 +71,7 @@ class StreamState:
     drifts: int = 0  # drift detections so far (the stream benchmark reads it)
     retries: int = 0  # collections re-opened for the current drift after a failed episode
     refine_stage: int = 0  # index into adaptation.refine of the refinement being collected
+    fit_level: float | None = None  # holdout loss of the best model accepted since the last drift
     # Labelled rows the detector has seen since its last reset, aligned with its losses: after an
     # alarm the ones since the estimated change point seed the support/holdout collection.
     recent: deque = field(default_factory=lambda: deque(maxlen=500))
@@ -499,6 +500,11 @@ class Daemon:
         self.record(job.stream, job.episode, job.source, "accepted", decision.reason, timings,
                     {**figures, "version": manifest.version})
         expected = float(per_sample_loss(self.kind, candidate_out, job.episode.holdout_y).mean())
+        if job.source == "refine" and state.fit_level is not None:
+            # A refinement whose holdout straddles a new change can beat a model that no longer
+            # fits and still be bad: judge the next rows by the best fit seen in this regime.
+            expected = min(expected, state.fit_level)
+        state.fit_level = expected
         self.after_episode(state, accepted=True, expected=expected)
         log.info("adaptation accepted stream=%s version=%d holdout %.4g -> %.4g in %.1f ms",
                     job.stream, manifest.version, current, candidate, timings["total"] * 1e3)

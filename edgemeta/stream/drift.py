@@ -47,6 +47,7 @@ def make_detector(name: str, delta: float = 0.002):
 
 # After a swap, a first-warm-up mean loss this many times the holdout figure means a misfit.
 MISFIT_FACTOR = 3.0
+MISFIT_MIN_ROWS = 5
 
 
 def rows_since_change(losses: Sequence[float], min_side: int = 5) -> int:
@@ -138,13 +139,19 @@ class DriftMonitor:
         self._error.update(float(loss))
         self._recent.append(float(loss))
         fired = self._error.drift_detected and self._worse()
-        if self._expected is not None and self._seen >= self.min_samples:
-            level, self._expected = self._expected, None
-            if float(np.mean(self._recent)) > MISFIT_FACTOR * level + 1e-9:
+        if self._expected is not None and self._seen >= MISFIT_MIN_ROWS:
+            # Sequential: a gross misfit shows in a few rows, a mild one needs the whole warm-up;
+            # the allowed ratio shrinks from 3 * sqrt(6) at 5 rows to 3 at min_samples rows.
+            n = self._seen
+            factor = MISFIT_FACTOR * np.sqrt(max(self.min_samples, n) / n)
+            if float(np.mean(self._recent)) > factor * self._expected + 1e-9:
+                self._expected = None
                 self._deferred = False
                 self.active = True
                 self._cooldown = self.cooldown_samples
                 return True
+            if n >= self.min_samples:
+                self._expected = None
         if self._quiet():
             # The detector has already cut its window: remember the rise and look again once
             # the warm-up or cooldown is over, or a change right after a swap goes unseen.
