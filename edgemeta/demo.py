@@ -202,7 +202,10 @@ def _report(run: DemoRun, seen: set[str], drifts_seen: float, sample: int) -> fl
 
 
 def summarize(run: DemoRun) -> dict[str, Any]:
-    """Stream error before and after each swap, drift-to-serving latency, versions served."""
+    """Stream error before and after each swap, drift-to-serving latency, versions served.
+
+    "Before" is the four files before the new version's first file, "after" every file it served.
+    """
     files = run.files
     rows = []
     for e in (e for e in run.episodes if e["result"] == "accepted"):
@@ -210,9 +213,8 @@ def summarize(run: DemoRun) -> dict[str, Any]:
         if first is None:
             continue
         task = files[first]["task"]
-        before = [f["mse"] for f in files[:first] if f["task"] == task][-4:]
-        after = [f["mse"] for f in files[first:] if f["task"] == task and
-                 f["version"] == e["version"]]
+        before = [f["mse"] for f in files[max(0, first - 4):first]]
+        after = [f["mse"] for f in files[first:] if f["version"] == e["version"]]
         task_start = run.switches[task - 1] if task else 0
         rows.append({"version": e["version"], "trigger": e["trigger"],
                      "drift_to_serving_ms": e["timings_ms"].get("total"),

@@ -89,7 +89,7 @@ def test_the_benchmark_path_and_the_file_driven_daemon_make_the_same_decisions(
 @pytest.mark.slow
 def test_the_demo_runs_end_to_end_and_reuses_its_bundle(tmp_path):
     cmd = [sys.executable, "-m", "edgemeta", "demo", "--workdir", str(tmp_path / "cache"),
-           "--iterations", "1000", "--rows-per-task", "150", "--state-dir",
+           "--iterations", "1000", "--rows-per-task", "300", "--tasks", "3", "--state-dir",
            str(tmp_path / "state")]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -98,7 +98,8 @@ def test_the_demo_runs_end_to_end_and_reuses_its_bundle(tmp_path):
     assert summary["drifts_detected"] >= 1
     assert any(s["trigger"] == "drift" for s in summary["swaps"])
     assert summary["adaptations"]["accepted"] >= 2 and len(summary["versions_served"]) >= 3
-    assert all(s["mse_after"] < s["mse_before"] for s in summary["swaps"] if s["trigger"] == "drift")
+    assert any(s["mse_after"] < s["mse_before"] / 3 for s in summary["swaps"]
+               if s["trigger"] == "drift")
     assert (tmp_path / "state" / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "drift->serving" in out.stdout and "demo.png" in out.stdout
     assert not list((tmp_path / "state" / "inbox" / "sine").iterdir())  # everything was handled
