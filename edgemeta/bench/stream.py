@@ -418,7 +418,8 @@ def plot_family(result: dict[str, Any], path: Path) -> None:
         ax.plot(curve, label=name, lw=1.6 if name in ("edgemeta", "oracle") else 0.9)
     for s in p["switches"]:
         ax.axvline(s, color="grey", lw=0.5, alpha=0.5)
-    ax.plot(p["detections"], np.zeros(len(p["detections"])), "rv", ms=5, label="drift detected")
+    ax.plot(p["detections"], np.full(len(p["detections"]), 0.02), "rv", ms=4,
+            transform=ax.get_xaxis_transform(), label="drift detected")
     ax.set_yscale("log" if result["kind"] == "regression" else "linear")
     ax.set_ylabel("rolling error (200 samples)")
     ax.set_title(f"{result['family']} stream (seed 0): task switches (grey), edgemeta's detections")
