@@ -76,3 +76,15 @@ def sine_file(inbox, name, amplitude, phase, n=50, seed=0, labels=True, label_fn
     final = inbox / f"{name}.csv"
     os.rename(tmp, final)
     return final, x, y
+
+
+def drop_drifting_stream(inbox) -> None:
+    """12 labelled files of task A (A=1, phase 0), then 6 of task B (A=4.5, phase 2.5)."""
+    import time
+
+    for i in range(12):
+        sine_file(inbox, f"a{i:03d}", 1.0, 0.0, seed=i)
+        time.sleep(0.05)
+    for i in range(6):
+        sine_file(inbox, f"b{i:03d}", 4.5, 2.5, seed=100 + i)
+        time.sleep(0.05)

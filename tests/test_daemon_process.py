@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import sine_file, write_config
+from tests.conftest import drop_drifting_stream, sine_file, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,12 +83,7 @@ def test_daemon_speaks_the_systemd_notify_protocol_and_serves_metrics(tmp_path, 
         systemd.pump(1.0)
         assert systemd.count("WATCHDOG", start) >= 3
 
-        for i in range(12):
-            sine_file(inbox, f"a{i:03d}", 1.0, 0.0, seed=i)
-            time.sleep(0.05)
-        for i in range(6):
-            sine_file(inbox, f"b{i:03d}", 4.5, 2.5, seed=100 + i)
-            time.sleep(0.05)
+        drop_drifting_stream(inbox)
         deadline = time.monotonic() + 60
         while metric(scrape(port), 'edgemeta_adaptations_total{result="accepted",stream="sine"}') < 1:
             if time.monotonic() > deadline:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import free_port, sine_file, write_config
+from tests.conftest import drop_drifting_stream, free_port, sine_file, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PROM = ROOT / "deploy" / "prometheus"
@@ -208,12 +208,7 @@ def test_real_prometheus_sees_the_drift_alert_and_the_adaptation(tmp_path, sinus
              "the zero-initialised counters")
         time.sleep(2)  # at least two scrapes of the zero values before anything happens
         inbox = tmp_path / "state" / "inbox" / "sine"
-        for i in range(12):
-            sine_file(inbox, f"a{i:03d}", 1.0, 0.0, seed=i)
-            time.sleep(0.05)
-        for i in range(6):
-            sine_file(inbox, f"b{i:03d}", 4.5, 2.5, seed=100 + i)
-            time.sleep(0.05)
+        drop_drifting_stream(inbox)
         wait(lambda: any(a["labels"]["alertname"] == "EdgemetaDriftDetected"
                          and a["state"] in ("pending", "firing") for a in api("alerts")["alerts"]),
              90, "the EdgemetaDriftDetected alert")
