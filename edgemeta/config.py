@@ -67,6 +67,7 @@ class AdaptationSettings:
 @dataclass
 class GateSettings:
     min_gain: float = 0.05
+    early_rows: int = 5
 
 
 @dataclass
@@ -228,6 +229,10 @@ def parse_config(raw: dict[str, Any], source: Path | None = None) -> Settings:
         raise ConfigError(f"adaptation.window: {a.window} is smaller than support_size {a.support_size}")
     if a.device not in ("auto", "cpu") and not a.device.startswith("cuda"):
         raise ConfigError(f"adaptation.device: use auto, cpu or cuda[:N], got {a.device!r}")
+    _positive("gate.early_rows", settings.gate.early_rows, allow_zero=True)
+    if settings.gate.early_rows >= settings.adaptation.holdout_size:
+        raise ConfigError(f"gate.early_rows: {settings.gate.early_rows} must be smaller than "
+                          f"adaptation.holdout_size ({settings.adaptation.holdout_size}), or 0")
     if not 0 <= settings.gate.min_gain < 1:
         raise ConfigError(f"gate.min_gain: must be in [0, 1), got {settings.gate.min_gain}")
     if not 0 < settings.metrics.port < 65536:

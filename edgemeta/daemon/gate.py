@@ -44,6 +44,20 @@ def holdout_loss(kind: str, outputs: np.ndarray, y: np.ndarray) -> float:
     return float(-logp[np.arange(len(y)), np.asarray(y).astype(np.int64)].mean())
 
 
+def clear_win(current_rows: np.ndarray, candidate_rows: np.ndarray) -> bool:
+    """The early gate: on a few rows, accept only a candidate with at most half the loss that is
+    better on all rows but one; anything less waits for the full holdout.
+
+    >>> clear_win(np.array([9.0, 4.0, 7.0, 1.0, 6.0]), np.array([0.1, 0.3, 0.2, 1.5, 0.1]))
+    True
+    >>> clear_win(np.array([1.0, 1.0, 1.0, 1.0, 1.0]), np.array([0.4, 0.4, 2.0, 2.0, 0.1]))
+    False
+    """
+    wins = int(np.sum(candidate_rows < current_rows))
+    return (bool(np.all(np.isfinite(candidate_rows))) and wins >= len(current_rows) - 1
+            and float(candidate_rows.mean()) <= 0.5 * float(current_rows.mean()))
+
+
 def decide(current: float, candidate: float, min_gain: float) -> GateDecision:
     """Accept when ``candidate <= current * (1 - min_gain)`` and the candidate is finite."""
     if not math.isfinite(candidate):

@@ -23,7 +23,7 @@ import numpy as np
 
 from edgemeta.config import ConfigError, Settings, load_config
 from edgemeta.daemon.adapter import AdapterClient, AdaptOutcome
-from edgemeta.daemon.gate import decide, holdout_loss, per_sample_loss
+from edgemeta.daemon.gate import GateDecision, clear_win, decide, holdout_loss, per_sample_loss
 from edgemeta.daemon.metrics import Metrics, serve_http
 from edgemeta.daemon.systemd import Notifier
 from edgemeta.daemon.triggers import TriggerRejected, finish, parse_trigger, pending
@@ -72,6 +72,7 @@ class StreamState:
     retries: int = 0  # collections re-opened for the current drift after a failed episode
     refine_stage: int = 0  # index into adaptation.refine of the refinement being collected
     fit_level: float | None = None  # holdout loss of the best model accepted since the last drift
+    early: bool = False  # the open collection's holdout is the early gate's few rows
     # Labelled rows the detector has seen since its last reset, aligned with its losses: after an
     # alarm the ones since the estimated change point seed the support/holdout collection.
     recent: deque = field(default_factory=lambda: deque(maxlen=500))
@@ -88,6 +89,7 @@ class InFlight:
     source: str
     complete_at: float
     submitted_at: float
+    early: bool = False  # gated first on gate.early_rows holdout rows
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -151,7 +153,7 @@ class Daemon:
             # A meta-initialization is a starting point, not a model: adapt it to what this device
             # sees as soon as K+H labelled rows arrive, rather than waiting for a drift.
             for state in self.streams.values():
-                self.begin_collection(state, "initial")
+                self.begin_collection(state, "initial", holdout_size=self._early_rows())
         self.adapter = AdapterClient(s.bundle, s.adaptation.device, s.adaptation.timeout_s,
                                      on_restart=self.metrics.worker_restarts.inc)
         self.adapter.start()
@@ -392,14 +394,20 @@ class Daemon:
         if self.settings.adaptation.backfill and detector != "feature":
             since = state.monitor.rows_since_change()
             rows = list(state.recent)[len(state.recent) - since:] if since else []
-        self.begin_collection(state, "drift", rows)
+        self.begin_collection(state, "drift", rows, holdout_size=self._early_rows())
+
+    def _early_rows(self) -> int | None:
+        """Holdout size for the early gate, or None (the full holdout) where it does not apply."""
+        early = self.settings.gate.early_rows
+        return early if early and self.settings.adaptation.selection == "recent" else None
 
     def begin_collection(self, state: StreamState, source: str, rows=(),
-                         support_size: int | None = None) -> None:
+                         support_size: int | None = None, holdout_size: int | None = None) -> None:
         """Open the support/holdout collection, seeded with ``rows`` (backfill after a drift)."""
         if not state.collector.collecting:
             state.trigger = source
-            episode = state.collector.start(rows, support_size)
+            state.early = holdout_size is not None
+            episode = state.collector.start(rows, support_size, holdout_size)
             if rows:
                 log.info("stream=%s: %d labelled row(s) since the estimated change point seed the "
                          "collection", state.name, min(len(rows), state.collector.needed))
@@ -415,10 +423,10 @@ class Daemon:
         rid = self.adapter.submit(episode.support_x, episode.support_y, a.steps, init)
         if rid is None:
             # The worker is starting or restarting: hold the episode until it is ready.
-            self.waiting.append(InFlight(state.name, episode, source, now, now))
+            self.waiting.append(InFlight(state.name, episode, source, now, now, state.early))
             log.info("adaptation waiting for the worker stream=%s", state.name)
             return
-        self.in_flight[rid] = InFlight(state.name, episode, source, now, now)
+        self.in_flight[rid] = InFlight(state.name, episode, source, now, now, state.early)
         log.info("adaptation requested stream=%s support=%d holdout=%d", state.name,
                  len(episode.support_y), len(episode.holdout_y))
 
@@ -474,6 +482,22 @@ class Daemon:
             log.error("candidate model failed to run: %s", exc)
         current = holdout_loss(self.kind, current_out, job.episode.holdout_y)
         decision = decide(current, candidate, self.settings.gate.min_gain)
+        if job.early:
+            y = job.episode.holdout_y
+            if live is not None and clear_win(per_sample_loss(self.kind, current_out, y),
+                                              per_sample_loss(self.kind, candidate_out, y)):
+                decision = GateDecision(True, "clear_win", current, candidate)
+            else:
+                # Not a clear win on a few rows: keep these rows and wait for the full holdout
+                # (the same support gives the same candidate again, so nothing is lost).
+                ep = job.episode
+                rows = [*zip(ep.support_x, ep.support_y, strict=True),
+                         *zip(ep.holdout_x, ep.holdout_y, strict=True)]
+                state.collector.cancel()
+                self.begin_collection(state, job.source, rows)
+                log.info("stream=%s: early gate inconclusive (%.4g vs %.4g on %d rows); waiting "
+                         "for the full holdout", job.stream, current, candidate, len(y))
+                return
         timings["gate"] = time.perf_counter() - t
         self.metrics.holdout_current.labels(job.stream).set(current)
         self.metrics.holdout_candidate.labels(job.stream).set(candidate)

@@ -51,24 +51,26 @@ class SupportCollector:
         self._x: list[Sequence[float]] = []
         self._y: list[float] = []
         self._k = support_size
+        self._h = holdout_size
         self.collecting = False
 
     @property
     def needed(self) -> int:
         if self.selection == "diverse":
-            return max(self.window, self._k + self.holdout_size)
-        return self._k + self.holdout_size
+            return max(self.window, self._k + self._h)
+        return self._k + self._h
 
     @property
     def collected(self) -> int:
         return len(self._y)
 
     def start(self, rows: Sequence[tuple[Sequence[float], float]] = (),
-              support_size: int | None = None) -> Episode | None:
+              support_size: int | None = None, holdout_size: int | None = None) -> Episode | None:
         """Open a collection, optionally seeded with labelled rows already seen (oldest first,
         at most :attr:`needed`); returns the episode at once if those rows complete it.
         ``support_size`` overrides K for this collection (refinements use larger ones)."""
         self._k = self.support_size if support_size is None else support_size
+        self._h = self.holdout_size if holdout_size is None else holdout_size
         self._x, self._y = [], []
         self.collecting = True
         episode = None
@@ -90,7 +92,7 @@ class SupportCollector:
             return None
         x_all, y_all = np.asarray(self._x, dtype=np.float32), np.asarray(self._y)
         self.cancel()
-        k, h = self._k, self.holdout_size
+        k, h = self._k, self._h
         if self.selection == "diverse":
             pool = len(y_all) - h
             idx = farthest_point_indices(x_all[:pool], k)
