@@ -72,6 +72,8 @@ def test_drift_is_detected_adapted_gated_and_the_new_version_answers(daemon):
     episodes = sorted((daemon.settings.state_dir / "episodes").glob("*.json"))
     episode = json.loads(episodes[-1].read_text())
     assert episode["result"] == "accepted" and len(episode["support"]["y"]) == 10
+    # A 4.5x amplitude change is a clear win on the early gate's 5 holdout rows: no waiting for 20.
+    assert episode["reason"] == "clear_win" and len(episode["holdout"]["y"]) == 5
     # Backfill: the support set comes from rows already seen since the change, i.e. task "b".
     sx, sy = np.array(episode["support"]["x"])[:, 0], np.array(episode["support"]["y"])
     assert np.sum(np.isclose(sy, 4.5 * np.sin(sx - 2.5), atol=1e-3)) >= 8
@@ -295,3 +297,18 @@ def test_a_bare_meta_initialization_is_adapted_on_the_first_labels_without_a_dri
         assert not restarted.streams["sine"].collector.collecting
     finally:
         restarted.shutdown(drain_s=0.5)
+
+
+def test_an_inconclusive_early_gate_waits_for_the_full_holdout(daemon):
+    # A near-flat task (A = 0.2) that the meta-initialization already fits about as well as any
+    # adaptation can: whatever the candidate does on 5 rows, it is no clear win.
+    feed(daemon, "a", 0.2, 0.0, 2)
+    daemon.on_drift(daemon.streams["sine"], "adwin")  # as if the detector had fired here
+    feed(daemon, "b", 0.2, 0.0, 2)
+    assert run_until(daemon, lambda: sum(counter(daemon, "edgemeta_adaptations_total",
+                                                 stream="sine", result=r)
+                                         for r in ("accepted", "rejected")) >= 1)
+    episode = json.loads(sorted((daemon.settings.state_dir / "episodes").glob("*.json"))[0]
+                         .read_text())
+    assert episode["trigger"] == "drift" and episode["reason"] != "clear_win"
+    assert len(episode["support"]["y"]) == 10 and len(episode["holdout"]["y"]) == 20
