@@ -373,7 +373,7 @@ class Daemon:
                     self.on_drift(state, self.settings.drift.detector)
                     busy = not state.collector.collecting
                     continue  # the row is in the backfill already
-            if state.collector.collecting and not busy:
+            if state.collector.collecting:
                 episode = state.collector.offer(x[i], y[i])
                 if episode is not None:
                     self.start_adaptation(state, episode)
