@@ -280,6 +280,12 @@ def plot(run: DemoRun, path: Path) -> None:
 def run_demo(workdir: Path | None = None, iterations: int = 3000, rows_per_task: int = 400,
              rows_per_file: int = 25, label_delay: int = 2, tasks=TASKS,
              keep_running: bool = False, state_dir: Path | None = None, seed: int = 0) -> int:
+    try:
+        import matplotlib  # noqa: F401 - checked before minutes of work, not after
+    except ImportError:
+        print("edgemeta demo: error: the plot needs matplotlib: "
+              "pip install -c constraints.txt -e '.[demo]'", file=sys.stderr)
+        return 2
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgemeta" / "demo"
     workdir = workdir or cache
     bundle = demo_bundle(workdir, iterations)
