@@ -217,8 +217,7 @@ def parse_config(raw: dict[str, Any], source: Path | None = None) -> Settings:
     _positive("adaptation.holdout_size", a.holdout_size)
     if a.steps is not None:
         _positive("adaptation.steps", a.steps)
-    if not isinstance(a.refine, list) or any(not isinstance(k, int) or isinstance(k, bool)
-                                             or k <= a.support_size for k in a.refine):
+    if any(k <= a.support_size for k in a.refine):  # _typed checked it is a list of integers
         raise ConfigError(f"adaptation.refine: a list of support sizes larger than support_size "
                           f"({a.support_size}), got {a.refine!r}")
     _positive("adaptation.retries", a.retries, allow_zero=True)

@@ -111,7 +111,7 @@ class Run:
 
 # -- edgemeta: the daemon's own path ----------------------------------------------------------------
 
-def daemon_config(workdir: Path, bundle: Path, kind: str, features: int, **adaptation) -> Path:
+def daemon_config(workdir: Path, bundle: Path, features: int, **adaptation) -> Path:
     """A daemon config for the in-process run: no metrics endpoint, one stream ``s``."""
     workdir.mkdir(parents=True, exist_ok=True)
     names = [f"x{i}" for i in range(features)]
@@ -133,7 +133,7 @@ def run_edgemeta(stream: SwitchingStream, bundle: Path, workdir: Path, batch: in
     from edgemeta.daemon.metrics import Metrics
     from edgemeta.daemon.runtime import Daemon
 
-    cfg = daemon_config(workdir, bundle, stream.kind, stream.x.shape[1], **adaptation)
+    cfg = daemon_config(workdir, bundle, stream.x.shape[1], **adaptation)
     daemon = Daemon(load_config(cfg), metrics=Metrics())
     daemon.setup()
     quiet = logging.getLogger("edgemeta.daemon")
@@ -173,9 +173,7 @@ def run_edgemeta(stream: SwitchingStream, bundle: Path, workdir: Path, batch: in
         "served_version": served,
         "accepted": sum(e["result"] == "accepted" for e in episodes),
         "rejected": sum(e["result"] == "rejected" for e in episodes),
-        "failed": sum(e["result"] in ("failed", "timeout") for e in episodes),
-        "adapt_ms_median": float(np.median([e["timings_ms"]["adapt"] for e in episodes]))
-        if episodes else None})
+        "failed": sum(e["result"] in ("failed", "timeout") for e in episodes)})
 
 
 # -- the meta-learned alternatives, in torch ----------------------------------------------------------
@@ -192,7 +190,7 @@ class _Torch:
         self.torch = torch
         self.adapter = Adapter(read_bundle(bundle))
         self.kind = self.adapter.kind_
-        self.init = {n: w for n, w in self.adapter.bundle.network_weights().items()}
+        self.init = self.adapter.bundle.network_weights()
 
     def predict(self, weights: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
         torch = self.torch

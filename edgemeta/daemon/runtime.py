@@ -73,13 +73,6 @@ class StreamState:
     refine_stage: int = 0  # index into adaptation.refine of the refinement being collected
     fit_level: float | None = None  # holdout loss of the best model accepted since the last drift
     early: bool = False  # the open collection's holdout is the early gate's few rows
-    # Labelled rows the detector has seen since its last reset, aligned with its losses: after an
-    # alarm the ones since the estimated change point seed the support/holdout collection.
-    recent: deque = field(default_factory=lambda: deque(maxlen=500))
-
-    def reset_monitor(self, expected: float | None = None) -> None:
-        self.monitor.reset(cooldown=True, expected=expected)
-        self.recent.clear()
 
 
 @dataclass
@@ -366,13 +359,12 @@ class Daemon:
         for i in range(len(y)):
             # A refinement collects while the adapted model serves: the detector keeps watching.
             refining = state.collector.collecting and state.trigger == "refine"
-            if not busy and (refining or not state.collector.collecting) and (
-                    judged is None or judged[i]):
-                state.recent.append((x[i], y[i]))
-                if state.monitor.update_error(losses[i]):
-                    self.on_drift(state, self.settings.drift.detector)
-                    busy = not state.collector.collecting
-                    continue  # the row is in the backfill already
+            watched = (not busy and (refining or not state.collector.collecting)
+                       and (judged is None or judged[i]))
+            if watched and state.monitor.update_error(losses[i], (x[i], y[i])):
+                self.on_drift(state, self.settings.drift.detector)
+                busy = not state.collector.collecting
+                continue  # the row is in the backfill already
             if state.collector.collecting:
                 episode = state.collector.offer(x[i], y[i])
                 if episode is not None:
@@ -392,8 +384,7 @@ class Daemon:
             state.collector.cancel()  # the world moved on: refining the old fit is pointless
         rows = []
         if self.settings.adaptation.backfill and detector != "feature":
-            since = state.monitor.rows_since_change()
-            rows = list(state.recent)[len(state.recent) - since:] if since else []
+            rows = state.monitor.rows_since_change()
         self.begin_collection(state, "drift", rows, holdout_size=self._early_rows())
 
     def _early_rows(self) -> int | None:
@@ -542,8 +533,8 @@ class Daemon:
         stage = state.refine_stage + 1 if source == "refine" else 0
         refine = (accepted and source in ("initial", "drift", "refine") and not self._stopping
                   and stage < len(a.refine))
-        if accepted or source != "refine":
-            state.reset_monitor(expected)  # a rejected refinement changed nothing: keep watching
+        if accepted or source != "refine":  # a rejected refinement changed nothing: keep watching
+            state.monitor.reset(cooldown=True, expected=expected)
         state.trigger = None
         if refine:
             # Labels keep coming: adapt again on a larger support set while the new model serves,
@@ -564,7 +555,7 @@ class Daemon:
             self.metrics.drift_active.labels(state.name).set(0)
             for other in self.streams.values():
                 if other is not state:
-                    other.reset_monitor()  # every stream is now served by a new model
+                    other.monitor.reset(cooldown=True)  # every stream is now served by a new model
         self._status_dirty = True
 
     def record(self, stream: str, episode: Episode, source: str, result: str, reason: str,
@@ -629,7 +620,7 @@ class Daemon:
             manifest = self.registry.rollback(to=trigger.args.get("version"))
             self.load_current()
             for state in self.streams.values():
-                state.reset_monitor()
+                state.monitor.reset(cooldown=True)
             return f"now serving v{manifest.version} (rollback to v{manifest.parent})"
         state = self.streams[trigger.args["stream"]]
         state.collector.cancel()
@@ -669,7 +660,6 @@ class Daemon:
                 for name, state in self.streams.items():
                     fresh = self._stream_state(name)
                     state.monitor, state.collector = fresh.monitor, fresh.collector
-                    state.recent.clear()
         try:
             self.load_current()
         except (RegistryError, StartupError) as exc:

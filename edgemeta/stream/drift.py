@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from river import drift
@@ -89,7 +90,8 @@ class DriftMonitor:
         self.cooldown_samples = cooldown_samples
         self.min_samples = min_samples
         self.n_features = n_features
-        self._recent: deque[float] = deque(maxlen=500)
+        # (loss, row) since the last reset: the losses locate a change, the rows seed the support set.
+        self._recent: deque[tuple[float, Any]] = deque(maxlen=500)
         self.reset()
 
     def reset(self, cooldown: bool = False, expected: float | None = None) -> None:
@@ -111,45 +113,56 @@ class DriftMonitor:
         self._deferred = False
         self.active = False
 
+    def _losses(self) -> np.ndarray:
+        return np.fromiter((loss for loss, _ in self._recent), dtype=np.float64,
+                           count=len(self._recent))
+
     def _worse(self) -> bool:
         """ADWIN is two-sided; only a rise in the error is a drift to adapt to. After a fall the
         losses before it are forgotten, so the next change point is looked for in this regime."""
-        since = rows_since_change(self._recent)
+        values = self._losses()
+        since = rows_since_change(values)
         if not since:
             return True
-        values = list(self._recent)
-        if float(np.mean(values[-since:])) > float(np.mean(values[:-since])):
+        if float(values[-since:].mean()) > float(values[:-since].mean()):
             return True
         for _ in range(len(values) - since):
             self._recent.popleft()
         return False
 
-    def rows_since_change(self) -> int:
-        """After an error alarm: how many of the latest labelled rows belong to the new regime."""
-        return rows_since_change(self._recent)
+    def rows_since_change(self) -> list[Any]:
+        """After an error alarm: the rows given to :meth:`update_error` since the estimated change
+        point, oldest first (those that carried one)."""
+        since = rows_since_change(self._losses())
+        recent = list(self._recent)[len(self._recent) - since:] if since else []
+        return [row for _, row in recent if row is not None]
+
+    def _alarm(self) -> bool:
+        self._deferred = False
+        self.active = True
+        self._cooldown = self.cooldown_samples
+        return True
 
     def _quiet(self) -> bool:
         return self._seen < self.min_samples or self._cooldown > 0
 
-    def update_error(self, loss: float) -> bool:
-        """Feed one labelled sample's loss; True when a drift is detected now."""
+    def update_error(self, loss: float, row: Any = None) -> bool:
+        """Feed one labelled sample's loss (and, to get it back after an alarm, its row); True
+        when a drift is detected now."""
         self._seen += 1
         if self._cooldown:
             self._cooldown -= 1
         self._error.update(float(loss))
-        self._recent.append(float(loss))
+        self._recent.append((float(loss), row))
         fired = self._error.drift_detected and self._worse()
         if self._expected is not None and self._seen >= MISFIT_MIN_ROWS:
             # Sequential: a gross misfit shows in a few rows, a mild one needs the whole warm-up;
             # the allowed ratio shrinks from 3 * sqrt(6) at 5 rows to 3 at min_samples rows.
             n = self._seen
             factor = MISFIT_FACTOR * np.sqrt(max(self.min_samples, n) / n)
-            if float(np.mean(self._recent)) > factor * self._expected + 1e-9:
+            if float(self._losses().mean()) > factor * self._expected + 1e-9:
                 self._expected = None
-                self._deferred = False
-                self.active = True
-                self._cooldown = self.cooldown_samples
-                return True
+                return self._alarm()
             if n >= self.min_samples:
                 self._expected = None
         if self._quiet():
@@ -158,10 +171,7 @@ class DriftMonitor:
             self._deferred = self._deferred or fired
             return False
         if fired or (self._deferred and self._worse()):
-            self._deferred = False
-            self.active = True
-            self._cooldown = self.cooldown_samples
-            return True
+            return self._alarm()
         self._deferred = False
         return False
 
@@ -173,7 +183,5 @@ class DriftMonitor:
             det.update(float(value))
             fired = fired or det.drift_detected
         if fired and self._cooldown == 0 and self._rows >= self.min_samples:
-            self.active = True
-            self._cooldown = self.cooldown_samples
-            return True
+            return self._alarm()
         return False
