@@ -86,9 +86,13 @@ class MetricsSettings:
 @dataclass
 class IngestSettings:
     max_file_bytes: int = 64 * 1024 * 1024
+    max_line_bytes: int = 1024 * 1024
+    max_json_depth: int = 32
+    max_npz_members: int = 64
     settle_s: float = 0.2
     rescan_interval_s: float = 5.0
     label_cache: int = 100_000
+    label_cache_bytes: int = 64 * 1024 * 1024
 
 
 @dataclass
@@ -237,6 +241,10 @@ def parse_config(raw: dict[str, Any], source: Path | None = None) -> Settings:
     if not 0 < settings.metrics.port < 65536:
         raise ConfigError(f"metrics.port: {settings.metrics.port} is not a TCP port")
     _positive("ingest.max_file_bytes", settings.ingest.max_file_bytes)
+    _positive("ingest.max_line_bytes", settings.ingest.max_line_bytes)
+    _positive("ingest.max_json_depth", settings.ingest.max_json_depth)
+    _positive("ingest.max_npz_members", settings.ingest.max_npz_members)
+    _positive("ingest.label_cache_bytes", settings.ingest.label_cache_bytes)
     _positive("ingest.settle_s", settings.ingest.settle_s, allow_zero=True)
     _positive("ingest.rescan_interval_s", settings.ingest.rescan_interval_s)
     _positive("ingest.label_cache", settings.ingest.label_cache)

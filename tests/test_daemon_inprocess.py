@@ -21,7 +21,7 @@ from tests.conftest import sine_file, write_config
 @pytest.fixture
 def daemon(tmp_path, sinusoid_bundle):
     cfg = write_config(tmp_path, sinusoid_bundle.path, metrics={"enabled": False},
-                       ingest={"max_file_bytes": 4096})
+                       ingest={"max_file_bytes": 4096, "max_line_bytes": 2048})
     d = Daemon(load_config(cfg), metrics=Metrics())
     d.setup()
     assert d.adapter.wait_ready(120)
@@ -122,13 +122,16 @@ BAD_INPUTS = {
     "trunc.csv": (b"id,x,y\n1,0.5,1.0\n2,0.", "truncated", 3),
     "cols.csv": (b"id,z,y\n1,0.5,1.0\n", "wrong_columns", 1),
     "text.csv": (b"id,x,y\n1,0.5,1.0\n2,abc,1.0\n", "non_numeric", 3),
-    "nan.csv": (b"id,x,y\n1,nan,1.0\n", "non_finite", 2),
-    "inf.jsonl": (b'{"id": 1, "x": 1e999, "y": 1}\n', "non_finite", 1),
     "cut.jsonl": (b'{"id": 1, "x": 0.5, "y": 1}\n{"id": 2, "x"', "truncated", 2),
     "bin.csv": (b"id,x,y\n\x00\x01\x02\xff\n", "binary", 2),
     "big.csv": (b"id,x,y\n" + b"1,0.5,1.0\n" * 1000, "too_large", None),
     "empty.csv": (b"", "empty", None),
     "trunc.npz": (b"PK\x03\x04garbage", "truncated", None),
+    "field.csv": (b"id,x,y\n1,0.5,\"" + b"9" * 3000 + b"\n", "too_long", 2),
+    "deep.jsonl": (b'{"id": 1, "x": ' + b"[" * 1000 + b"\n", "too_deep", 1),
+    "digits.jsonl": (b'{"id": 1, "x": ' + b"7" * 400 + b', "y": 1}\n', "too_long", 1),
+    "npy.npz": (b"\x93NUMPY\x01\x00v\x00{'descr': '<f8', 'fortran_order': False, 'shape': (3,), }"
+                + b" " * 47 + b"\n" + b"\x00" * 24, "unreadable", None),
 }
 
 
@@ -143,7 +146,7 @@ def test_every_bad_input_is_quarantined_with_its_reason_and_the_daemon_keeps_goi
     quarantine = daemon.layout.dir("quarantine", "sine")
     expected = {n: (r, line) for n, (_, r, line) in BAD_INPUTS.items()}
     expected["link.csv"] = ("symlink", None)
-    expected["pipe.csv"] = ("unreadable", None)
+    expected["pipe.csv"] = ("not_regular", None)
     for name, (reason, line) in expected.items():
         error = json.loads((quarantine / f"{name}.error.json").read_text())
         assert error["reason"] == reason, (name, error)
@@ -153,6 +156,33 @@ def test_every_bad_input_is_quarantined_with_its_reason_and_the_daemon_keeps_goi
     assert outside.read_text() == "id,x,y\n1,0.5,1.0\n"  # the symlink's target was not touched
     feed(daemon, "ok", 1.0, 0.0, 1)
     assert (daemon.layout.dir("outbox", "sine") / "ok000.csv.predictions.jsonl").is_file()
+
+
+def test_rows_with_non_finite_features_are_refused_one_by_one_and_reported(daemon):
+    (inbox(daemon) / "nan.csv").write_bytes(b"id,x,y\n1,nan,1.0\n2,0.5,0.3\n3,1e39,1\n")
+    (inbox(daemon) / "inf.jsonl").write_bytes(b'{"id": 1, "x": 1e999, "y": 1}\n{"id": 2, "x": 1, "y": 0}\n')
+    assert run_until(daemon, lambda: not any(inbox(daemon).iterdir()))
+    outbox = daemon.layout.dir("outbox", "sine")
+    rows = [json.loads(line) for line in (outbox / "nan.csv.predictions.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["1", "2", "3"]
+    assert rows[0]["prediction"] is None and "not finite" in rows[0]["refused"]
+    assert rows[2]["prediction"] is None  # 1e39 overflows float32: refused, never predicted as inf
+    assert isinstance(rows[1]["prediction"], float) and "refused" not in rows[1]
+    assert (daemon.layout.dir("processed", "sine") / "inf.jsonl").is_file()
+    assert counter(daemon, "edgemeta_rows_refused_total", stream="sine", reason="non_finite") == 3
+
+
+def test_a_byte_order_mark_and_a_name_too_long_for_the_outbox_are_handled(daemon):
+    (inbox(daemon) / "bom.csv").write_bytes(b"\xef\xbb\xbfid,x,y\n1,0.5,0.2\n")
+    long_name = "n" * 245 + ".csv"
+    (inbox(daemon) / long_name).write_bytes(b"id,x\n1,0.5\n")
+    assert run_until(daemon, lambda: not any(inbox(daemon).iterdir()))
+    outbox = daemon.layout.dir("outbox", "sine")
+    assert len((outbox / "bom.csv.predictions.jsonl").read_text().splitlines()) == 1
+    mapping = [json.loads(p.read_text()) for p in outbox.glob("*.name.json")]
+    assert [m["input"] for m in mapping] == [long_name]
+    assert (outbox / mapping[0]["predictions"]).is_file()
+    assert (daemon.layout.dir("processed", "sine") / long_name).is_file()
 
 
 def test_restart_rehandles_the_inbox_with_the_same_output(daemon, sinusoid_bundle, tmp_path):

@@ -17,6 +17,7 @@ disable_created_metrics()
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                    1.0)
+DEGRADED_REASONS = ("disk_full", "io_error")
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -68,15 +69,33 @@ class Metrics:
                                registry=r)
         self.model_load_failures = Counter("edgemeta_model_load_failures_total",
                                            "Model versions refused at load", registry=r)
+        self.rows_refused = Counter("edgemeta_rows_refused_total", "Rows of an accepted file "
+                                    "that were not used (non-finite feature, invalid label)",
+                                    ["stream", "reason"], registry=r)
+        self.degraded = Gauge("edgemeta_degraded", "1 while the daemon runs degraded (ingest "
+                              "paused) for this reason", ["reason"], registry=r)
+        self.internal_errors = Counter("edgemeta_internal_errors_total", "Unexpected errors "
+                                       "contained by the daemon, by where they happened",
+                                       ["where"], registry=r)
+        self.rollbacks = Counter("edgemeta_rollbacks_total", "Automatic rollbacks of a swapped "
+                                 "version that the next labelled rows showed worse", ["stream"],
+                                 registry=r)
 
     def init_streams(self, streams, detector: str, feature_detector: str) -> None:
         """Create every labelled series at 0, so ``increase()`` in alerts sees the first event."""
-        from edgemeta.stream.ingest import REASONS
+        from edgemeta.stream.parsing import REASONS, ROW_REASONS
 
+        for reason in DEGRADED_REASONS:
+            self.degraded.labels(reason).set(0)
+        for where in ("ingest", "trigger", "loop", "adaptation"):
+            self.internal_errors.labels(where)
         for stream in streams:
+            self.rollbacks.labels(stream)
+            for reason in ROW_REASONS:
+                self.rows_refused.labels(stream, reason)
             self.samples.labels(stream)
             self.predictions.labels(stream)
-            for result in ("matched", "unknown"):
+            for result in ("matched", "unknown", "refused"):
                 self.labels.labels(stream, result)
             for result in ("processed", "quarantined"):
                 self.files.labels(stream, result)
@@ -87,8 +106,10 @@ class Metrics:
             self.drift_active.labels(stream).set(0)
             for result in ("accepted", "rejected", "failed", "timeout"):
                 self.adaptations.labels(stream, result)
-        for result, reason in (("ok", ""), ("rejected", "unknown"), ("rejected", "malformed"),
-                               ("failed", "error")):
+        from edgemeta.daemon.triggers import REASONS as TRIGGER_REASONS
+
+        for result, reason in (("ok", ""), ("failed", "error"), ("failed", "internal_error"),
+                               *(("rejected", r) for r in TRIGGER_REASONS)):
             self.triggers.labels(result, reason)
 
     def set_model(self, version: int, created: float, source: str, provider: str) -> None:

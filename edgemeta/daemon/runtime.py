@@ -21,21 +21,27 @@ from typing import Any
 
 import numpy as np
 
+from edgemeta.bundle_format import BundleFormatError, read_bundle_info
 from edgemeta.config import ConfigError, Settings, load_config
 from edgemeta.daemon.adapter import AdapterClient, AdaptOutcome
+from edgemeta.daemon.degraded import Degraded
+from edgemeta.daemon.degraded import reason_of as degraded_reason
 from edgemeta.daemon.gate import GateDecision, clear_win, decide, holdout_loss, per_sample_loss
 from edgemeta.daemon.metrics import Metrics, serve_http
+from edgemeta.daemon.sanity import Probation, constant_baseline_loss, degenerate_labels
 from edgemeta.daemon.systemd import Notifier
 from edgemeta.daemon.triggers import TriggerRejected, finish, parse_trigger, pending
+from edgemeta.fsio import atomic_write, is_storage_error
 from edgemeta.serve.onnx_weights import OnnxTemplate, WeightPatchError
-from edgemeta.serve.predictor import Predictor, PredictorError
-from edgemeta.serve.registry import Registry, RegistryError, atomic_write
+from edgemeta.serve.predictor import Live, Predictor, PredictorError, run
+from edgemeta.serve.registry import Registry, RegistryError
 from edgemeta.stream.buffers import Episode, SupportCollector
 from edgemeta.stream.drift import DriftMonitor
 from edgemeta.stream.ingest import (
     InboxWatcher,
     IngestError,
     LabelCache,
+    Limits,
     PendingFiles,
     StateLayout,
     is_label_file,
@@ -44,19 +50,10 @@ from edgemeta.stream.ingest import (
 )
 
 log = logging.getLogger("edgemeta.daemon")
-LR_PREFIX = "metasgd_lr."
 
 
 class StartupError(RuntimeError):
     """The daemon cannot start serving; the message says what to fix."""
-
-
-def bundle_parameter_names(bundle: Path) -> list[str]:
-    """Network parameter names from the safetensors header (no torch, nothing unpickled)."""
-    from safetensors import safe_open
-
-    with safe_open(str(bundle / "weights.safetensors"), framework="np") as fh:
-        return [k for k in fh.keys() if not k.startswith(LR_PREFIX)]  # noqa: SIM118
 
 
 @dataclass
@@ -73,6 +70,19 @@ class StreamState:
     refine_stage: int = 0  # index into adaptation.refine of the refinement being collected
     fit_level: float | None = None  # holdout loss of the best model accepted since the last drift
     early: bool = False  # the open collection's holdout is the early gate's few rows
+    # Labels seen while watching (not collecting): the stream's recent history, against which a
+    # support set's labels are checked for sanity.
+    history: deque = field(default_factory=lambda: deque(maxlen=500))
+    probation: Probation | None = None  # after a swap: new version vs the one it replaced
+
+
+@dataclass(frozen=True)
+class Replaced:
+    """The model a swap replaced, kept loaded while the new one is on probation."""
+
+    live: Live | None
+    weights: dict[str, np.ndarray]
+    version: int | None
 
 
 @dataclass
@@ -92,7 +102,10 @@ class Daemon:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.notifier = notifier or Notifier()
-        self.events: queue.Queue = queue.Queue()
+        # SimpleQueue: put() is reentrant, so a signal handler may call it at any moment.
+        self.events: queue.SimpleQueue = queue.SimpleQueue()
+        self.degraded = Degraded()
+        self._stuck: set[Path] = set()  # inputs that could not even be moved aside (logged once)
         self.layout = StateLayout(settings.state_dir)
         self.episodes: deque[dict[str, Any]] = deque(maxlen=20)
         self.in_flight: dict[int, InFlight] = {}
@@ -109,36 +122,35 @@ class Daemon:
     # -- start-up --------------------------------------------------------------------------------
     def setup(self) -> None:
         s = self.settings
-        meta_path = s.bundle / "bundle.json"
         try:
-            self.bundle_meta = json.loads(meta_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise StartupError(f"bundle.path: cannot read {meta_path}: {exc}") from exc
-        self.kind = self.bundle_meta["task"]["kind"]
-        features = int(self.bundle_meta["input"]["features"])
-        for i, stream in enumerate(s.streams):
-            if len(stream.features) != features:
-                raise StartupError(f"streams[{i}].features: {len(stream.features)} columns, the "
-                                   f"bundle expects {features}")
-        norm = self.bundle_meta["input"].get("normalization") or {}
-        self._mean = np.asarray(norm.get("mean", 0.0), dtype=np.float32)
-        self._std = np.asarray(norm.get("std", 1.0), dtype=np.float32)
-        self.layout.ensure(st.name for st in s.streams)
-        (s.state_dir / "episodes").mkdir(parents=True, exist_ok=True)
-        triggers = s.state_dir / "triggers"
-        triggers.mkdir(parents=True, exist_ok=True)
-        # setgid + group-writable: operators in the daemon's group can drop trigger files.
-        os.chmod(triggers, 0o2770)
-        self.template = OnnxTemplate((s.bundle / "model.onnx").read_bytes(),
-                                     bundle_parameter_names(s.bundle))
-        self.registry = Registry(s.state_dir, keep=s.retention.keep_models)
-        try:
-            self.registry.init_from_bundle(s.bundle)
-        except (RegistryError, OSError) as exc:
+            self.bundle = read_bundle_info(s.bundle)
+            self.template = OnnxTemplate((s.bundle / "model.onnx").read_bytes(),
+                                         self.bundle.parameter_names)
+        except (BundleFormatError, WeightPatchError, OSError) as exc:
             raise StartupError(f"bundle.path: {exc}") from exc
+        self.kind = self.bundle.kind
+        for i, stream in enumerate(s.streams):
+            if len(stream.features) != self.bundle.features:
+                raise StartupError(f"streams[{i}].features: {len(stream.features)} columns, the "
+                                   f"bundle expects {self.bundle.features}")
+        self._mean, self._std = self.bundle.mean, self.bundle.std
+        self.limits = self._limits()
+        try:
+            self.layout.ensure(st.name for st in s.streams)
+            (s.state_dir / "episodes").mkdir(parents=True, exist_ok=True)
+            triggers = s.state_dir / "triggers"
+            triggers.mkdir(parents=True, exist_ok=True)
+            # setgid + group-writable: operators in the daemon's group can drop trigger files.
+            os.chmod(triggers, 0o2770)
+            self.registry = Registry(s.state_dir, keep=s.retention.keep_models)
+        except OSError as exc:
+            raise StartupError(f"state.dir: cannot prepare {s.state_dir}: {exc}") from exc
+        removed = self.layout.sweep_temp(st.name for st in s.streams)
+        if removed:
+            log.warning("removed %d temp file(s) left by an interrupted write", len(removed))
         self.predictor = Predictor(s.serving.providers or None, s.serving.intra_op_threads)
-        self.load_current()
-        self.cache = LabelCache(s.ingest.label_cache)
+        self.load_current(startup=True)
+        self.cache = LabelCache(s.ingest.label_cache, s.ingest.label_cache_bytes)
         self.pending = PendingFiles(s.ingest.settle_s)
         self.streams = {st.name: self._stream_state(st.name) for st in s.streams}
         self.metrics.init_streams(self.streams, s.drift.detector, s.drift.feature_detector)
@@ -165,30 +177,79 @@ class Daemon:
         return StreamState(name, monitor, SupportCollector(a.support_size, a.holdout_size,
                                                            a.selection, a.window))
 
-    def load_current(self) -> None:
-        """Serve what the registry says, falling back version by version past broken ones."""
-        data, manifest, problems = self.registry.load_serving()
-        for problem in problems:
-            log.error("model refused: %s", problem)
-            self.metrics.model_load_failures.inc()
-        while True:
+    def _limits(self) -> Limits:
+        i = self.settings.ingest
+        return Limits(i.max_file_bytes, i.max_line_bytes, i.max_json_depth, i.max_npz_members)
+
+    def _try_version(self, version: int):
+        """Load ``version`` if it is the bundle's graph and runs; raises with the reason if not."""
+        data, manifest = self.registry.load(version)
+        problem = self.template.mismatch(data)
+        if problem is not None:
+            raise RegistryError(f"version {version}: {problem}")
+        return data, manifest, self.predictor.swap(data, version)
+
+    def load_current(self, startup: bool = False) -> None:
+        """Serve CURRENT if it is usable, else the newest usable version, else the bundle's
+        meta-initialization committed afresh; only a bundle that cannot serve stops the start.
+
+        "Usable" is more than a matching checksum: the model must be the bundle's own graph with
+        finite weights and must load in ONNX Runtime.
+        """
+        if startup:
             try:
-                live = self.predictor.swap(data, manifest.version)
+                self.registry.init_from_bundle(self.settings.bundle)
+            except RegistryError as exc:
+                raise StartupError(f"bundle.path: {exc}") from exc
+            except OSError as exc:
+                # A full disk must not stop a start: versions already committed can still serve.
+                log.error("cannot record the bundle's meta-initialization: %s", exc)
+        current = self.registry.current_version()
+        if current is None:
+            log.warning("%s is missing or unreadable: serving the newest usable version",
+                        self.registry.root / "CURRENT")
+        order = ([current] if current is not None else []) + [
+            v for v in reversed(self.registry.versions()) if v != current]
+        loaded = None
+        for version in order:
+            try:
+                loaded = self._try_version(version)
                 break
-            except PredictorError as exc:
+            except (RegistryError, PredictorError) as exc:
                 log.error("model refused: %s", exc)
                 self.metrics.model_load_failures.inc()
-                older = [v for v in self.registry.versions() if v < manifest.version]
-                if not older:
-                    raise StartupError(f"no model version loads: {exc}") from exc
-                data, manifest = self.registry.load(older[-1])
+        if loaded is None:
+            loaded = self._reseed_from_bundle()
+        data, manifest, live = loaded
+        if manifest.version != current:
+            try:
                 self.registry.activate(manifest.version)
+            except (RegistryError, OSError) as exc:
+                log.error("cannot point CURRENT at v%d: %s", manifest.version, exc)
         self.current_weights = OnnxTemplate(data, self.template.parameter_names).weights()
         self.current_manifest = manifest
         self.metrics.set_model(manifest.version, manifest.created, manifest.source, live.provider)
         log.info("serving version=%d source=%s provider=%s", manifest.version, manifest.source,
                  live.provider)
         self._status_dirty = True
+
+    def _reseed_from_bundle(self):
+        """No registry version is usable: serve the bundle's meta-initialization again."""
+        data = (self.settings.bundle / "model.onnx").read_bytes()
+        try:
+            live = self.predictor.swap(data, 0)
+        except PredictorError as exc:
+            raise StartupError(f"bundle.path: the bundle's model does not load: {exc}") from exc
+        try:
+            manifest = self.registry.commit(data, source="meta-init", parent=None, note=(
+                f"re-seeded from bundle {self.settings.bundle}: no stored version was usable"))
+        except OSError as exc:
+            raise StartupError(f"state.dir: no stored version is usable and the bundle's model "
+                               f"cannot be stored: {exc}") from exc
+        log.warning("no stored version was usable: serving the bundle's meta-initialization as "
+                    "v%d", manifest.version)
+        live = self.predictor.install(dataclasses.replace(live, version=manifest.version))
+        return data, manifest, live
 
     # -- the loop --------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -200,7 +261,12 @@ class Daemon:
         self.notifier.ready(self.summary())
         log.info("ready: %s", self.summary())
         while not self._stopping:
-            self.step()
+            try:
+                self.step()
+            except Exception:  # noqa: BLE001 - the last line of defence: log, count, go on
+                log.exception("unexpected error in the control loop; serving continues")
+                self.metrics.internal_errors.labels("loop").inc()
+                time.sleep(0.1)
         return self.shutdown()
 
     def step(self, wait: float = 0.05) -> None:
@@ -216,8 +282,11 @@ class Daemon:
             except queue.Empty:
                 item = None
         now = time.monotonic()
-        for stream, path in self.pending.ready(now):
-            self.handle_file(stream, path)
+        if self.degraded.due(now):
+            # While degraded, files stay pending (and in the inbox) until the back-off says retry.
+            for stream, path in self.pending.ready(now):
+                if not self.handle_file(stream, path):
+                    break  # the disk is still full: the rest wait for the next try
         if now - self._last_rescan >= self.settings.ingest.rescan_interval_s:
             self.rescan()
         if now - self._last_trigger_scan >= 0.25:
@@ -250,37 +319,108 @@ class Daemon:
         """watchdog can drop events when its queue overflows: look at the inboxes directly too."""
         self._last_rescan = time.monotonic()
         for stream, path in self.layout.scan(self.streams):
-            self.pending.add(stream, path)
+            if path not in self._stuck:
+                self.pending.add(stream, path)
 
     # -- ingest ----------------------------------------------------------------------------------
     def normalize(self, x: np.ndarray) -> np.ndarray:
         return ((x - self._mean) / self._std).astype(np.float32)
 
-    def handle_file(self, stream: str, path: Path) -> None:
+    def handle_file(self, stream: str, path: Path) -> bool:
+        """Handle one input so that it always ends in processed/ or quarantine/, whatever it
+        holds; returns False only when the disk cannot take writes (the file stays in the inbox
+        and the daemon runs degraded until a retry goes through)."""
         if not os.path.lexists(path):
-            return
+            return True
         try:
             if is_label_file(path.name):
                 self.handle_labels(stream, path)
             else:
                 self.handle_data(stream, path)
+            self.layout.processed(stream, path)
         except IngestError as exc:
-            self.layout.quarantine(stream, path, exc)
-            self.metrics.quarantined.labels(stream, exc.reason).inc()
-            self.metrics.files.labels(stream, "quarantined").inc()
-            log.warning("quarantined stream=%s file=%s reason=%s: %s", stream, path.name,
-                        exc.reason, exc)
-            return
-        self.layout.processed(stream, path)
+            return self._quarantine(stream, path, exc)
+        except Exception as exc:  # noqa: BLE001 - containment: no input may stop the daemon
+            if is_storage_error(exc):
+                return self._storage_failed(stream, path, exc)
+            log.exception("internal error on stream=%s file=%s", stream, path.name)
+            self.metrics.internal_errors.labels("ingest").inc()
+            return self._quarantine(stream, path, IngestError(
+                "internal_error", f"{type(exc).__name__}: {exc}"[:2000]))
         self.metrics.files.labels(stream, "processed").inc()
+        self._storage_ok()
+        return True
+
+    def _quarantine(self, stream: str, path: Path, exc: IngestError) -> bool:
+        try:
+            self.layout.quarantine(stream, path, exc)
+        except OSError as move_exc:
+            if is_storage_error(move_exc):
+                return self._storage_failed(stream, path, move_exc)
+            if path not in self._stuck:
+                log.error("cannot move %s to quarantine (%s): leaving it in the inbox", path,
+                          move_exc)
+                self._stuck.add(path)
+            return True
+        self.metrics.quarantined.labels(stream, exc.reason).inc()
+        self.metrics.files.labels(stream, "quarantined").inc()
+        log.warning("quarantined stream=%s file=%s reason=%s: %s", stream, path.name, exc.reason,
+                    exc)
+        self._storage_ok()
+        return True
+
+    def _storage_failed(self, stream: str, path: Path, exc: OSError) -> bool:
+        reason = degraded_reason(exc)
+        if not self.degraded.active:
+            log.error("degraded (%s): %s; ingest paused, inputs stay in the inbox", reason, exc)
+        self.degraded.fail(reason, str(exc), time.monotonic())
+        self.metrics.degraded.labels(reason).set(1)
+        self.pending.add(stream, path)
+        self._status_dirty = True
+        return False
+
+    def _storage_ok(self) -> None:
+        if self.degraded.active:
+            for reason in self.degraded.recover():
+                self.metrics.degraded.labels(reason).set(0)
+            log.warning("writes go through again: ingest resumed")
+            self._status_dirty = True
 
     def handle_data(self, stream: str, path: Path) -> None:
-        rows = parse_rows(path, self.settings.stream(stream), self.settings.ingest.max_file_bytes,
-                          self.kind == "classification")
-        predictions, version = self.serve_rows(stream, rows.x, rows.y, rows.ids)
-        self.layout.write_predictions(stream, path.name, [
-            {"id": i, "prediction": p, "version": version}
-            for i, p in zip(rows.ids, predictions, strict=True)])
+        rows = parse_rows(path, self.settings.stream(stream), self.limits, self.bundle.classes)
+        outputs, version = self.predict_rows(stream, rows.x)
+        predictions = self._predictions(outputs)
+        records, served = [], iter(zip(predictions, outputs, strict=True))
+        for i, row_id in enumerate(rows.all_ids):
+            if i in rows.refused:
+                records.append({"id": row_id, "prediction": None, "version": version,
+                                "refused": rows.refused[i]})
+            else:
+                records.append({"id": row_id, "prediction": next(served)[0], "version": version})
+        # Predictions are durable before anything is learned from the rows, so a file retried
+        # after a full disk is not learned from twice.
+        self.layout.write_predictions(stream, path.name, records)
+        for message in rows.refused.values():
+            reason = "bad_label" if "label" in message else "non_finite"
+            self.metrics.rows_refused.labels(stream, reason).inc()
+        if rows.refused:
+            log.warning("stream=%s file=%s: %d row(s) refused, e.g. %s", stream, path.name,
+                        len(rows.refused), next(iter(rows.refused.values())))
+        self.observe_rows(stream, rows.x, outputs, version, rows.y, rows.ids)
+
+    def _predictions(self, outputs: np.ndarray) -> list:
+        return (outputs[:, 0].tolist() if self.kind == "regression"
+                else outputs.argmax(axis=1).tolist())
+
+    def predict_rows(self, stream: str, x: np.ndarray) -> tuple[np.ndarray, int]:
+        started = time.perf_counter()
+        if len(x) == 0:
+            return np.zeros((0, self.bundle.outputs), np.float32), self.predictor.version
+        outputs, version = self.predictor.predict(self.normalize(x))
+        self.metrics.inference_latency.labels(stream).observe(time.perf_counter() - started)
+        self.metrics.samples.labels(stream).inc(len(x))
+        self.metrics.predictions.labels(stream).inc(len(x))
+        return outputs, version
 
     def serve_rows(self, stream: str, x: np.ndarray, y: np.ndarray | None = None,
                    ids: list | None = None) -> tuple[list, int]:
@@ -289,24 +429,25 @@ class Daemon:
         Every input takes this path, whether it came from an inbox file or from the stream
         benchmark, which drives the daemon in-process: both make the same decisions.
         """
-        started = time.perf_counter()
-        outputs, version = self.predictor.predict(self.normalize(x))
-        self.metrics.inference_latency.labels(stream).observe(time.perf_counter() - started)
-        predictions = (outputs[:, 0].tolist() if self.kind == "regression"
-                       else outputs.argmax(axis=1).tolist())
-        self.metrics.samples.labels(stream).inc(len(predictions))
-        self.metrics.predictions.labels(stream).inc(len(predictions))
+        outputs, version = self.predict_rows(stream, x)
+        self.observe_rows(stream, x, outputs, version, y, ids)
+        return self._predictions(outputs), version
+
+    def observe_rows(self, stream: str, x: np.ndarray, outputs: np.ndarray, version: int,
+                     y: np.ndarray | None = None, ids: list | None = None) -> None:
+        """Learn from served rows: their labels now, or later through the label cache."""
         state = self.streams[stream]
+        if len(x) == 0:
+            return
         if y is not None:
             self.learn(state, x, y, per_sample_loss(self.kind, outputs, y))
-            return predictions, version
+            return
         for i, row_id in enumerate(ids if ids is not None else range(len(x))):
-            self.cache.put(stream, row_id, x[i], outputs[i], version)
+            self.cache.put(stream, str(row_id), x[i], outputs[i], version)
         if self.settings.drift.feature_detector != "none":
             for row in self.normalize(x):
                 if state.monitor.update_features(row):
                     self.on_drift(state, "feature")
-        return predictions, version
 
     def settle(self, timeout: float = 60.0) -> bool:
         """Finish every requested adaptation before going on (the benchmark's deterministic mode:
@@ -320,8 +461,11 @@ class Daemon:
         return not (self.in_flight or self.waiting)
 
     def handle_labels(self, stream: str, path: Path) -> None:
-        labels = parse_labels(path, self.settings.ingest.max_file_bytes,
-                              self.kind == "classification")
+        labels, refused = parse_labels(path, self.limits, self.bundle.classes)
+        if refused:
+            self.metrics.labels.labels(stream, "refused").inc(len(refused))
+            log.warning("stream=%s file=%s: %d label(s) refused, e.g. %s", stream, path.name,
+                        len(refused), next(iter(refused.values())))
         xs, ys, outs, versions = [], [], [], []
         unknown = 0
         for row_id, y in labels:
@@ -355,6 +499,8 @@ class Daemon:
         state.samples += len(y)
         state.last_loss = float(np.mean(losses))
         self.metrics.stream_loss.labels(state.name).set(state.last_loss)
+        if state.probation is not None:
+            self._judge_probation(state, x, y, losses, judged)
         busy = any(f.stream == state.name for f in [*self.in_flight.values(), *self.waiting])
         for i in range(len(y)):
             # A refinement collects while the adapted model serves: the detector keeps watching.
@@ -370,6 +516,57 @@ class Daemon:
                 if episode is not None:
                     self.start_adaptation(state, episode)
                     busy = True  # the rest of the batch is judged after the outcome
+            else:
+                state.history.append(float(y[i]))
+        self._status_dirty = True
+
+    def _judge_probation(self, state: StreamState, x: np.ndarray, y: np.ndarray,
+                         losses: np.ndarray, judged: np.ndarray | None) -> None:
+        """Score the rows the new version served with the version it replaced as well; roll
+        back at once when they show it worse."""
+        probation = state.probation
+        if self.predictor.version != probation.new_version:
+            state.probation = None  # another swap (or a rollback) has replaced it already
+            return
+        mask = np.ones(len(x), bool) if judged is None else np.asarray(judged, bool)
+        if not mask.any():
+            return
+        old = run(probation.previous.live, self.normalize(x[mask]))
+        probation.add(losses[mask], per_sample_loss(self.kind, old, np.asarray(y)[mask]))
+        verdict = probation.verdict()
+        if verdict == "ok":
+            state.probation = None
+        elif verdict == "worse":
+            state.probation = None
+            self.auto_rollback(state, probation)
+
+    def auto_rollback(self, state: StreamState, probation: Probation) -> None:
+        """Serve the replaced version again (as a new version with source ``rollback``)."""
+        fig = probation.figures()
+        note = (f"automatic rollback: v{probation.new_version} was worse than "
+                f"v{probation.previous_version} on the next {fig['rows']} labelled rows of stream "
+                f"{state.name} (mean loss {fig['new_loss']:.4g} vs {fig['old_loss']:.4g})")
+        try:
+            manifest = self.registry.rollback(to=probation.previous_version, note=note)
+        except (RegistryError, OSError) as exc:
+            log.error("automatic rollback to v%s failed: %s", probation.previous_version, exc)
+            return
+        previous = probation.previous
+        live = self.predictor.install(dataclasses.replace(previous.live, version=manifest.version))
+        self.current_weights = previous.weights
+        self.current_manifest = manifest
+        self.metrics.set_model(manifest.version, manifest.created, manifest.source, live.provider)
+        self.metrics.rollbacks.labels(state.name).inc()
+        log.warning("%s: now serving v%d", note, manifest.version)
+        if state.trigger == "refine":
+            state.collector.cancel()  # refining the model just rolled back is pointless
+            state.trigger = None
+        state.refine_stage, state.fit_level = 0, None
+        for other in self.streams.values():
+            other.monitor.reset(cooldown=True)
+        self.episodes.append({"time": time.time(), "stream": state.name, "trigger": "rollback",
+                              "result": "rolled_back", "reason": "worse_after_swap",
+                              "serving_version": manifest.version, **fig})
         self._status_dirty = True
 
     def on_drift(self, state: StreamState, detector: str) -> None:
@@ -409,6 +606,13 @@ class Daemon:
     def start_adaptation(self, state: StreamState, episode: Episode) -> None:
         now = time.perf_counter()
         a = self.settings.adaptation
+        problem = degenerate_labels(self.kind, np.concatenate([episode.support_y, episode.holdout_y]),
+                                    np.asarray(state.history), self.bundle.target_range)
+        if problem is not None:
+            log.warning("stream=%s: not adapting on these labels (%s)", state.name, problem)
+            self.record(state.name, episode, state.trigger or "drift", "rejected", problem, {}, {})
+            self.after_episode(state, accepted=False)
+            return
         init = self.current_weights if a.start_from == "current" else None
         source = state.trigger or "drift"
         rid = self.adapter.submit(episode.support_x, episode.support_y, a.steps, init)
@@ -466,7 +670,7 @@ class Daemon:
         next_version = (self.registry.versions() or [0])[-1] + 1
         try:
             live = self.predictor.load(model, next_version)
-            candidate_out = live.session.run([live.output_name], {live.input_name: hx})[0]
+            candidate_out = run(live, hx)
             candidate = holdout_loss(self.kind, candidate_out, job.episode.holdout_y)
         except Exception as exc:  # noqa: BLE001 - a candidate that cannot run is rejected
             live, candidate = None, float("nan")
@@ -489,6 +693,13 @@ class Daemon:
                 log.info("stream=%s: early gate inconclusive (%.4g vs %.4g on %d rows); waiting "
                          "for the full holdout", job.stream, current, candidate, len(y))
                 return
+        ep = job.episode
+        if decision.accepted:
+            baseline = constant_baseline_loss(self.kind, ep.support_y, ep.holdout_y)
+            if float(per_sample_loss(self.kind, candidate_out, ep.holdout_y).mean()) >= baseline:
+                # Beating the serving model is not enough: a candidate no better than a constant
+                # learned nothing from x, which is what random or shuffled labels produce.
+                decision = GateDecision(False, "no_signal", current, candidate)
         timings["gate"] = time.perf_counter() - t
         self.metrics.holdout_current.labels(job.stream).set(current)
         self.metrics.holdout_candidate.labels(job.stream).set(candidate)
@@ -500,12 +711,23 @@ class Daemon:
             self.after_episode(state, accepted=False)
             return
         t = time.perf_counter()
-        manifest = self.registry.commit(
-            model, source=job.source, parent=self.predictor.version,
-            holdout={"current": current, "candidate": candidate}, stream=job.stream,
-            support_size=len(job.episode.support_y))
+        try:
+            manifest = self.registry.commit(
+                model, source=job.source, parent=self.predictor.version,
+                holdout={"current": current, "candidate": candidate}, stream=job.stream,
+                support_size=len(job.episode.support_y))
+        except OSError as exc:
+            # The registry is untouched (a commit is all or nothing): keep serving, go degraded.
+            if is_storage_error(exc):
+                self.degraded.fail(degraded_reason(exc), str(exc), time.monotonic())
+                self.metrics.degraded.labels(degraded_reason(exc)).set(1)
+            self.record(job.stream, job.episode, job.source, "failed", "io_error", timings,
+                        {**figures, "error": str(exc)})
+            self.after_episode(state, accepted=False)
+            return
         timings["commit"] = time.perf_counter() - t
         t = time.perf_counter()
+        replaced = Replaced(self.predictor.live, self.current_weights, self.predictor.version)
         self.predictor.install(dataclasses.replace(live, version=manifest.version))
         timings["swap"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - job.complete_at
@@ -520,6 +742,10 @@ class Daemon:
             # fits and still be bad: judge the next rows by the best fit seen in this regime.
             expected = min(expected, state.fit_level)
         state.fit_level = expected
+        for other in self.streams.values():
+            other.probation = None
+        state.probation = Probation(self.settings.adaptation.holdout_size, replaced,
+                                    replaced.version, manifest.version)
         self.after_episode(state, accepted=True, expected=expected)
         log.info("adaptation accepted stream=%s version=%d holdout %.4g -> %.4g in %.1f ms",
                     job.stream, manifest.version, current, candidate, timings["total"] * 1e3)
@@ -574,8 +800,11 @@ class Daemon:
                 "holdout": {"x": episode.holdout_x.tolist(), "y": episode.holdout_y.tolist()}}
         directory = self.settings.state_dir / "episodes"
         name = f"{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9:09d}-{stream}.json"
-        atomic_write(directory / name, json.dumps(body, default=float).encode())
-        self._prune_episodes(directory)
+        try:
+            atomic_write(directory / name, json.dumps(body, default=float).encode())
+            self._prune_episodes(directory)
+        except OSError as exc:
+            log.error("cannot write the episode record %s: %s", name, exc)
         if result != "accepted":
             log.warning("adaptation %s stream=%s reason=%s version=%s", result, stream, reason,
                         self.predictor.version)
@@ -589,28 +818,57 @@ class Daemon:
     # -- operator commands -----------------------------------------------------------------------
     def handle_triggers(self) -> None:
         directory = self.settings.state_dir / "triggers"
-        for path in pending(directory):
-            try:
-                trigger = parse_trigger(path, self.settings.state_dir, list(self.streams))
-            except TriggerRejected as exc:
-                log.warning("trigger rejected file=%s reason=%s: %s", path.name, exc.reason, exc)
-                self.metrics.triggers.labels("rejected", exc.reason).inc()
-                finish(path, "rejected", str(exc), {"reason": exc.reason})
+        try:
+            paths = pending(directory)
+        except OSError as exc:
+            log.error("cannot list %s: %s", directory, exc)
+            return
+        for path in paths:
+            if path in self._stuck:
                 continue
-            except OSError as exc:
-                self.metrics.triggers.labels("rejected", "unreadable").inc()
-                finish(path, "rejected", str(exc), {"reason": "unreadable"})
-                continue
-            try:
-                message = self.act(trigger)
-            except (RegistryError, PredictorError, IngestError, StartupError) as exc:
-                log.error("trigger failed file=%s: %s", path.name, exc)
-                self.metrics.triggers.labels("failed", "error").inc()
-                finish(path, "failed", str(exc))
-                continue
-            self.metrics.triggers.labels("ok", "").inc()
-            finish(path, "ok", message)
-            log.info("trigger %s: %s", path.name, message)
+            self.handle_trigger(path)
+
+    def handle_trigger(self, path: Path) -> None:
+        """Act on one trigger file; whatever it holds, it ends in triggers/done/ with a result."""
+        try:
+            trigger = parse_trigger(path, self.settings.state_dir, list(self.streams))
+        except TriggerRejected as exc:
+            log.warning("trigger rejected file=%s reason=%s: %s", path.name, exc.reason, exc)
+            return self._finish_trigger(path, "rejected", exc.reason, str(exc))
+        except Exception as exc:  # noqa: BLE001 - containment: no trigger may stop the daemon
+            log.exception("internal error reading trigger %s", path.name)
+            self.metrics.internal_errors.labels("trigger").inc()
+            return self._finish_trigger(path, "rejected", "internal_error",
+                                        f"{type(exc).__name__}: {exc}"[:2000])
+        try:
+            message = self.act(trigger)
+        except (RegistryError, PredictorError, IngestError, StartupError) as exc:
+            log.error("trigger failed file=%s: %s", path.name, exc)
+            return self._finish_trigger(path, "failed", "error", str(exc))
+        except Exception as exc:  # noqa: BLE001
+            if is_storage_error(exc):
+                log.error("trigger %s: %s; it stays for a later retry", path.name, exc)
+                self.degraded.fail(degraded_reason(exc), str(exc), time.monotonic())
+                self.metrics.degraded.labels(degraded_reason(exc)).set(1)
+                return None
+            log.exception("internal error acting on trigger %s", path.name)
+            self.metrics.internal_errors.labels("trigger").inc()
+            return self._finish_trigger(path, "failed", "internal_error",
+                                        f"{type(exc).__name__}: {exc}"[:2000])
+        log.info("trigger %s: %s", path.name, message)
+        return self._finish_trigger(path, "ok", "", message)
+
+    def _finish_trigger(self, path: Path, result: str, reason: str, message: str) -> None:
+        try:
+            finish(path, result, message, {"reason": reason} if reason else None)
+        except OSError as exc:
+            # Not even done/ takes it: remember it so it is not acted on again every turn.
+            log.error("cannot move trigger %s to done/: %s", path.name, exc)
+            self._stuck.add(path)
+            if is_storage_error(exc):
+                self.degraded.fail(degraded_reason(exc), str(exc), time.monotonic())
+                self.metrics.degraded.labels(degraded_reason(exc)).set(1)
+        self.metrics.triggers.labels(result, reason).inc()
 
     def act(self, trigger) -> str:
         if trigger.command == "reload":
@@ -629,8 +887,8 @@ class Daemon:
         if support is None:
             return (f"collecting {state.collector.needed} labelled samples on stream "
                     f"{state.name}")
-        rows = parse_rows(support, self.settings.stream(state.name),
-                          self.settings.ingest.max_file_bytes, self.kind == "classification")
+        rows = parse_rows(support, self.settings.stream(state.name), self.limits,
+                          self.bundle.classes)
         if rows.y is None:
             raise IngestError("wrong_columns", f"{support.name}: a support file needs the label "
                               f"column {self.settings.stream(state.name).label!r}")
@@ -670,8 +928,11 @@ class Daemon:
     def summary(self) -> str:
         drifting = [n for n, s in self.streams.items() if s.monitor.active] if hasattr(
             self, "streams") else []
+        degraded = (f"; DEGRADED ({', '.join(self.degraded.reasons)}): ingest paused"
+                    if self.degraded.active else "")
         return (f"serving v{self.predictor.version} on {self.predictor.provider}; "
-                f"{len(self.settings.streams)} stream(s); drift: {', '.join(drifting) or 'none'}")
+                f"{len(self.settings.streams)} stream(s); drift: {', '.join(drifting) or 'none'}"
+                f"{degraded}")
 
     def status(self) -> dict[str, Any]:
         return {
@@ -688,14 +949,20 @@ class Daemon:
                             "adapting": any(f.stream == n for f in self.in_flight.values())}
                         for n, s in self.streams.items()},
             "last_adaptations": list(self.episodes)[-10:],
+            "degraded": self.degraded.reasons,
         }
 
     def write_status(self) -> None:
         self._status_dirty = False
         self._last_status = time.monotonic()
-        atomic_write(self.settings.state_dir / "status.json",
-                     json.dumps(self.status(), indent=2, default=float).encode())
         self.notifier.status(self.summary())
+        try:
+            atomic_write(self.settings.state_dir / "status.json",
+                         json.dumps(self.status(), indent=2, default=float).encode())
+        except OSError as exc:
+            # status.json is a view for operators: a full disk must not stop serving for it.
+            log.error("cannot write status.json: %s", exc)
+            self._status_dirty = True
 
     def shutdown(self, drain_s: float = 5.0) -> int:
         self.notifier.stopping("draining")

@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgemeta.serve.registry import atomic_write
+from edgemeta.fsio import atomic_write, safe_name
+from edgemeta.stream.parsing import IngestError, load_json
 
 COMMANDS = ("adapt", "rollback", "reload")
+REASONS = ("symlink", "not_regular", "unknown", "too_large", "malformed", "outside_state",
+           "internal_error")
 MAX_BYTES = 64 * 1024
+MAX_DEPTH = 8  # a trigger body is a flat object; anything deeper is not a trigger
 
 
 class TriggerRejected(ValueError):
@@ -42,20 +47,42 @@ def parse_trigger(path: Path, state_dir: Path, streams: list[str]) -> Trigger:
     """Validate one trigger file; raises :class:`TriggerRejected` with a metric-safe reason."""
     if path.is_symlink():
         raise TriggerRejected("symlink", f"{path.name} is a symlink")
+    info = path.stat()
+    if not stat.S_ISREG(info.st_mode):
+        raise TriggerRejected("not_regular", f"{path.name} is not a regular file")
     command = command_of(path.name)
     if command not in COMMANDS:
         raise TriggerRejected("unknown", f"{path.name}: unknown trigger {command!r} "
                               f"(use {', '.join(COMMANDS)})")
-    size = path.stat().st_size
-    if size > MAX_BYTES:
-        raise TriggerRejected("too_large", f"{path.name} is {size} bytes (limit {MAX_BYTES})")
-    text = path.read_bytes().decode("utf-8", errors="replace").strip()
+    if info.st_size > MAX_BYTES:
+        raise TriggerRejected("too_large", f"{path.name} is {info.st_size} bytes (limit "
+                              f"{MAX_BYTES})")
+    with path.open("rb") as fh:
+        data = fh.read(MAX_BYTES + 1)
+    if len(data) > MAX_BYTES:
+        raise TriggerRejected("too_large", f"{path.name} grew over {MAX_BYTES} bytes")
+    return parse_trigger_bytes(data, path, state_dir, streams, command)
+
+
+def parse_trigger_bytes(data: bytes, path: Path, state_dir: Path, streams: list[str],
+                        command: str | None = None) -> Trigger:
+    """The checks on a trigger's body; any bytes either make a trigger or raise
+    :class:`TriggerRejected` with a reason."""
+    command = command or command_of(path.name)
+    if command not in COMMANDS:
+        raise TriggerRejected("unknown", f"{path.name}: unknown trigger {command!r} "
+                              f"(use {', '.join(COMMANDS)})")
+    if len(data) > MAX_BYTES:
+        raise TriggerRejected("too_large", f"{path.name} is {len(data)} bytes (limit {MAX_BYTES})")
+    text = data.decode("utf-8", errors="replace").strip()
     args: dict[str, Any] = {}
     if text:
         try:
-            args = json.loads(text)
+            args = load_json(text, 1, MAX_DEPTH)
         except json.JSONDecodeError as exc:
             raise TriggerRejected("malformed", f"{path.name}: not valid JSON: {exc}") from exc
+        except IngestError as exc:
+            raise TriggerRejected("malformed", f"{path.name}: {exc}") from exc
         if not isinstance(args, dict):
             raise TriggerRejected("malformed", f"{path.name}: expected a JSON object")
     allowed = {"adapt": {"stream", "support"}, "rollback": {"version"}, "reload": set()}[command]
@@ -64,12 +91,14 @@ def parse_trigger(path: Path, state_dir: Path, streams: list[str]) -> Trigger:
         raise TriggerRejected("malformed", f"{path.name}: unknown key {unknown[0]!r} for {command}")
     if command == "adapt":
         stream = args.get("stream", streams[0] if len(streams) == 1 else None)
-        if stream not in streams:
+        if not isinstance(stream, str) or stream not in streams:
             raise TriggerRejected("malformed", f"{path.name}: 'stream' must name one of {streams}")
         args["stream"] = stream
         if "support" in args:
-            if not isinstance(args["support"], str):
-                raise TriggerRejected("malformed", f"{path.name}: 'support' must be a path string")
+            if not isinstance(args["support"], str) or not args["support"] or len(
+                    args["support"]) > 4096 or "\x00" in args["support"]:
+                raise TriggerRejected("malformed", f"{path.name}: 'support' must be a path string "
+                                      "(no NUL bytes, at most 4096 characters)")
             inbox = (state_dir / "inbox").resolve()
             target = (inbox / args["support"]).resolve()
             if not target.is_relative_to(inbox):
@@ -86,10 +115,10 @@ def parse_trigger(path: Path, state_dir: Path, streams: list[str]) -> Trigger:
 
 
 def pending(trigger_dir: Path) -> list[Path]:
+    """Everything an operator dropped (directories and FIFOs too: they are rejected, not left)."""
     try:
         return sorted(p for p in trigger_dir.iterdir()
-                      if not p.name.startswith(".") and p.name != "done" and
-                      (p.is_symlink() or p.is_file()))
+                      if not p.name.startswith(".") and p.name != "done")
     except FileNotFoundError:
         return []
 
@@ -99,11 +128,12 @@ def finish(path: Path, result: str, message: str, extra: dict[str, Any] | None =
     done = path.parent / "done"
     done.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S")
-    dest = done / f"{stamp}-{path.name}"
-    os.replace(path, dest)
+    dest = done / safe_name(f"{stamp}-{time.time_ns() % 10**9:09d}-{path.name}")
     body = {"trigger": path.name, "result": result, "message": message, "time": time.time(),
             **(extra or {})}
-    atomic_write(done / f"{dest.name}.result.json", json.dumps(body, indent=2, default=str).encode())
+    atomic_write(done / safe_name(dest.name, ".result.json"),
+                 json.dumps(body, indent=2, default=str).encode())
+    os.replace(path, dest)
     return dest
 
 

@@ -201,11 +201,18 @@ def bundle_meta(result: TrainResult) -> dict[str, Any]:
     s, tasks = result.settings, result.tasks
     adapts = {"anil": result.head, "protonet": result.head}.get(s.algorithm, "all")
     names = [f"x{i}" for i in range(tasks.in_features)]
+    output: dict[str, Any] = {"size": tasks.out_features}
+    if tasks.kind == "regression":
+        # The targets the meta-initialization was trained on: the device refuses to adapt on
+        # labels far outside them (poisoned or mis-scaled labels, see daemon/sanity.py).
+        probe = tasks.sample(200, np.random.default_rng(s.seed + 11), split="train")
+        ys = np.concatenate([probe.support_y.numpy().ravel(), probe.query_y.numpy().ravel()])
+        output["target_range"] = [float(np.quantile(ys, 0.001)), float(np.quantile(ys, 0.999))]
     return {
         "task": {"kind": tasks.kind, "distribution": tasks.describe()},
         "input": {"features": tasks.in_features, "feature_names": names,
                   "normalization": tasks.normalization},
-        "output": {"size": tasks.out_features},
+        "output": output,
         "model": s.model,
         "algorithm": s.algorithm,
         "inner": {"steps": s.inner_steps, "lr": s.inner_lr, "adapts": adapts,

@@ -26,6 +26,17 @@ import onnx
 from onnx import numpy_helper
 
 
+def _structure(proto: onnx.ModelProto) -> bytes:
+    """The model with every initializer's values dropped: what must not change between versions."""
+    shape = onnx.ModelProto()
+    shape.CopyFrom(proto)
+    for init in shape.graph.initializer:
+        for name in ("raw_data", "float_data", "double_data", "int32_data", "int64_data"):
+            init.ClearField(name)
+    shape.ClearField("producer_version")
+    return shape.SerializeToString(deterministic=True)
+
+
 class WeightPatchError(ValueError):
     """Weights that do not fit the template; the message names the tensor."""
 
@@ -45,11 +56,27 @@ class OnnxTemplate:
         if unknown:
             raise WeightPatchError(f"template has no initializer(s) {unknown}")
         self.parameter_names = frozenset(names)
-        self.input_name = proto.graph.input[0].name
-        self.output_name = proto.graph.output[0].name
+        self._shape = _structure(proto)
 
-    def spec(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
-        return self._specs[name]
+    def mismatch(self, model: bytes) -> str | None:
+        """Why ``model`` is not this template with other weights (None when it is).
+
+        A registry version is served only if it is the bundle's graph: a foreign model whose
+        manifest checksum happens to match (or was rewritten to match) is refused here.
+        """
+        try:
+            proto = onnx.load_from_string(model)
+        except Exception as exc:  # noqa: BLE001 - protobuf raises its own DecodeError types
+            return f"not an ONNX model ({type(exc).__name__})"
+        if _structure(proto) != self._shape:
+            return "its graph, inputs or initializers differ from the bundle's model"
+        inits = proto.graph.initializer
+        index = {init.name: i for i, init in enumerate(inits)}
+        for name in self.parameter_names:
+            arr = numpy_helper.to_array(inits[index[name]])
+            if not np.isfinite(arr).all():
+                return f"tensor {name!r} contains NaN or infinite values"
+        return None
 
     def weights(self) -> dict[str, np.ndarray]:
         """The template's own values of the patchable tensors."""

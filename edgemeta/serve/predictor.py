@@ -96,7 +96,17 @@ class Predictor:
         live = self._live
         if live is None:
             raise PredictorError("no model is being served yet")
-        x = np.asarray(batch, dtype=np.float32)
-        if x.ndim == 1:
-            x = x[None]
-        return live.session.run([live.output_name], {live.input_name: x})[0], live.version
+        return run(live, batch), live.version
+
+    @property
+    def live(self) -> Live | None:
+        """The serving (session, version) pair, e.g. to keep the replaced one for a rollback."""
+        return self._live
+
+
+def run(live: Live, batch: np.ndarray) -> np.ndarray:
+    """Outputs of one loaded model (served or not) for ``batch`` [N, features]."""
+    x = np.asarray(batch, dtype=np.float32)
+    if x.ndim == 1:
+        x = x[None]
+    return live.session.run([live.output_name], {live.input_name: x})[0]

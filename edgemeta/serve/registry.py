@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgemeta.fsio import atomic_write, fsync_dir, write_durable
+
 log = logging.getLogger("edgemeta.registry")
 
 SOURCES = ("meta-init", "initial", "drift", "refine", "manual", "rollback")
@@ -53,36 +55,6 @@ class Manifest:
     def from_json(cls, data: dict[str, Any]) -> Manifest:
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         return cls(**known)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durable(path: Path, data: bytes) -> None:
-    with path.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Temp file + fsync + rename + fsync of the directory: readers see old or new, never half."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 class Registry:
@@ -198,11 +170,11 @@ class Registry:
                             holdout or {}, support_size, stream, note)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-v{version:06d}-", dir=self.root))
         try:
-            _write_durable(tmp / "model.onnx", model)
-            _write_durable(tmp / "manifest.json", json.dumps(asdict(manifest), indent=2).encode())
-            _fsync_dir(tmp)
+            write_durable(tmp / "model.onnx", model)
+            write_durable(tmp / "manifest.json", json.dumps(asdict(manifest), indent=2).encode())
+            fsync_dir(tmp)
             os.rename(tmp, self.path(version))
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -232,7 +204,7 @@ class Registry:
             shutil.rmtree(self.path(v))
         return removed
 
-    def rollback(self, to: int | None = None) -> Manifest:
+    def rollback(self, to: int | None = None, note: str | None = None) -> Manifest:
         """Serve an earlier version again, recorded as a new version with source ``rollback``.
 
         Without ``to`` the target is the parent of the serving version, so repeated rollbacks walk
@@ -254,7 +226,7 @@ class Registry:
         data, target = self.load(to)
         return self.commit(data, source="rollback", parent=to, holdout=target.holdout,
                            support_size=target.support_size, stream=target.stream,
-                           note=f"rollback from v{current} to v{to}")
+                           note=note or f"rollback from v{current} to v{to}")
 
     def init_from_bundle(self, bundle_dir: str | Path) -> Manifest:
         """Make sure the bundle's meta-initialization is in the registry.

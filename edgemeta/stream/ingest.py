@@ -1,60 +1,43 @@
-"""Watched inboxes: parsing, quarantine, outbox and delayed labels.
+"""Watched inboxes: the file-system side of ingest (parsing itself is in ``parsing.py``).
 
 Input files move through ``inbox/<stream>/`` to exactly one of ``processed/`` or ``quarantine/``;
 predictions are durably written to ``outbox/`` before the input moves, so a crash at any point
 leaves the file in the inbox and a restart handles it again with the same output. Bad input never
-raises out of here: it becomes an :class:`IngestError` with a reason (a bounded set, used as a
-metric label) and the line and column where it went wrong.
+raises out of here as anything but an :class:`IngestError` with a reason (a bounded set, used as a
+metric label) and the line and column where it went wrong; a full disk raises the ``OSError`` so
+the daemon can pause instead of quarantining good files.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import math
 import os
 import queue
 import stat
-import threading
 import time
-import zipfile
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edgemeta.config import StreamSettings
-from edgemeta.serve.registry import atomic_write
+from edgemeta.fsio import atomic_write, is_storage_error, safe_name, sweep_temp
+from edgemeta.stream.parsing import (
+    REASONS,
+    IngestError,
+    Limits,
+    Rows,
+    parse_labels_bytes,
+    parse_rows_bytes,
+)
 
-REASONS = ("symlink", "too_large", "unreadable", "binary", "truncated", "wrong_columns",
-           "non_numeric", "non_finite", "empty", "bad_label")
+__all__ = ["REASONS", "IngestError", "Limits", "Rows", "LabelCache", "StateLayout", "PendingFiles",
+           "InboxWatcher", "parse_rows", "parse_labels", "read_checked"]
+
 LABEL_SUFFIXES = (".labels.csv", ".labels.jsonl")
 DATA_SUFFIXES = (".csv", ".jsonl", ".npz")
-
-
-class IngestError(ValueError):
-    def __init__(self, reason: str, message: str, line: int | None = None,
-                 column: str | None = None):
-        assert reason in REASONS, reason
-        super().__init__(message)
-        self.reason = reason
-        self.line = line
-        self.column = column
-
-    def as_json(self, path: Path) -> dict[str, Any]:
-        return {"file": path.name, "reason": self.reason, "message": str(self), "line": self.line,
-                "column": self.column, "time": time.time()}
-
-
-@dataclass
-class Rows:
-    ids: list[str]
-    x: np.ndarray
-    y: np.ndarray | None
 
 
 def is_label_file(name: str) -> bool:
@@ -67,214 +50,90 @@ def is_candidate(path: Path) -> bool:
     return not (name.startswith(".") or name.endswith((".tmp", ".part", ".error.json")))
 
 
-def _read_checked(path: Path, max_bytes: int, text: bool) -> bytes | str:
+def read_checked(path: Path, max_bytes: int) -> bytes:
+    """The bytes of a regular input file within the size limit, checked before it is read."""
     if path.is_symlink():
         raise IngestError("symlink", f"{path.name} is a symlink; inputs must be regular files")
     try:
         info = path.stat()
         if not stat.S_ISREG(info.st_mode):
-            raise IngestError("unreadable", f"{path.name} is not a regular file")
-        size = info.st_size
-        if size > max_bytes:
-            raise IngestError("too_large", f"{path.name} is {size} bytes, over the limit of "
-                              f"{max_bytes} (ingest.max_file_bytes)")
-        data = path.read_bytes()
+            kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+            raise IngestError("not_regular", f"{path.name} is {kind}; inputs must be regular files")
+        if info.st_size > max_bytes:
+            raise IngestError("too_large", f"{path.name} is {info.st_size} bytes, over the limit "
+                              f"of {max_bytes} (ingest.max_file_bytes)")
+        with path.open("rb") as fh:
+            data = fh.read(max_bytes + 1)  # a file still growing cannot slip past the limit
     except OSError as exc:
+        if is_storage_error(exc):
+            raise
         raise IngestError("unreadable", f"cannot read {path.name}: {exc.strerror or exc}") from exc
+    if len(data) > max_bytes:
+        raise IngestError("too_large", f"{path.name} grew over the limit of {max_bytes} bytes "
+                          "(ingest.max_file_bytes)")
     if not data.strip():
         raise IngestError("empty", f"{path.name} is empty")
-    if not text:
-        return data
-    if b"\x00" in data:
-        raise IngestError("binary", f"{path.name} contains NUL bytes: not a text file",
-                          line=data[:data.index(b'\x00')].count(b"\n") + 1)
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[:exc.start].count(b"\n") + 1
-        raise IngestError("binary", f"{path.name} is not UTF-8 text (byte {exc.start})",
-                          line=line) from exc
+    return data
 
 
-def _number(value: Any, line: int, column: str, integer: bool = False) -> float:
-    if isinstance(value, bool) or value is None:
-        raise IngestError("non_numeric", f"line {line}, column {column!r}: {value!r} is not a number",
-                          line, column)
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise IngestError("non_numeric", f"line {line}, column {column!r}: {value!r} is not a "
-                          "number", line, column) from None
-    if not math.isfinite(number):
-        raise IngestError("non_finite", f"line {line}, column {column!r}: {value!r} is not finite",
-                          line, column)
-    if integer and number != int(number):
-        raise IngestError("bad_label", f"line {line}, column {column!r}: class label {value!r} is "
-                          "not an integer", line, column)
-    return number
-
-
-def _records_csv(text: str) -> Iterable[tuple[int, dict[str, str]]]:
-    reader = csv.reader(io.StringIO(text))
-    header = next(reader)
-    ends_clean = text.endswith("\n")
-    lines = text.count("\n") + (0 if ends_clean else 1)
-    for row in reader:
-        line = reader.line_num
-        if len(row) != len(header):
-            last = line >= lines and not ends_clean
-            reason = "truncated" if last and len(row) < len(header) else "wrong_columns"
-            raise IngestError(reason, f"line {line}: {len(row)} fields, the header has "
-                              f"{len(header)}" + (" (file ends mid-row)" if reason == "truncated"
-                                                  else ""), line)
-        yield line, dict(zip(header, row, strict=True))
-
-
-def _header_csv(text: str) -> list[str]:
-    return next(csv.reader(io.StringIO(text)), [])
-
-
-def _records_jsonl(text: str) -> Iterable[tuple[int, dict[str, Any]]]:
-    lines = text.split("\n")
-    for i, raw in enumerate(lines, start=1):
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            last = i == len(lines) and not text.endswith("\n")
-            raise IngestError("truncated" if last else "non_numeric",
-                              f"line {i}: not valid JSON ({exc.msg})", i) from exc
-        if not isinstance(record, dict):
-            raise IngestError("wrong_columns", f"line {i}: expected a JSON object", i)
-        yield i, record
-
-
-def _columns(stream: StreamSettings, needed_label: bool) -> list[str]:
-    cols = list(stream.features)
-    if stream.id:
-        cols.append(stream.id)
-    if needed_label and stream.label:
-        cols.append(stream.label)
-    return cols
-
-
-def parse_rows(path: Path, stream: StreamSettings, max_bytes: int,
-               classification: bool = False) -> Rows:
+def parse_rows(path: Path, stream: StreamSettings, limits: Limits,
+               classes: int | None = None) -> Rows:
     """Rows of a data file: features by name, optional id, the label when the file has it."""
-    fmt = path.suffix.lstrip(".")
-    if fmt == "npz":
-        return _parse_npz(path, stream, max_bytes, classification)
-    if fmt not in ("csv", "jsonl"):
-        raise IngestError("wrong_columns", f"{path.name}: unsupported extension {path.suffix!r}")
-    text = _read_checked(path, max_bytes, text=True)
-    if fmt == "csv":
-        header = _header_csv(text)
-        missing = [c for c in _columns(stream, False) if c not in header]
-        if missing:
-            raise IngestError("wrong_columns", f"line 1: missing column(s) {missing} (header: "
-                              f"{header})", 1, missing[0])
-        has_label = bool(stream.label) and stream.label in header
-        records = _records_csv(text)
-    else:
-        has_label = None
-        records = _records_jsonl(text)
-    ids, xs, ys = [], [], []
-    for line, rec in records:
-        if has_label is None:
-            has_label = bool(stream.label) and stream.label in rec
-        for col in _columns(stream, has_label):
-            if col not in rec:
-                raise IngestError("wrong_columns", f"line {line}: missing column {col!r}", line, col)
-        xs.append([_number(rec[c], line, c) for c in stream.features])
-        if has_label:
-            ys.append(_number(rec[stream.label], line, stream.label, classification))
-        ids.append(str(rec[stream.id]) if stream.id else f"{path.stem}:{len(ids)}")
-    if not xs:
-        raise IngestError("empty", f"{path.name} has no data rows")
-    x = np.asarray(xs, dtype=np.float32)
-    return Rows(ids, x, np.asarray(ys) if has_label else None)
+    return parse_rows_bytes(read_checked(path, limits.max_file_bytes), path.name, stream, limits,
+                            classes)
 
 
-def _parse_npz(path: Path, stream: StreamSettings, max_bytes: int, classification: bool) -> Rows:
-    data = _read_checked(path, max_bytes, text=False)
-    try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (zipfile.BadZipFile, EOFError) as exc:
-        raise IngestError("truncated", f"{path.name}: not a complete npz archive ({exc})") from exc
-    except (ValueError, OSError) as exc:
-        raise IngestError("unreadable", f"{path.name}: cannot load npz: {exc}") from exc
-    missing = [c for c in _columns(stream, False) if c not in arrays]
-    if missing:
-        raise IngestError("wrong_columns", f"{path.name}: missing array(s) {missing} (has "
-                          f"{sorted(arrays)})", column=missing[0])
-    n = len(arrays[stream.features[0]])
-    cols = _columns(stream, stream.label in arrays if stream.label else False)
-    for c in cols:
-        if arrays[c].ndim != 1 or len(arrays[c]) != n:
-            raise IngestError("wrong_columns", f"{path.name}: array {c!r} has shape "
-                              f"{arrays[c].shape}, expected ({n},)", column=c)
-    for c in [*stream.features, *([stream.label] if stream.label in arrays else [])]:
-        if arrays[c].dtype.kind not in "biuf":
-            raise IngestError("non_numeric", f"{path.name}: array {c!r} has dtype {arrays[c].dtype}",
-                              column=c)
-        bad = np.flatnonzero(~np.isfinite(arrays[c].astype(np.float64)))
-        if len(bad):
-            raise IngestError("non_finite", f"{path.name}: array {c!r} row {int(bad[0])} is not "
-                              "finite", line=int(bad[0]), column=c)
-    if n == 0:
-        raise IngestError("empty", f"{path.name} has no rows")
-    x = np.stack([arrays[c].astype(np.float32) for c in stream.features], axis=1)
-    y = arrays[stream.label] if stream.label and stream.label in arrays else None
-    if y is not None and classification and not np.all(y == np.round(y)):
-        raise IngestError("bad_label", f"{path.name}: class labels must be integers",
-                          column=stream.label)
-    ids = ([str(v) for v in arrays[stream.id]] if stream.id
-           else [f"{path.stem}:{i}" for i in range(n)])
-    return Rows(ids, x, y)
-
-
-def parse_labels(path: Path, max_bytes: int, classification: bool = False) -> list[tuple[str, float]]:
+def parse_labels(path: Path, limits: Limits, classes: int | None = None
+                 ) -> tuple[list[tuple[str, float]], dict[str, str]]:
     """A delayed-label file: ``id,label`` rows (CSV with that header, or JSON Lines)."""
-    text = _read_checked(path, max_bytes, text=True)
-    if path.name.endswith(".csv"):
-        header = _header_csv(text)
-        if "id" not in header or "label" not in header:
-            raise IngestError("wrong_columns", f"line 1: a label file needs columns 'id' and "
-                              f"'label' (header: {header})", 1)
-        records = _records_csv(text)
-    else:
-        records = _records_jsonl(text)
-    out = []
-    for line, rec in records:
-        for col in ("id", "label"):
-            if col not in rec:
-                raise IngestError("wrong_columns", f"line {line}: missing {col!r}", line, col)
-        out.append((str(rec["id"]), _number(rec["label"], line, "label", classification)))
-    if not out:
-        raise IngestError("empty", f"{path.name} has no label rows")
-    return out
+    return parse_labels_bytes(read_checked(path, limits.max_file_bytes), path.name, limits,
+                              classes)
 
 
 class LabelCache:
-    """Bounded memory of recent predictions so late labels can score the model that made them."""
+    """Recent predictions kept so late labels can score the model that made them.
 
-    def __init__(self, capacity: int):
+    Bounded by entries and by bytes: each entry holds its own copy of the row and the model's
+    output (a view would keep the whole input batch alive), and the oldest go first.
+
+    >>> cache = LabelCache(capacity=10, max_bytes=1000)
+    >>> for i in range(50):
+    ...     cache.put("s", str(i), np.zeros(8, np.float32), np.zeros(1, np.float32), 1)
+    >>> len(cache) < 10 and cache.nbytes <= 1000 and cache.pop("s", "49") is not None
+    True
+    """
+
+    ENTRY_OVERHEAD = 400  # dict slot, key tuple and strings, value tuple, two array headers
+
+    def __init__(self, capacity: int, max_bytes: int = 64 * 1024 * 1024):
         self.capacity = capacity
-        self._items: OrderedDict[tuple[str, str], tuple[np.ndarray, float, int]] = OrderedDict()
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple[str, str], tuple[np.ndarray, np.ndarray, int]] = OrderedDict()
+        self.nbytes = 0
         self.evicted = 0
 
-    def put(self, stream: str, row_id: str, x: np.ndarray, prediction: float, version: int) -> None:
+    def _size(self, key: tuple[str, str], x: np.ndarray, output: np.ndarray) -> int:
+        return self.ENTRY_OVERHEAD + len(key[0]) + len(key[1]) + x.nbytes + output.nbytes
+
+    def put(self, stream: str, row_id: str, x: np.ndarray, output: np.ndarray, version: int) -> None:
         key = (stream, row_id)
-        self._items[key] = (x, prediction, version)
-        self._items.move_to_end(key)
-        while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
+        old = self._items.pop(key, None)
+        if old is not None:
+            self.nbytes -= self._size(key, old[0], old[1])
+        x, output = np.array(x, dtype=np.float32), np.array(output, dtype=np.float32)
+        self._items[key] = (x, output, version)
+        self.nbytes += self._size(key, x, output)
+        while self._items and (len(self._items) > self.capacity or self.nbytes > self.max_bytes):
+            old_key, (ox, oout, _) = self._items.popitem(last=False)
+            self.nbytes -= self._size(old_key, ox, oout)
             self.evicted += 1
 
-    def pop(self, stream: str, row_id: str) -> tuple[np.ndarray, float, int] | None:
-        return self._items.pop((stream, row_id), None)
+    def pop(self, stream: str, row_id: str) -> tuple[np.ndarray, np.ndarray, int] | None:
+        key = (stream, row_id)
+        hit = self._items.pop(key, None)
+        if hit is not None:
+            self.nbytes -= self._size(key, hit[0], hit[1])
+        return hit
 
     def __len__(self) -> int:
         return len(self._items)
@@ -295,8 +154,16 @@ class StateLayout:
                 self.dir(kind, stream).mkdir(parents=True, exist_ok=True)
 
     def write_predictions(self, stream: str, name: str, records: list[dict[str, Any]]) -> Path:
-        out = self.dir("outbox", stream) / f"{name}.predictions.jsonl"
+        """``<name>.predictions.jsonl``; a name too long for that gets a shortened, unique one and
+        a ``.name.json`` beside it that maps it back to the input."""
+        outbox = self.dir("outbox", stream)
+        out_name = safe_name(name, ".predictions.jsonl")
         body = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
+        if out_name != name + ".predictions.jsonl":
+            base = out_name.removesuffix(".predictions.jsonl")
+            atomic_write(outbox / f"{base}.name.json", json.dumps(
+                {"input": name, "predictions": out_name}).encode())
+        out = outbox / out_name
         atomic_write(out, body.encode())
         return out
 
@@ -306,12 +173,25 @@ class StateLayout:
         return dest
 
     def quarantine(self, stream: str, path: Path, error: IngestError) -> Path:
+        """Move the input aside beside an ``.error.json`` naming the reason; an earlier file of
+        the same name already in quarantine is kept (the new one gets a unique name)."""
         qdir = self.dir("quarantine", stream)
-        dest = qdir / path.name
-        atomic_write(qdir / f"{path.name}.error.json",
-                     json.dumps(error.as_json(path), indent=2).encode())
-        os.replace(path, dest)  # a symlink is moved as the link itself, never followed
-        return dest
+        name = path.name
+        if os.path.lexists(qdir / name):
+            name = safe_name(f"{path.name}.{time.time_ns()}")
+        atomic_write(qdir / safe_name(name, ".error.json"),
+                     json.dumps(error.as_json(path.name), indent=2).encode())
+        os.replace(path, qdir / name)  # a symlink is moved as the link itself, never followed
+        return qdir / name
+
+    def sweep_temp(self, streams: Iterable[str]) -> list[Path]:
+        """Temp files a kill left in the daemon's own folders (never in the producers' inbox)."""
+        removed = sweep_temp(self.root) + sweep_temp(self.root / "episodes")
+        removed += sweep_temp(self.root / "triggers" / "done")
+        for stream in streams:
+            for kind in ("outbox", "quarantine", "processed"):
+                removed += sweep_temp(self.dir(kind, stream))
+        return removed
 
     def scan(self, streams: Iterable[str]) -> list[tuple[str, Path]]:
         found = []
@@ -321,7 +201,8 @@ class StateLayout:
                 entries = sorted(inbox.iterdir())
             except FileNotFoundError:
                 continue
-            found += [(stream, p) for p in entries if is_candidate(p) and not p.is_dir()]
+            # Directories and FIFOs are reported too: they are quarantined as not_regular.
+            found += [(stream, p) for p in entries if is_candidate(p)]
         return found
 
 
@@ -382,13 +263,11 @@ class InboxWatcher:
                 self._put(event.dest_path)
 
             def on_created(self, event):
-                if not event.is_directory:
-                    self._put(event.src_path)
+                self._put(event.src_path)
 
         for stream in streams:
             self._observer.schedule(Handler(stream), str(layout.dir("inbox", stream)),
                                     recursive=False)
-        self._lock = threading.Lock()
 
     def start(self) -> None:
         self._observer.start()

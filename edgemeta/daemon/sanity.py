@@ -1,0 +1,118 @@
+"""Adaptation sanity: labels that cannot describe a task are not adapted on, and a swapped model
+that the next labels show worse than the one it replaced is rolled back.
+
+The holdout gate compares the candidate with the serving model on the same labels, so it cannot
+tell a poisoned label stream from a real change: both make the candidate look better. What it can
+check is whether the labels look like a task at all: constant labels, a variance collapsed far
+below the stream's own recent history, targets far outside what the bundle was trained on, or a
+candidate that explains nothing (no better than a constant). And after a swap, the labels that
+follow judge the new version against the old one row by row.
+
+>>> degenerate_labels("regression", np.full(30, 2.0), recent=np.random.default_rng(0).normal(size=200))
+'constant_labels'
+>>> degenerate_labels("regression", np.linspace(-1, 1, 30), recent=np.linspace(-1, 1, 200)) is None
+True
+>>> p = Probation(rows=5)
+>>> for _ in range(5):
+...     p.add(new_losses=np.array([4.0]), old_losses=np.array([1.0]))
+>>> p.verdict()
+'worse'
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+# Variance this many times below the stream's recent history is a stuck sensor, not a task.
+COLLAPSE_STD_RATIO = 0.005
+# "Far outside the training range": this share of labels beyond the range widened by its width.
+OUT_OF_RANGE_SHARE = 0.2
+# A single-class set is suspicious only where the recent history was not itself one-sided.
+SINGLE_CLASS_MAX_SHARE = 0.75
+MIN_HISTORY = 100
+
+
+def degenerate_labels(kind: str, y: np.ndarray, recent: np.ndarray | None = None,
+                      target_range: tuple[float, float] | None = None) -> str | None:
+    """Why these support+holdout labels are not a task to adapt to, or None."""
+    y = np.asarray(y, dtype=np.float64)
+    if len(y) < 2:
+        return None
+    recent = np.asarray(recent if recent is not None else [], dtype=np.float64)
+    if kind == "classification":
+        if len(np.unique(y)) == 1 and len(recent) >= MIN_HISTORY:
+            _, counts = np.unique(recent, return_counts=True)
+            if counts.max() / len(recent) <= SINGLE_CLASS_MAX_SHARE:
+                return "single_class"
+        return None
+    spread = float(y.std())
+    if spread <= 1e-9 * max(1.0, float(np.abs(y).mean())):
+        return "constant_labels"
+    if len(recent) >= MIN_HISTORY and spread < COLLAPSE_STD_RATIO * float(recent.std()):
+        return "collapsed_variance"
+    if target_range is not None:
+        lo, hi = target_range
+        width = max(hi - lo, 1e-9)
+        outside = (y < lo - width) | (y > hi + width)
+        if float(outside.mean()) > OUT_OF_RANGE_SHARE:
+            return "out_of_range"
+    return None
+
+
+def constant_baseline_loss(kind: str, support_y: np.ndarray, holdout_y: np.ndarray) -> float:
+    """Per-row loss on the holdout of the best constant the support set suggests: its mean
+    (regression, squared error) or its most common class (classification, 0/1 error)."""
+    sy, hy = np.asarray(support_y, np.float64), np.asarray(holdout_y, np.float64)
+    if kind == "regression":
+        return float(np.mean((hy - sy.mean()) ** 2))
+    values, counts = np.unique(sy, return_counts=True)
+    return float(np.mean(hy != values[int(np.argmax(counts))]))
+
+
+class Probation:
+    """The rows after a swap, judged by both the new version and the one it replaced.
+
+    ``verdict`` is ``'worse'`` when the new version's per-row losses are higher than the old one's
+    by a one-sided paired t-test at about 2.5% (t > 2), ``'ok'`` otherwise, and None until
+    ``rows`` rows have been seen.
+    """
+
+    T_CRITICAL = 2.0
+
+    def __init__(self, rows: int, previous: Any = None, previous_version: int | None = None,
+                 new_version: int | None = None):
+        self.rows = rows
+        self.previous = previous  # the replaced model, still loaded (opaque here)
+        self.previous_version = previous_version
+        self.new_version = new_version
+        self._diffs: list[float] = []
+        self._new: list[float] = []
+        self._old: list[float] = []
+
+    def add(self, new_losses: np.ndarray, old_losses: np.ndarray) -> None:
+        new, old = np.asarray(new_losses, np.float64), np.asarray(old_losses, np.float64)
+        self._new += new.tolist()
+        self._old += old.tolist()
+        self._diffs += (new - old).tolist()
+
+    @property
+    def seen(self) -> int:
+        return len(self._diffs)
+
+    def figures(self) -> dict[str, float]:
+        return {"rows": self.seen, "new_loss": float(np.mean(self._new)) if self._new else 0.0,
+                "old_loss": float(np.mean(self._old)) if self._old else 0.0}
+
+    def verdict(self) -> str | None:
+        if self.seen < self.rows:
+            return None
+        d = np.asarray(self._diffs)
+        mean = float(d.mean())
+        if mean <= 0:
+            return "ok"
+        sd = float(d.std(ddof=1)) if len(d) > 1 else 0.0
+        if sd == 0.0:
+            return "worse"
+        return "worse" if mean / (sd / np.sqrt(len(d))) > self.T_CRITICAL else "ok"
