@@ -234,6 +234,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from edgemeta.bench.swap import run_serve
 
         run_serve(Path(args.out), quick=args.quick)
+    elif args.bench == "soak":
+        from edgemeta.bench.soak import run_soak
+
+        if args.quick:
+            run_soak(Path(args.out), minutes=1.0, rate=200, warmup_min=0.25, switch_s=20)
+        else:
+            run_soak(Path(args.out), minutes=args.minutes, rate=args.rate,
+                     warmup_min=args.warmup)
     elif args.bench == "stream":
         from edgemeta.bench.stream import FAMILIES, run_stream_bench
 
@@ -351,6 +359,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--bundle", default="bench-out/fewshot/sinusoid-maml")
         p.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
         p.set_defaults(func=cmd_bench)
+
+    k = bsub.add_parser("soak", help="the real daemon under a steady stream: RSS, fds, threads")
+    k.add_argument("--out", default="bench-out/soak", help="output folder (default: %(default)s)")
+    k.add_argument("--minutes", type=float, default=30.0, help="duration (default: %(default)s)")
+    k.add_argument("--rate", type=int, default=1000, help="rows per second (default: %(default)s)")
+    k.add_argument("--warmup", type=float, default=5.0,
+                   help="minutes left out of the slope (default: %(default)s)")
+    k.add_argument("--quick", action="store_true", help="1 minute at 200 rows/s, a smoke test")
+    k.set_defaults(func=cmd_bench)
 
     s = bsub.add_parser("stream", help="continual adaptation vs an oracle, river and baselines")
     s.add_argument("--out", default="bench-out/stream")

@@ -28,7 +28,12 @@ from edgemeta.daemon.degraded import Degraded
 from edgemeta.daemon.degraded import reason_of as degraded_reason
 from edgemeta.daemon.gate import GateDecision, clear_win, decide, holdout_loss, per_sample_loss
 from edgemeta.daemon.metrics import Metrics, serve_http
-from edgemeta.daemon.sanity import Probation, constant_baseline_loss, degenerate_labels
+from edgemeta.daemon.sanity import (
+    Probation,
+    constant_baseline_loss,
+    degenerate_labels,
+    had_signal,
+)
 from edgemeta.daemon.systemd import Notifier
 from edgemeta.daemon.triggers import TriggerRejected, finish, parse_trigger, pending
 from edgemeta.fsio import atomic_write, is_storage_error
@@ -73,6 +78,7 @@ class StreamState:
     # Labels seen while watching (not collecting): the stream's recent history, against which a
     # support set's labels are checked for sanity.
     history: deque = field(default_factory=lambda: deque(maxlen=500))
+    history_loss: deque = field(default_factory=lambda: deque(maxlen=500))  # serving model's
     probation: Probation | None = None  # after a swap: new version vs the one it replaced
 
 
@@ -518,6 +524,7 @@ class Daemon:
                     busy = True  # the rest of the batch is judged after the outcome
             else:
                 state.history.append(float(y[i]))
+                state.history_loss.append(float(losses[i]))
         self._status_dirty = True
 
     def _judge_probation(self, state: StreamState, x: np.ndarray, y: np.ndarray,
@@ -694,7 +701,8 @@ class Daemon:
                          "for the full holdout", job.stream, current, candidate, len(y))
                 return
         ep = job.episode
-        if decision.accepted:
+        if decision.accepted and had_signal(self.kind, np.asarray(state.history),
+                                            np.asarray(state.history_loss)):
             baseline = constant_baseline_loss(self.kind, ep.support_y, ep.holdout_y)
             if float(per_sample_loss(self.kind, candidate_out, ep.holdout_y).mean()) >= baseline:
                 # Beating the serving model is not enough: a candidate no better than a constant

@@ -71,6 +71,25 @@ def constant_baseline_loss(kind: str, support_y: np.ndarray, holdout_y: np.ndarr
     return float(np.mean(hy != values[int(np.argmax(counts))]))
 
 
+def had_signal(kind: str, labels: np.ndarray, losses: np.ndarray) -> bool:
+    """Whether the serving model explained the stream's recent labels better than a constant.
+
+    A candidate that learns nothing beyond a constant is suspicious only where the serving model
+    did learn something: then random or shuffled labels are the likelier story. Where the serving
+    model was no better than a constant either, the gate alone decides.
+
+    >>> had_signal("regression", np.array([0.0, 2.0] * 60), np.full(120, 0.1))
+    True
+    """
+    y, loss = np.asarray(labels, np.float64), np.asarray(losses, np.float64)
+    if len(y) < MIN_HISTORY or len(loss) == 0:
+        return False
+    if kind == "regression":
+        return float(loss.mean()) < float(y.var())
+    _, counts = np.unique(y, return_counts=True)
+    return float(loss.mean()) < 1.0 - counts.max() / len(y)
+
+
 class Probation:
     """The rows after a swap, judged by both the new version and the one it replaced.
 
