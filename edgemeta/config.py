@@ -261,7 +261,9 @@ def load_config(path: str | Path) -> Settings:
         raise ConfigError(f"{path}: no such config file") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-    except (UnicodeDecodeError, IsADirectoryError, PermissionError) as exc:
+    except RecursionError as exc:
+        raise ConfigError(f"{path}: not valid TOML: nested too deeply") from exc
+    except (UnicodeDecodeError, OSError, ValueError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from exc
     try:
         return parse_config(raw, path.resolve())

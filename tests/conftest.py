@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import time
+import zlib
+
 import numpy as np
 import pytest
 
@@ -88,3 +91,31 @@ def drop_drifting_stream(inbox) -> None:
     for i in range(6):
         sine_file(inbox, f"b{i:03d}", 4.5, 2.5, seed=100 + i)
         time.sleep(0.05)
+
+
+# -- driving an in-process Daemon ------------------------------------------------------------
+def run_until(daemon, predicate, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        daemon.step(wait=0.02)
+        if predicate():
+            return True
+    return False
+
+
+def inbox(daemon):
+    return daemon.layout.dir("inbox", "sine")
+
+
+def counter(daemon, name, **labels) -> float:
+    value = daemon.metrics.registry.get_sample_value(name, labels)
+    return value or 0.0
+
+
+def feed(daemon, prefix, amplitude, phase, files, n=50, **kw):
+    base = zlib.crc32(prefix.encode()) % 1000  # not hash(): that changes with PYTHONHASHSEED
+    for i in range(files):
+        sine_file(inbox(daemon), f"{prefix}{i:03d}", amplitude, phase, n=n, seed=base + i, **kw)
+        assert run_until(daemon, lambda: not any(inbox(daemon).iterdir()))
+
+

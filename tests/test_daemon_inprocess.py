@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
-import zlib
 
 import numpy as np
 import pytest
@@ -15,7 +13,7 @@ from edgemeta.config import load_config
 from edgemeta.daemon.metrics import Metrics
 from edgemeta.daemon.runtime import Daemon
 from edgemeta.daemon.triggers import write_trigger
-from tests.conftest import sine_file, write_config
+from tests.conftest import counter, feed, inbox, run_until, sine_file, write_config
 
 
 @pytest.fixture
@@ -27,31 +25,6 @@ def daemon(tmp_path, sinusoid_bundle):
     assert d.adapter.wait_ready(120)
     yield d
     d.shutdown(drain_s=0.5)
-
-
-def run_until(daemon, predicate, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        daemon.step(wait=0.02)
-        if predicate():
-            return True
-    return False
-
-
-def inbox(daemon):
-    return daemon.layout.dir("inbox", "sine")
-
-
-def counter(daemon, name, **labels) -> float:
-    value = daemon.metrics.registry.get_sample_value(name, labels)
-    return value or 0.0
-
-
-def feed(daemon, prefix, amplitude, phase, files, n=50, **kw):
-    base = zlib.crc32(prefix.encode()) % 1000  # not hash(): that changes with PYTHONHASHSEED
-    for i in range(files):
-        sine_file(inbox(daemon), f"{prefix}{i:03d}", amplitude, phase, n=n, seed=base + i, **kw)
-        assert run_until(daemon, lambda: not any(inbox(daemon).iterdir()))
 
 
 def test_drift_is_detected_adapted_gated_and_the_new_version_answers(daemon):

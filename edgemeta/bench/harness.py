@@ -48,7 +48,7 @@ def cached_bundle(directory: Path, iterations: int = 1000) -> Path:
 
 def write_config(path: Path, bundle: Path, state: Path, port: int, **sections: dict) -> Path:
     tables: dict[str, dict[str, Any]] = {
-        "bundle": {"path": str(bundle)}, "state": {"dir": str(state)},
+        "bundle": {"path": str(Path(bundle).resolve())}, "state": {"dir": str(state)},
         "adaptation": {"support_size": 10, "holdout_size": 20, "steps": 5, "timeout_s": 20},
         "metrics": {"port": port}, "ingest": {"settle_s": 0.05, "rescan_interval_s": 1.0}}
     for name, values in sections.items():

@@ -614,7 +614,8 @@ class Daemon:
         now = time.perf_counter()
         a = self.settings.adaptation
         problem = degenerate_labels(self.kind, np.concatenate([episode.support_y, episode.holdout_y]),
-                                    np.asarray(state.history), self.bundle.target_range)
+                                    np.asarray(state.history), self.bundle.target_range,
+                                    holdout=episode.holdout_y)
         if problem is not None:
             log.warning("stream=%s: not adapting on these labels (%s)", state.name, problem)
             self.record(state.name, episode, state.trigger or "drift", "rejected", problem, {}, {})

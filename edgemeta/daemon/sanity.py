@@ -32,14 +32,31 @@ OUT_OF_RANGE_SHARE = 0.2
 # A single-class set is suspicious only where the recent history was not itself one-sided.
 SINGLE_CLASS_MAX_SHARE = 0.75
 MIN_HISTORY = 100
+# Continuous targets rarely repeat exactly; this share of one value in a support set is a stuck
+# or defaulted label source.
+REPEATED_SHARE = 0.8
+
+
+def _mostly_one_value(y: np.ndarray) -> bool:
+    _, counts = np.unique(y, return_counts=True)
+    return counts.max() >= REPEATED_SHARE * len(y)
 
 
 def degenerate_labels(kind: str, y: np.ndarray, recent: np.ndarray | None = None,
-                      target_range: tuple[float, float] | None = None) -> str | None:
-    """Why these support+holdout labels are not a task to adapt to, or None."""
+                      target_range: tuple[float, float] | None = None,
+                      holdout: np.ndarray | None = None) -> str | None:
+    """Why these support+holdout labels (``y``; ``holdout`` the gate's part of them) are not a
+    task to adapt to, or None."""
     y = np.asarray(y, dtype=np.float64)
     if len(y) < 2:
         return None
+    if kind == "regression":
+        # After a drift the support is seeded with rows since an *estimated* change point, so a
+        # few honest rows can hide a stuck sensor: look at the share of one repeated value, and
+        # at the holdout on its own (the gate judges by it alone).
+        hold = np.asarray(holdout if holdout is not None else [], np.float64)
+        if _mostly_one_value(y) or (len(hold) >= 3 and len(np.unique(hold)) == 1):
+            return "constant_labels"
     recent = np.asarray(recent if recent is not None else [], dtype=np.float64)
     if kind == "classification":
         if len(np.unique(y)) == 1 and len(recent) >= MIN_HISTORY:
