@@ -234,6 +234,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from edgemeta.bench.swap import run_serve
 
         run_serve(Path(args.out), quick=args.quick)
+    elif args.bench == "chaos":
+        from edgemeta.bench.chaos import run_chaos
+
+        if args.quick:
+            run_chaos(Path(args.out), malformed_files=150, kills=6, poison_tries=5, seed=args.seed)
+        else:
+            run_chaos(Path(args.out), malformed_files=args.files, kills=args.kills,
+                      poison_tries=args.poison, seed=args.seed)
     elif args.bench == "soak":
         from edgemeta.bench.soak import run_soak
 
@@ -359,6 +367,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--bundle", default="bench-out/fewshot/sinusoid-maml")
         p.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
         p.set_defaults(func=cmd_bench)
+
+    c = bsub.add_parser("chaos", help="the real daemon against hostile inputs, kills, a full disk")
+    c.add_argument("--out", default="bench-out/chaos", help="output folder (default: %(default)s)")
+    c.add_argument("--files", type=int, default=1100,
+                   help="malformed inputs to send (default: %(default)s)")
+    c.add_argument("--kills", type=int, default=60,
+                   help="kill -9 of the daemon or its worker (default: %(default)s)")
+    c.add_argument("--poison", type=int, default=25,
+                   help="poisoned-label adaptation tries (default: %(default)s)")
+    c.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    c.add_argument("--quick", action="store_true", help="150 files, 6 kills, 5 poison tries")
+    c.set_defaults(func=cmd_bench)
 
     k = bsub.add_parser("soak", help="the real daemon under a steady stream: RSS, fds, threads")
     k.add_argument("--out", default="bench-out/soak", help="output folder (default: %(default)s)")

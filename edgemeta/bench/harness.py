@@ -64,8 +64,12 @@ def write_config(path: Path, bundle: Path, state: Path, port: int, **sections: d
 
 def drop(inbox: Path, name: str, data: bytes) -> Path:
     """Write an input the way producers must: a temporary name, then a rename."""
-    tmp = inbox / f".{name}.tmp"
-    tmp.write_bytes(data)
+    tmp = inbox / f".drop-{os.getpid()}-{time.monotonic_ns()}.tmp"  # short: names may be long
+    try:
+        tmp.write_bytes(data)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
     os.rename(tmp, inbox / name)
     return inbox / name
 

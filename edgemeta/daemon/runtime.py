@@ -970,8 +970,16 @@ class Daemon:
                          json.dumps(self.status(), indent=2, default=float).encode())
         except OSError as exc:
             # status.json is a view for operators: a full disk must not stop serving for it.
-            log.error("cannot write status.json: %s", exc)
+            if is_storage_error(exc):
+                if not self.degraded.active:
+                    log.error("cannot write status.json: %s", exc)
+                self.degraded.fail(degraded_reason(exc), str(exc), time.monotonic())
+                self.metrics.degraded.labels(degraded_reason(exc)).set(1)
+            else:
+                log.error("cannot write status.json: %s", exc)
             self._status_dirty = True
+            return
+        self._storage_ok()
 
     def shutdown(self, drain_s: float = 5.0) -> int:
         self.notifier.stopping("draining")

@@ -1,0 +1,30 @@
+"""The black-box chaos run, reduced: the real daemon process against hostile inputs and kills."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgemeta.bench.chaos import run_chaos
+
+
+@pytest.mark.slow
+def test_hostile_inputs_kills_a_full_disk_and_a_tampered_registry_lose_nothing(tmp_path):
+    result = run_chaos(tmp_path / "chaos", malformed_files=120, kills=6, poison_tries=5, seed=1)
+    assert result["malformed_sent"] >= 100 and result["daemon_kills"] + result["worker_kills"] == 6
+    assert result["crashes"] == 0 and result["restarts_needed"] == 0
+    assert result["inputs_lost"] == 0, result["lost_examples"]
+    assert result["valid_without_predictions"] == 0, result["no_prediction_examples"]
+    assert result["valid_quarantined"] == 0, result["valid_quarantined_examples"]
+    assert result["registry_invalid_after_kill"] == 0, result["registry_problems"]
+    assert result["tampered_registry"]["refused"]
+    assert result["triggers_handled"] >= result["hostile_triggers_sent"] + result["poison"]["tries"]
+    if result["full_disk"]["run"]:
+        assert result["full_disk"]["alive_while_full"]
+        assert result["full_disk"]["degraded_metric_while_full"] == 1
+        assert result["full_disk"]["inputs_waiting_in_inbox_while_full"] == 5
+    poison = result["poison"]
+    # Constant, shuffled, random and unit-mix-up labels are refused before a swap; a plausible
+    # rescaling (x10) may pass the gate, and then the next honest labels roll it back.
+    for kind in ("random", "scaled_x1000", "constant", "shuffled"):
+        assert poison["accepted_by_kind"][kind] == 0, poison
+    assert poison["rolled_back_after"] >= poison["accepted_by_kind"]["scaled_x10"]
