@@ -319,6 +319,16 @@ class Chaos:
                     out[p.name] = json.loads((p / "manifest.json").read_text())
         return out
 
+    def _last_manual_outcome(self) -> str:
+        for path in sorted((self.state / "episodes").glob("*.json"), reverse=True):
+            with contextlib.suppress(OSError, ValueError):
+                e = json.loads(path.read_text())
+                if e.get("trigger") == "manual":
+                    return (f"{e.get('result')}/{e.get('reason')} "
+                            f"{e.get('holdout_current', float('nan')):.3g}->"
+                            f"{e.get('holdout_candidate', float('nan')):.3g}")
+        return "none"
+
     def poison(self, daemon: DaemonProcess) -> dict[str, Any]:
         """Manual adapt triggers followed by a burst of poisoned labels, then honest ones."""
         from edgemeta.daemon.triggers import write_trigger
@@ -328,6 +338,7 @@ class Chaos:
         accepted = {k: 0 for k in kinds}
         tried = {k: 0 for k in kinds}
         rolled_back = 0
+        outcomes: list[str] = []
         for i in range(self.n_poison):
             kind = kinds[i % len(kinds)]
             for _ in range(3):
@@ -351,13 +362,15 @@ class Chaos:
             new = {k: m for k, m in self._manifests().items() if k not in before}
             tried[kind] += 1
             accepted[kind] += sum(1 for m in new.values() if m.get("source") == "manual")
+            outcomes.append(f"{kind}:{self._last_manual_outcome()}")
             for _ in range(2):
                 self.send_valid()  # honest labels after the burst: a probation rollback if needed
             daemon.wait(lambda: self.inbox_empty(), 60, "the inbox to drain")
             time.sleep(0.3)
             rolled_back += sum(1 for k, m in self._manifests().items()
                                if k not in before and m.get("source") == "rollback")
-        return {"tries": sum(tried.values()), "tried": tried, "accepted_by_kind": accepted,
+        return {"tries": sum(tried.values()), "tried": tried, "outcomes": outcomes,
+                "accepted_by_kind": accepted,
                 "accepted": sum(accepted.values()), "rolled_back_after": rolled_back}
 
     # -- accounting --------------------------------------------------------------------------

@@ -29,10 +29,11 @@ from edgemeta.daemon.degraded import reason_of as degraded_reason
 from edgemeta.daemon.gate import GateDecision, clear_win, decide, holdout_loss, per_sample_loss
 from edgemeta.daemon.metrics import Metrics, serve_http
 from edgemeta.daemon.sanity import (
+    NO_SIGNAL_SKILL_RATIO,
     Probation,
-    constant_baseline_loss,
     degenerate_labels,
     had_signal,
+    skill,
 )
 from edgemeta.daemon.systemd import Notifier
 from edgemeta.daemon.triggers import TriggerRejected, finish, parse_trigger, pending
@@ -702,12 +703,17 @@ class Daemon:
                          "for the full holdout", job.stream, current, candidate, len(y))
                 return
         ep = job.episode
-        if decision.accepted and had_signal(self.kind, np.asarray(state.history),
-                                            np.asarray(state.history_loss)):
-            baseline = constant_baseline_loss(self.kind, ep.support_y, ep.holdout_y)
-            if float(per_sample_loss(self.kind, candidate_out, ep.holdout_y).mean()) >= baseline:
-                # Beating the serving model is not enough: a candidate no better than a constant
-                # learned nothing from x, which is what random or shuffled labels produce.
+        if decision.accepted:
+            # Beating the serving model is not enough. A candidate no better on its holdout than
+            # that holdout's own mean (skill <= 0: R^2, or the share of the majority-class error
+            # removed), or one that explains far less than the serving model explained of the
+            # stream's recent labels, learned little from x: what random or shuffled labels give.
+            history_y, history_loss = np.asarray(state.history), np.asarray(state.history_loss)
+            cand_skill = skill(self.kind, ep.holdout_y,
+                               per_sample_loss(self.kind, candidate_out, ep.holdout_y))
+            floor = (NO_SIGNAL_SKILL_RATIO * skill(self.kind, history_y, history_loss)
+                     if had_signal(self.kind, history_y, history_loss) else 0.0)
+            if cand_skill <= 0 or cand_skill < floor:
                 decision = GateDecision(False, "no_signal", current, candidate)
         timings["gate"] = time.perf_counter() - t
         self.metrics.holdout_current.labels(job.stream).set(current)

@@ -32,6 +32,8 @@ OUT_OF_RANGE_SHARE = 0.2
 # A single-class set is suspicious only where the recent history was not itself one-sided.
 SINGLE_CLASS_MAX_SHARE = 0.75
 MIN_HISTORY = 100
+# A candidate must explain at least this share of what the serving model explained of the stream.
+NO_SIGNAL_SKILL_RATIO = 0.5
 # Continuous targets rarely repeat exactly; this share of one value in a support set is a stuck
 # or defaulted label source.
 REPEATED_SHARE = 0.8
@@ -78,14 +80,35 @@ def degenerate_labels(kind: str, y: np.ndarray, recent: np.ndarray | None = None
     return None
 
 
-def constant_baseline_loss(kind: str, support_y: np.ndarray, holdout_y: np.ndarray) -> float:
-    """Per-row loss on the holdout of the best constant the support set suggests: its mean
-    (regression, squared error) or its most common class (classification, 0/1 error)."""
-    sy, hy = np.asarray(support_y, np.float64), np.asarray(holdout_y, np.float64)
+def constant_baseline_loss(kind: str, holdout_y: np.ndarray) -> float:
+    """Per-row loss on the holdout of the best constant *for the holdout itself*: its variance
+    (regression, squared error) or its minority share (classification, 0/1 error).
+
+    The constant is chosen in hindsight, so beating it means the candidate explains part of the
+    holdout from x (R^2 > 0); labels that do not depend on x (random, shuffled) cannot, except by
+    rare chance.
+
+    >>> constant_baseline_loss("regression", np.array([1.0, 3.0]))
+    1.0
+    """
+    hy = np.asarray(holdout_y, np.float64)
     if kind == "regression":
-        return float(np.mean((hy - sy.mean()) ** 2))
-    values, counts = np.unique(sy, return_counts=True)
-    return float(np.mean(hy != values[int(np.argmax(counts))]))
+        return float(hy.var())
+    _, counts = np.unique(hy, return_counts=True)
+    return float(1.0 - counts.max() / len(hy))
+
+
+def skill(kind: str, labels: np.ndarray, losses: np.ndarray) -> float:
+    """1 - loss / (loss of the best constant in hindsight): R^2 for regression, the share of the
+    majority-class error removed for classification; 0 or less means no signal at all.
+
+    >>> skill("regression", np.array([0.0, 2.0]), np.array([0.5, 0.5]))
+    0.5
+    """
+    base = constant_baseline_loss(kind, labels)
+    if base <= 0:
+        return 0.0
+    return 1.0 - float(np.mean(losses)) / base
 
 
 def had_signal(kind: str, labels: np.ndarray, losses: np.ndarray) -> bool:
@@ -101,10 +124,7 @@ def had_signal(kind: str, labels: np.ndarray, losses: np.ndarray) -> bool:
     y, loss = np.asarray(labels, np.float64), np.asarray(losses, np.float64)
     if len(y) < MIN_HISTORY or len(loss) == 0:
         return False
-    if kind == "regression":
-        return float(loss.mean()) < float(y.var())
-    _, counts = np.unique(y, return_counts=True)
-    return float(loss.mean()) < 1.0 - counts.max() / len(y)
+    return skill(kind, y, loss) > 0
 
 
 class Probation:

@@ -11,7 +11,7 @@ instead of failing the file or being predicted as NaN.
 >>> s = StreamSettings("s", ["x"], label="y")
 >>> rows = parse_rows_bytes(b"\\xef\\xbb\\xbfx,y\\n1,2\\n1e999,3\\n", "a.csv", s, Limits())
 >>> rows.x.tolist(), rows.y.tolist(), rows.refused
-([[1.0]], [2.0], {1: "line 3, column 'x': 1e999 is not finite"})
+([[1.0]], [2.0], {1: "line 3, column 'x': inf is not finite"})
 >>> parse_rows_bytes(b'{"x": [[[[1]]]]}', "a.jsonl", s, Limits(max_depth=3))
 Traceback (most recent call last):
 ...
