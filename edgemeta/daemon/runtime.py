@@ -28,13 +28,7 @@ from edgemeta.daemon.degraded import Degraded
 from edgemeta.daemon.degraded import reason_of as degraded_reason
 from edgemeta.daemon.gate import GateDecision, clear_win, decide, holdout_loss, per_sample_loss
 from edgemeta.daemon.metrics import Metrics, serve_http
-from edgemeta.daemon.sanity import (
-    NO_SIGNAL_SKILL_RATIO,
-    Probation,
-    degenerate_labels,
-    had_signal,
-    skill,
-)
+from edgemeta.daemon.sanity import Probation, degenerate_labels, skill
 from edgemeta.daemon.systemd import Notifier
 from edgemeta.daemon.triggers import TriggerRejected, finish, parse_trigger, pending
 from edgemeta.fsio import atomic_write, is_storage_error
@@ -79,7 +73,6 @@ class StreamState:
     # Labels seen while watching (not collecting): the stream's recent history, against which a
     # support set's labels are checked for sanity.
     history: deque = field(default_factory=lambda: deque(maxlen=500))
-    history_loss: deque = field(default_factory=lambda: deque(maxlen=500))  # serving model's
     probation: Probation | None = None  # after a swap: new version vs the one it replaced
 
 
@@ -525,7 +518,6 @@ class Daemon:
                     busy = True  # the rest of the batch is judged after the outcome
             else:
                 state.history.append(float(y[i]))
-                state.history_loss.append(float(losses[i]))
         self._status_dirty = True
 
     def _judge_probation(self, state: StreamState, x: np.ndarray, y: np.ndarray,
@@ -686,10 +678,20 @@ class Daemon:
             log.error("candidate model failed to run: %s", exc)
         current = holdout_loss(self.kind, current_out, job.episode.holdout_y)
         decision = decide(current, candidate, self.settings.gate.min_gain)
+        # Beating the serving model is not enough: a candidate no better on its holdout than that
+        # holdout's own mean (skill <= 0: R^2, or the share of the majority-class error removed)
+        # learned nothing from x, which is what random or shuffled labels give. On the early
+        # gate's few rows that is not conclusive either way: it waits for the full holdout.
+        # A candidate that halves the serving model's loss is kept to the ordinary rule: after a
+        # real change the serving model is far off and even a weak adaptation is worth serving.
+        no_signal = live is not None and candidate > 0.5 * current and skill(
+            self.kind, job.episode.holdout_y,
+            per_sample_loss(self.kind, candidate_out, job.episode.holdout_y)) <= 0
         if job.early:
             y = job.episode.holdout_y
-            if live is not None and clear_win(per_sample_loss(self.kind, current_out, y),
-                                              per_sample_loss(self.kind, candidate_out, y)):
+            if live is not None and not no_signal and clear_win(
+                    per_sample_loss(self.kind, current_out, y),
+                    per_sample_loss(self.kind, candidate_out, y)):
                 decision = GateDecision(True, "clear_win", current, candidate)
             else:
                 # Not a clear win on a few rows: keep these rows and wait for the full holdout
@@ -703,18 +705,8 @@ class Daemon:
                          "for the full holdout", job.stream, current, candidate, len(y))
                 return
         ep = job.episode
-        if decision.accepted:
-            # Beating the serving model is not enough. A candidate no better on its holdout than
-            # that holdout's own mean (skill <= 0: R^2, or the share of the majority-class error
-            # removed), or one that explains far less than the serving model explained of the
-            # stream's recent labels, learned little from x: what random or shuffled labels give.
-            history_y, history_loss = np.asarray(state.history), np.asarray(state.history_loss)
-            cand_skill = skill(self.kind, ep.holdout_y,
-                               per_sample_loss(self.kind, candidate_out, ep.holdout_y))
-            floor = (NO_SIGNAL_SKILL_RATIO * skill(self.kind, history_y, history_loss)
-                     if had_signal(self.kind, history_y, history_loss) else 0.0)
-            if cand_skill <= 0 or cand_skill < floor:
-                decision = GateDecision(False, "no_signal", current, candidate)
+        if decision.accepted and no_signal:
+            decision = GateDecision(False, "no_signal", current, candidate)
         timings["gate"] = time.perf_counter() - t
         self.metrics.holdout_current.labels(job.stream).set(current)
         self.metrics.holdout_candidate.labels(job.stream).set(candidate)

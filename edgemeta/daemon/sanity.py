@@ -32,8 +32,6 @@ OUT_OF_RANGE_SHARE = 0.2
 # A single-class set is suspicious only where the recent history was not itself one-sided.
 SINGLE_CLASS_MAX_SHARE = 0.75
 MIN_HISTORY = 100
-# A candidate must explain at least this share of what the serving model explained of the stream.
-NO_SIGNAL_SKILL_RATIO = 0.5
 # Continuous targets rarely repeat exactly; this share of one value in a support set is a stuck
 # or defaulted label source.
 REPEATED_SHARE = 0.8
@@ -109,22 +107,6 @@ def skill(kind: str, labels: np.ndarray, losses: np.ndarray) -> float:
     if base <= 0:
         return 0.0
     return 1.0 - float(np.mean(losses)) / base
-
-
-def had_signal(kind: str, labels: np.ndarray, losses: np.ndarray) -> bool:
-    """Whether the serving model explained the stream's recent labels better than a constant.
-
-    A candidate that learns nothing beyond a constant is suspicious only where the serving model
-    did learn something: then random or shuffled labels are the likelier story. Where the serving
-    model was no better than a constant either, the gate alone decides.
-
-    >>> had_signal("regression", np.array([0.0, 2.0] * 60), np.full(120, 0.1))
-    True
-    """
-    y, loss = np.asarray(labels, np.float64), np.asarray(losses, np.float64)
-    if len(y) < MIN_HISTORY or len(loss) == 0:
-        return False
-    return skill(kind, y, loss) > 0
 
 
 class Probation:
