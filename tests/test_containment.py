@@ -265,3 +265,14 @@ def test_a_swapped_version_that_the_next_labels_show_worse_is_rolled_back(daemon
     assert daemon.registry.load(3)[0] == daemon.registry.load(1)[0]
     assert counter(daemon, "edgemeta_rollbacks_total", stream="sine") == 1
     assert onnx.load_from_string(daemon.registry.load(3)[0]) is not None
+
+
+def test_a_reload_applies_new_ingest_limits(daemon):
+    source = daemon.settings.source
+    source.write_text(source.read_text().replace("[ingest]", "[ingest]\nmax_line_bytes = 64", 1))
+    daemon.reload()
+    assert daemon.limits.max_line_bytes == 64
+    (inbox(daemon) / "wide.csv").write_text("id,x,y\n1,0.5," + "1" * 80 + "\n")
+    assert run_until(daemon, lambda: not any(inbox(daemon).iterdir()), timeout=5)
+    error = json.loads((daemon.layout.dir("quarantine", "sine") / "wide.csv.error.json").read_text())
+    assert error["reason"] == "too_long"

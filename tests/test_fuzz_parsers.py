@@ -21,6 +21,7 @@ from edgemeta.daemon.triggers import REASONS as TRIGGER_REASONS
 from edgemeta.daemon.triggers import TriggerRejected, parse_trigger_bytes
 from edgemeta.stream.parsing import (
     REASONS,
+    ROW_REASONS,
     IngestError,
     Limits,
     parse_labels_bytes,
@@ -60,6 +61,7 @@ def check_rows(data: bytes, name: str, classes: int | None = None) -> None:
     assert rows.x.dtype == np.float32 and np.isfinite(rows.x).all()
     assert rows.x.shape == (len(rows.ids), 2)
     assert len(rows.all_ids) == len(rows.ids) + len(rows.refused)
+    assert all(r.reason in ROW_REASONS and r.message for r in rows.refused.values())
     if rows.y is not None:
         assert len(rows.y) == len(rows.ids) and np.isfinite(rows.y).all()
 
@@ -132,7 +134,7 @@ def test_any_bytes_as_a_label_file_parse_or_raise_an_ingest_error(data):
         assert exc.reason in REASONS
         return
     assert all(np.isfinite(v) and v in (0, 1) for _, v in labels)
-    assert all(isinstance(k, str) for k in refused)
+    assert all(isinstance(k, str) and r.reason in ROW_REASONS for k, r in refused.items())
 
 
 VALID_TRIGGER = b'{"stream": "s", "support": "s/f.csv"}'

@@ -82,7 +82,6 @@ class Replaced:
 
     live: Live | None
     weights: dict[str, np.ndarray]
-    version: int | None
 
 
 @dataclass
@@ -134,7 +133,6 @@ class Daemon:
                 raise StartupError(f"streams[{i}].features: {len(stream.features)} columns, the "
                                    f"bundle expects {self.bundle.features}")
         self._mean, self._std = self.bundle.mean, self.bundle.std
-        self.limits = self._limits()
         try:
             self.layout.ensure(st.name for st in s.streams)
             (s.state_dir / "episodes").mkdir(parents=True, exist_ok=True)
@@ -177,7 +175,9 @@ class Daemon:
         return StreamState(name, monitor, SupportCollector(a.support_size, a.holdout_size,
                                                            a.selection, a.window))
 
-    def _limits(self) -> Limits:
+    @property
+    def limits(self) -> Limits:
+        """The ingest limits of the settings in force (a reload may change them)."""
         i = self.settings.ingest
         return Limits(i.max_file_bytes, i.max_line_bytes, i.max_json_depth, i.max_npz_members)
 
@@ -369,14 +369,19 @@ class Daemon:
         self._storage_ok()
         return True
 
-    def _storage_failed(self, stream: str, path: Path, exc: OSError) -> bool:
+    def _degrade(self, exc: OSError, what: str) -> None:
+        """A write failed for want of disk: run degraded (logged once) and back off."""
         reason = degraded_reason(exc)
         if not self.degraded.active:
-            log.error("degraded (%s): %s; ingest paused, inputs stay in the inbox", reason, exc)
+            log.error("degraded (%s): %s: %s; ingest paused, inputs stay in the inbox", reason,
+                      what, exc)
         self.degraded.fail(reason, str(exc), time.monotonic())
         self.metrics.degraded.labels(reason).set(1)
-        self.pending.add(stream, path)
         self._status_dirty = True
+
+    def _storage_failed(self, stream: str, path: Path, exc: OSError) -> bool:
+        self._degrade(exc, f"handling {path.name}")
+        self.pending.add(stream, path)
         return False
 
     def _storage_ok(self) -> None:
@@ -390,22 +395,21 @@ class Daemon:
         rows = parse_rows(path, self.settings.stream(stream), self.limits, self.bundle.classes)
         outputs, version = self.predict_rows(stream, rows.x)
         predictions = self._predictions(outputs)
-        records, served = [], iter(zip(predictions, outputs, strict=True))
+        records, served = [], iter(predictions)
         for i, row_id in enumerate(rows.all_ids):
             if i in rows.refused:
                 records.append({"id": row_id, "prediction": None, "version": version,
-                                "refused": rows.refused[i]})
+                                "refused": rows.refused[i].message})
             else:
-                records.append({"id": row_id, "prediction": next(served)[0], "version": version})
+                records.append({"id": row_id, "prediction": next(served), "version": version})
         # Predictions are durable before anything is learned from the rows, so a file retried
         # after a full disk is not learned from twice.
         self.layout.write_predictions(stream, path.name, records)
-        for message in rows.refused.values():
-            reason = "bad_label" if "label" in message else "non_finite"
-            self.metrics.rows_refused.labels(stream, reason).inc()
+        for refusal in rows.refused.values():
+            self.metrics.rows_refused.labels(stream, refusal.reason).inc()
         if rows.refused:
             log.warning("stream=%s file=%s: %d row(s) refused, e.g. %s", stream, path.name,
-                        len(rows.refused), next(iter(rows.refused.values())))
+                        len(rows.refused), next(iter(rows.refused.values())).message)
         self.observe_rows(stream, rows.x, outputs, version, rows.y, rows.ids)
 
     def _predictions(self, outputs: np.ndarray) -> list:
@@ -465,7 +469,7 @@ class Daemon:
         if refused:
             self.metrics.labels.labels(stream, "refused").inc(len(refused))
             log.warning("stream=%s file=%s: %d label(s) refused, e.g. %s", stream, path.name,
-                        len(refused), next(iter(refused.values())))
+                        len(refused), next(iter(refused.values())).message)
         xs, ys, outs, versions = [], [], [], []
         unknown = 0
         for row_id, y in labels:
@@ -704,7 +708,6 @@ class Daemon:
                 log.info("stream=%s: early gate inconclusive (%.4g vs %.4g on %d rows); waiting "
                          "for the full holdout", job.stream, current, candidate, len(y))
                 return
-        ep = job.episode
         if decision.accepted and no_signal:
             decision = GateDecision(False, "no_signal", current, candidate)
         timings["gate"] = time.perf_counter() - t
@@ -726,15 +729,15 @@ class Daemon:
         except OSError as exc:
             # The registry is untouched (a commit is all or nothing): keep serving, go degraded.
             if is_storage_error(exc):
-                self.degraded.fail(degraded_reason(exc), str(exc), time.monotonic())
-                self.metrics.degraded.labels(degraded_reason(exc)).set(1)
+                self._degrade(exc, "committing a new version")
             self.record(job.stream, job.episode, job.source, "failed", "io_error", timings,
                         {**figures, "error": str(exc)})
             self.after_episode(state, accepted=False)
             return
         timings["commit"] = time.perf_counter() - t
         t = time.perf_counter()
-        replaced = Replaced(self.predictor.live, self.current_weights, self.predictor.version)
+        replaced_version = self.predictor.version
+        replaced = Replaced(self.predictor.live, self.current_weights)
         self.predictor.install(dataclasses.replace(live, version=manifest.version))
         timings["swap"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - job.complete_at
@@ -752,7 +755,7 @@ class Daemon:
         for other in self.streams.values():
             other.probation = None
         state.probation = Probation(self.settings.adaptation.holdout_size, replaced,
-                                    replaced.version, manifest.version)
+                                    replaced_version, manifest.version)
         self.after_episode(state, accepted=True, expected=expected)
         log.info("adaptation accepted stream=%s version=%d holdout %.4g -> %.4g in %.1f ms",
                     job.stream, manifest.version, current, candidate, timings["total"] * 1e3)
@@ -854,9 +857,7 @@ class Daemon:
             return self._finish_trigger(path, "failed", "error", str(exc))
         except Exception as exc:  # noqa: BLE001
             if is_storage_error(exc):
-                log.error("trigger %s: %s; it stays for a later retry", path.name, exc)
-                self.degraded.fail(degraded_reason(exc), str(exc), time.monotonic())
-                self.metrics.degraded.labels(degraded_reason(exc)).set(1)
+                self._degrade(exc, f"trigger {path.name} (it stays for a later retry)")
                 return None
             log.exception("internal error acting on trigger %s", path.name)
             self.metrics.internal_errors.labels("trigger").inc()
@@ -873,8 +874,7 @@ class Daemon:
             log.error("cannot move trigger %s to done/: %s", path.name, exc)
             self._stuck.add(path)
             if is_storage_error(exc):
-                self.degraded.fail(degraded_reason(exc), str(exc), time.monotonic())
-                self.metrics.degraded.labels(degraded_reason(exc)).set(1)
+                self._degrade(exc, f"moving trigger {path.name}")
         self.metrics.triggers.labels(result, reason).inc()
 
     def act(self, trigger) -> str:
@@ -969,10 +969,7 @@ class Daemon:
         except OSError as exc:
             # status.json is a view for operators: a full disk must not stop serving for it.
             if is_storage_error(exc):
-                if not self.degraded.active:
-                    log.error("cannot write status.json: %s", exc)
-                self.degraded.fail(degraded_reason(exc), str(exc), time.monotonic())
-                self.metrics.degraded.labels(degraded_reason(exc)).set(1)
+                self._degrade(exc, "writing status.json")
             else:
                 log.error("cannot write status.json: %s", exc)
             self._status_dirty = True

@@ -28,6 +28,7 @@ from edgemeta.stream.parsing import (
     REASONS,
     IngestError,
     Limits,
+    Refusal,
     Rows,
     parse_labels_bytes,
     parse_rows_bytes,
@@ -84,7 +85,7 @@ def parse_rows(path: Path, stream: StreamSettings, limits: Limits,
 
 
 def parse_labels(path: Path, limits: Limits, classes: int | None = None
-                 ) -> tuple[list[tuple[str, float]], dict[str, str]]:
+                 ) -> tuple[list[tuple[str, float]], dict[str, Refusal]]:
     """A delayed-label file: ``id,label`` rows (CSV with that header, or JSON Lines)."""
     return parse_labels_bytes(read_checked(path, limits.max_file_bytes), path.name, limits,
                               classes)

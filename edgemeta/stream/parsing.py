@@ -10,8 +10,8 @@ instead of failing the file or being predicted as NaN.
 >>> from edgemeta.config import StreamSettings
 >>> s = StreamSettings("s", ["x"], label="y")
 >>> rows = parse_rows_bytes(b"\\xef\\xbb\\xbfx,y\\n1,2\\n1e999,3\\n", "a.csv", s, Limits())
->>> rows.x.tolist(), rows.y.tolist(), rows.refused
-([[1.0]], [2.0], {1: "line 3, column 'x': inf is not finite"})
+>>> rows.x.tolist(), rows.y.tolist(), rows.refused[1].message
+([[1.0]], [2.0], "line 3, column 'x': inf is not finite")
 >>> parse_rows_bytes(b'{"x": [[[[1]]]]}', "a.jsonl", s, Limits(max_depth=3))
 Traceback (most recent call last):
 ...
@@ -29,7 +29,7 @@ import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -74,6 +74,13 @@ class Limits:
     max_npz_members: int = 64
 
 
+class Refusal(NamedTuple):
+    """Why one row (or one delayed label) was not used; ``reason`` is one of ROW_REASONS."""
+
+    reason: str
+    message: str
+
+
 @dataclass
 class Rows:
     """Parsed rows in file order; ``refused`` maps a row index to why it was not used."""
@@ -81,7 +88,7 @@ class Rows:
     ids: list[str]
     x: np.ndarray  # only the rows that were not refused, float32
     y: np.ndarray | None
-    refused: dict[int, str] = field(default_factory=dict)
+    refused: dict[int, Refusal] = field(default_factory=dict)
     all_ids: list[str] = field(default_factory=list)
 
 
@@ -126,18 +133,19 @@ def _short(value: Any) -> str:
 
 
 def _row_problem(values: list[float], label: float | None, line: int, columns: list[str],
-                 label_col: str | None, classes: int | None) -> str | None:
+                 label_col: str | None, classes: int | None) -> Refusal | None:
     """Why this row cannot be used (a finite float32 feature vector, a valid label), or None."""
     for col, v in zip(columns, values, strict=True):
         if not math.isfinite(v) or abs(v) > _FLOAT32_MAX:
-            return f"line {line}, column {col!r}: {v!r} is not finite"
+            return Refusal("non_finite", f"line {line}, column {col!r}: {v!r} is not finite")
     if label is None:
         return None
     if not math.isfinite(label) or abs(label) > _FLOAT32_MAX:
-        return f"line {line}, column {label_col!r}: label {label!r} is not finite"
+        return Refusal("bad_label", f"line {line}, column {label_col!r}: label {label!r} is not "
+                       "finite")
     if classes is not None and (label != int(label) or not 0 <= label < classes):
-        return (f"line {line}, column {label_col!r}: class label {label!r} is not an integer in "
-                f"0..{classes - 1}")
+        return Refusal("bad_label", f"line {line}, column {label_col!r}: class label {label!r} "
+                       f"is not an integer in 0..{classes - 1}")
     return None
 
 
@@ -376,14 +384,16 @@ def _parse_npz(data: bytes, name: str, stream: StreamSettings, limits: Limits,
     x64 = np.stack([arrays[c].astype(np.float64) for c in stream.features], axis=1)
     y = arrays[stream.label].astype(np.float64) if with_label else None
     bad = ~np.isfinite(x64).all(axis=1) | (np.abs(x64) > _FLOAT32_MAX).any(axis=1)
-    refused = {int(i): f"row {int(i)}: a feature is not finite" for i in np.flatnonzero(bad)}
+    refused = {int(i): Refusal("non_finite", f"row {int(i)}: a feature is not finite")
+               for i in np.flatnonzero(bad)}
     if y is not None:
         bad_y = ~np.isfinite(y) | (np.abs(y) > _FLOAT32_MAX)
         if classes is not None:
             with np.errstate(invalid="ignore"):
                 bad_y |= (y != np.round(y)) | (y < 0) | (y >= classes)
         for i in np.flatnonzero(bad_y & ~bad):
-            refused[int(i)] = f"row {int(i)}: label {y[i]!r} is not a valid label"
+            refused[int(i)] = Refusal("bad_label", f"row {int(i)}: label {y[i]!r} is not a valid "
+                                      "label")
         bad |= bad_y
     all_ids = ([_row_id(v.item(), i, stream.id) for i, v in enumerate(arrays[stream.id])]
                if stream.id else [f"{name.rsplit('.', 1)[0]}:{i}" for i in range(n)])
@@ -394,7 +404,7 @@ def _parse_npz(data: bytes, name: str, stream: StreamSettings, limits: Limits,
 
 # -- delayed labels --------------------------------------------------------------------------------
 def parse_labels_bytes(data: bytes, name: str, limits: Limits, classes: int | None = None
-                       ) -> tuple[list[tuple[str, float]], dict[str, str]]:
+                       ) -> tuple[list[tuple[str, float]], dict[str, Refusal]]:
     """A delayed-label file (``id,label`` CSV or JSON Lines): the usable labels, and the refused
     ones by id with the reason."""
     if len(data) > limits.max_file_bytes:
