@@ -25,7 +25,7 @@ class BundleFormatError(ValueError):
     """A bundle the daemon cannot serve from; the message names the file and what is wrong."""
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -50,27 +50,42 @@ class BundleInfo:
         return self.outputs if self.kind == "classification" else None
 
 
-def read_bundle_info(path: str | Path) -> BundleInfo:
-    path = Path(path)
+def read_verified_meta(path: Path) -> dict[str, Any]:
+    """bundle.json, once its format version and the checksum of every other file check out.
+
+    The one check both sides make: ``meta/bundle.py`` before it loads weights for learning, the
+    daemon before it serves.
+    """
     meta_path = path / "bundle.json"
+    if not meta_path.is_file():
+        raise BundleFormatError(f"{path}: not a bundle (no bundle.json)")
     try:
         meta = json.loads(meta_path.read_text())
-    except FileNotFoundError as exc:
-        raise BundleFormatError(f"{meta_path}: missing (is {path} a bundle?)") from exc
     except (OSError, ValueError) as exc:
-        raise BundleFormatError(f"{meta_path}: cannot read: {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-        raise BundleFormatError(f"{meta_path}: format_version "
-                                f"{meta.get('format_version') if isinstance(meta, dict) else None!r},"
-                                f" this edgemeta reads {FORMAT_VERSION}")
+        raise BundleFormatError(f"{meta_path}: not valid JSON: {exc}") from exc
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if version != FORMAT_VERSION:
+        raise BundleFormatError(f"{meta_path}: format_version {version!r}, this edgemeta reads "
+                                f"{FORMAT_VERSION}")
     sums = meta.get("sha256") or {}
     for name in FILES:
         file = path / name
         if not file.is_file():
             raise BundleFormatError(f"{file}: missing from the bundle")
-        if _sha256(file) != sums.get(name):
-            raise BundleFormatError(f"{file}: checksum does not match bundle.json: the file is "
-                                    "truncated or was modified")
+        if name not in sums:
+            raise BundleFormatError(f"{meta_path}: no sha256 recorded for {name}")
+        actual = sha256_file(file)
+        if actual != sums[name]:
+            raise BundleFormatError(f"{file}: checksum mismatch (recorded {sums[name][:12]}..., "
+                                    f"found {actual[:12]}...): the file is truncated or was "
+                                    "modified")
+    return meta
+
+
+def read_bundle_info(path: str | Path) -> BundleInfo:
+    path = Path(path)
+    meta = read_verified_meta(path)
+    meta_path = path / "bundle.json"
     try:
         kind = meta["task"]["kind"]
         features = int(meta["input"]["features"])

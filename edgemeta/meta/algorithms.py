@@ -17,11 +17,11 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from edgemeta.bundle_format import LR_PREFIX
 from edgemeta.meta.inner import Params, adapt_batch, batch_loss
 from edgemeta.meta.tasks import TaskBatch
 
 ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "anil", "protonet")
-LR_PREFIX = "metasgd_lr."
 
 
 class MetaLearner:

@@ -7,7 +7,6 @@ truncated copy or a tampered file is refused instead of served. Nothing is unpic
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,25 +20,22 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
-from edgemeta.meta.algorithms import LR_PREFIX
+from edgemeta.bundle_format import (
+    FILES,
+    FORMAT_VERSION,
+    LR_PREFIX,
+    BundleFormatError,
+    read_verified_meta,
+    sha256_file,
+)
 from edgemeta.meta.models import build_model
 
-FORMAT_VERSION = 1
 PARITY_TOLERANCE = 1e-5
-FILES = ("weights.safetensors", "model.onnx")
 INPUT_NAME, OUTPUT_NAME = "x", "y"
 
 
-class BundleError(ValueError):
+class BundleError(BundleFormatError):
     """A bundle that cannot be trusted; the message names the file and what is wrong."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -140,25 +136,9 @@ def write_bundle(path: str | Path, meta: dict[str, Any], params: dict[str, torch
 def read_bundle(path: str | Path) -> Bundle:
     """Load a bundle, verifying format version and every checksum first."""
     path = Path(path)
-    meta_path = path / "bundle.json"
-    if not meta_path.is_file():
-        raise BundleError(f"{path}: not a bundle (no bundle.json)")
     try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{meta_path}: not valid JSON: {exc}") from exc
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise BundleError(f"{meta_path}: format_version {meta.get('format_version')!r}, "
-                          f"this edgemeta reads {FORMAT_VERSION}")
-    sums = meta.get("sha256", {})
-    for f in FILES:
-        if not (path / f).is_file():
-            raise BundleError(f"{path / f}: missing from the bundle")
-        if f not in sums:
-            raise BundleError(f"{meta_path}: no sha256 recorded for {f}")
-        actual = sha256_file(path / f)
-        if actual != sums[f]:
-            raise BundleError(f"{path / f}: checksum mismatch (recorded {sums[f][:12]}..., "
-                              f"found {actual[:12]}...): the file is truncated or was modified")
+        meta = read_verified_meta(path)
+    except BundleFormatError as exc:
+        raise BundleError(str(exc)) from exc
     weights = load_file(str(path / "weights.safetensors"))
     return Bundle(path, meta, weights)
