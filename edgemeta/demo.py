@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from edgemeta.bench.harness import free_port
 
 # (amplitude, phase) of the tasks the stream switches between; far enough apart to be seen.
 TASKS = ((1.0, 0.0), (4.5, 2.5), (2.0, 1.2), (4.0, 0.3), (0.8, 2.8), (3.0, 1.8))
@@ -40,12 +41,6 @@ class DemoRun:
     drifts: list[int] = field(default_factory=list)  # sample index when the counter rose
     episodes: list[dict[str, Any]] = field(default_factory=list)
     switches: list[int] = field(default_factory=list)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def demo_bundle(workdir: Path, iterations: int) -> Path:
@@ -291,7 +286,7 @@ def run_demo(workdir: Path | None = None, iterations: int = 3000, rows_per_task:
     bundle = demo_bundle(workdir, iterations)
     state_dir = state_dir or Path(tempfile.mkdtemp(prefix="edgemeta-demo-")) / "state"
     state_dir.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     config = write_config(state_dir, bundle, port)
     log = (state_dir / "daemon.log").open("ab")
     print(f"starting the daemon: edgemeta run --config {config}")

@@ -6,6 +6,7 @@ import zlib
 import numpy as np
 import pytest
 
+from edgemeta.bench.harness import free_port, sine_config_toml
 from edgemeta.meta.bundle import read_bundle
 from edgemeta.meta.tasks import SinusoidTasks
 from edgemeta.meta.train import TrainSettings, save_bundle, train
@@ -29,18 +30,8 @@ def digits_npz(tmp_path_factory):
     return path
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def write_config(tmp_path, bundle_path, **sections) -> Path:  # noqa: F821
     """A daemon config in tmp_path; ``sections`` override/extend the TOML tables."""
-    import json
-
     tables = {
         "bundle": {"path": str(bundle_path)},
         "state": {"dir": str(tmp_path / "state")},
@@ -50,15 +41,8 @@ def write_config(tmp_path, bundle_path, **sections) -> Path:  # noqa: F821
         "metrics": {"port": free_port()},
         "ingest": {"settle_s": 0.05, "rescan_interval_s": 1.0},
     }
-    for name, values in sections.items():
-        tables[name] = {**tables.get(name, {}), **values}
-    lines = []
-    for name, values in tables.items():
-        lines.append(f"[{name}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-    lines += ["[[streams]]", 'name = "sine"', 'features = ["x"]', 'label = "y"', 'id = "id"']
     path = tmp_path / "edgemeta.toml"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(sine_config_toml(tables, sections))
     return path
 
 

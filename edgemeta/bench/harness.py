@@ -51,15 +51,22 @@ def write_config(path: Path, bundle: Path, state: Path, port: int, **sections: d
         "bundle": {"path": str(Path(bundle).resolve())}, "state": {"dir": str(state)},
         "adaptation": {"support_size": 10, "holdout_size": 20, "steps": 5, "timeout_s": 20},
         "metrics": {"port": port}, "ingest": {"settle_s": 0.05, "rescan_interval_s": 1.0}}
-    for name, values in sections.items():
-        tables[name] = {**tables.get(name, {}), **values}
+    path.write_text(sine_config_toml(tables, sections))
+    return path
+
+
+def sine_config_toml(tables: dict[str, dict[str, Any]], overrides: dict[str, dict]) -> str:
+    """A config for one sinusoid stream ``sine`` (columns id, x, y): ``tables`` with each table
+    of ``overrides`` merged into it, written as TOML (JSON values are valid TOML here)."""
+    merged = {name: dict(values) for name, values in tables.items()}
+    for name, values in overrides.items():
+        merged[name] = {**merged.get(name, {}), **values}
     lines = []
-    for name, values in tables.items():
+    for name, values in merged.items():
         lines.append(f"[{name}]")
         lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
     lines += ["[[streams]]", 'name = "sine"', 'features = ["x"]', 'label = "y"', 'id = "id"']
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return "\n".join(lines) + "\n"
 
 
 def drop(inbox: Path, name: str, data: bytes) -> Path:
