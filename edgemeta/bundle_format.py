@@ -49,6 +49,10 @@ class BundleInfo:
     def classes(self) -> int | None:
         return self.outputs if self.kind == "classification" else None
 
+    def normalize(self, x: np.ndarray) -> np.ndarray:
+        """Raw feature rows as the model takes them (the bundle's feature normalization)."""
+        return ((np.asarray(x) - self.mean) / self.std).astype(np.float32)
+
 
 def read_verified_meta(path: Path) -> dict[str, Any]:
     """bundle.json, once its format version and the checksum of every other file check out.

@@ -141,43 +141,26 @@ def cmd_trigger(args: argparse.Namespace) -> int:
             body["stream"] = args.stream
         if args.support:
             body["support"] = args.support
-    elif args.action == "rollback" and args.version is not None:
-        body["version"] = args.version
+    elif args.action == "rollback":
+        if args.version is not None:
+            body["version"] = args.version
+        if args.stream:
+            body["stream"] = args.stream
     path = write_trigger(settings.state_dir / "triggers", args.action, body)
     print(f"trigger written: {path}")
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    settings = _config(args.config)
-    path = settings.state_dir / "status.json"
-    try:
-        status = json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise CliError(f"{path}: no status yet; is the daemon running?") from exc
-    if args.json:
-        print(json.dumps(status, indent=2))
-        return 0
-    import time
+    from edgemeta.daemon.journal import read_status, render_status
 
-    age = time.time() - status["updated"]
-    print(f"serving version {status['version']} ({status['source']}) on {status['provider']}; "
-          f"pid {status['pid']}, updated {age:.0f}s ago")
-    w = status["worker"]
-    print(f"adapter worker: {'ready' if w['ready'] else 'NOT READY'} on {w['device']}, "
-          f"{w['restarts']} restart(s)")
-    for name, s in status["streams"].items():
-        state = ("adapting" if s["adapting"] else
-                 f"collecting {s['collected']}/{s['needed']}" if s["collecting"] else
-                 "DRIFT" if s["drift_active"] else "stable")
-        loss = f"{s['last_loss']:.4g}" if s["last_loss"] is not None else "-"
-        print(f"  stream {name}: {state}; {s['samples']} labelled samples, last loss {loss}")
-    for e in status["last_adaptations"]:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["time"]))
-        print(f"  {when} {e['stream']}: {e['result']} ({e['reason']}) "
-              f"{e.get('holdout_current', float('nan')):.4g} -> "
-              f"{e.get('holdout_candidate', float('nan')):.4g}, "
-              f"{e['timings_ms'].get('total', sum(e['timings_ms'].values())):.1f} ms")
+    settings = _config(args.config)
+    try:
+        status = read_status(settings.state_dir)
+    except FileNotFoundError as exc:
+        raise CliError(f"{settings.state_dir / 'status.json'}: no status yet; is the daemon "
+                       "running?") from exc
+    print(json.dumps(status, indent=2) if args.json else render_status(status))
     return 0
 
 
@@ -193,31 +176,43 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     from edgemeta.serve.registry import Registry, RegistryError
 
-    state = _config(args.config).state_dir if args.config else Path(args.state)
+    settings = _config(args.config) if args.config else None
+    state = settings.state_dir if settings else Path(args.state)
     if not (state / "models").is_dir():
         raise CliError(f"{state}: no models/ directory; is this a state directory?")
+    lineage = None
+    if args.stream:
+        # A stream's lineage is its own name unless the config says it shares a model.
+        known = {s.name: s.model or s.name for s in settings.streams} if settings else None
+        if known is not None and args.stream not in known:
+            raise CliError(f"--stream: {args.stream!r} is not a stream of {args.config}")
+        lineage = known[args.stream] if known else args.stream
     registry = Registry(state)
     try:
         if args.models == "rollback":
-            manifest = registry.rollback(to=args.to)
-            print(f"now serving v{manifest.version} (rollback to v{manifest.parent}); a running "
-                  "daemon picks it up with `edgemeta trigger reload` or on restart")
+            manifest = registry.rollback(to=args.to, lineage=lineage)
+            print(f"{'lineage ' + lineage if lineage else 'the shared CURRENT'} now serves "
+                  f"v{manifest.version} (rollback to v{manifest.parent}); a running daemon picks "
+                  "it up with `edgemeta trigger reload` or on restart")
             return 0
-    except RegistryError as exc:
+    except (RegistryError, ValueError) as exc:
         raise CliError(str(exc)) from exc
-    rows = registry.list()
+    rows = registry.list(lineage)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'':2}{'version':>7}  {'source':<10} {'parent':>6}  {'created':<19}  {'stream':<12} status")
+    print(f"{'':2}{'version':>7}  {'source':<10} {'parent':>6}  {'created':<19}  {'lineage':<12} "
+          f"{'stream':<12} status")
     for r in rows:
+        mark = "*" if r["current"] else " "
         if not r["ok"]:
-            print(f"{'*' if r['current'] else ' ':2}{r['version']:>7}  BROKEN: {r['error']}")
+            print(f"{mark:2}{r['version']:>7}  BROKEN: {r['error']}")
             continue
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created"]))
-        print(f"{'*' if r['current'] else ' ':2}{r['version']:>7}  {r['source']:<10} "
+        serving = f", serves {', '.join(r['serving'])}" if r["serving"] else ""
+        print(f"{mark:2}{r['version']:>7}  {r['source']:<10} "
               f"{r['parent'] if r['parent'] is not None else '-':>6}  {created:<19}  "
-              f"{r['stream'] or '-':<12} ok")
+              f"{r['lineage'] or '(shared)':<12} {r['stream'] or '-':<12} ok{serving}")
     return 0
 
 
@@ -411,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("trigger", help="drop a trigger file safely")
     tr.add_argument("action", choices=["adapt", "rollback", "reload"])
     tr.add_argument("--config", required=True)
-    tr.add_argument("--stream", help="adapt: the stream (default: the only one)")
+    tr.add_argument("--stream", help="adapt: the stream (default: the only one); rollback: the "
+                    "stream whose model rolls back (default: every stream's)")
     tr.add_argument("--support", help="adapt: a labelled file, relative to <state>/inbox")
     tr.add_argument("--version", type=int, help="rollback: the version to serve")
     tr.set_defaults(func=cmd_trigger)
@@ -434,6 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     mr = msub.add_parser("rollback", help="serve the previous (or a named) version again")
     mr.add_argument("--to", type=int, help="version to serve (default: the current one's parent)")
     for p in (ml, mr):
+        p.add_argument("--stream", help="one stream's lineage (default: every version; rollback: "
+                       "the shared CURRENT of state directories from before lineages)")
         where = p.add_mutually_exclusive_group(required=True)
         where.add_argument("--config", help="the daemon's config file")
         where.add_argument("--state", help="the daemon's state directory")

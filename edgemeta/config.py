@@ -22,6 +22,9 @@ FORMATS = ("csv", "jsonl", "npz")
 ERROR_DETECTORS = ("adwin", "ddm", "hddm_a", "hddm_w", "page_hinkley", "kswin")
 BINARY_DETECTORS = ("ddm", "hddm_a", "hddm_w")
 FEATURE_DETECTORS = ("none", "adwin", "kswin")
+# The detectors with a confidence parameter, and its tuned default (river's KSWIN and HDDM
+# defaults alarm often on stable streams at the daemon's rates; these do not).
+CONFIDENCE_DEFAULTS = {"adwin": 0.002, "hddm_a": 0.001, "hddm_w": 0.001, "kswin": 1e-5}
 DEFAULT_PORT = 9781  # not in the Prometheus default-port allocations
 _STREAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -37,12 +40,15 @@ class StreamSettings:
     label: str | None = None
     id: str | None = None
     format: str = "csv"
+    # The model lineage serving this stream (default: its own). Streams that name the same
+    # model share one: a drift on either adapts, swaps and rolls back the model of both.
+    model: str | None = None
 
 
 @dataclass
 class DriftSettings:
     detector: str = "adwin"
-    delta: float = 0.002
+    delta: float | None = None  # the detector's confidence; None: its tuned default
     feature_detector: str = "none"
     cooldown_samples: int = 50
     min_samples: int = 30
@@ -193,6 +199,8 @@ def parse_config(raw: dict[str, Any], source: Path | None = None) -> Settings:
             raise ConfigError(f"streams[{i}].name: duplicate stream {s.name!r}")
         seen.add(s.name)
         _choice(f"streams[{i}].format", s.format, FORMATS)
+        if s.model is not None and not _STREAM_NAME.match(s.model):
+            raise ConfigError(f"streams[{i}].model: {s.model!r} must be 1-64 of A-Z a-z 0-9 _ . -")
         if not s.features:
             raise ConfigError(f"streams[{i}].features: list at least one feature column")
         clash = {s.label, s.id} & set(s.features) - {None}
@@ -214,7 +222,12 @@ def parse_config(raw: dict[str, Any], source: Path | None = None) -> Settings:
     d, a = settings.drift, settings.adaptation
     _choice("drift.detector", d.detector, ERROR_DETECTORS)
     _choice("drift.feature_detector", d.feature_detector, FEATURE_DETECTORS)
-    _positive("drift.delta", d.delta)
+    if d.delta is not None:
+        if d.detector not in CONFIDENCE_DEFAULTS:
+            raise ConfigError(f"drift.delta: detector {d.detector!r} has no confidence parameter "
+                              f"(delta applies to {', '.join(CONFIDENCE_DEFAULTS)}); remove the key")
+        if not 0 < d.delta < 1:
+            raise ConfigError(f"drift.delta: must be in (0, 1), got {d.delta!r}")
     _positive("drift.cooldown_samples", d.cooldown_samples, allow_zero=True)
     _positive("drift.min_samples", d.min_samples, allow_zero=True)
     _positive("adaptation.support_size", a.support_size)

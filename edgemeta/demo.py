@@ -160,8 +160,8 @@ def replay(run: DemoRun, proc: subprocess.Popen, tasks, rows_per_task: int, rows
         _send_labels(inbox, *pending_labels.pop(0))
     _wait(lambda: not any(p for p in inbox.iterdir() if not p.name.startswith(".")), 30,
           "the last labels to be read", proc)
-    _wait(lambda: not json.loads((run.state_dir / "status.json").read_text())["streams"]["sine"]
-          ["adapting"], 30, "the last adaptation", proc)
+    _wait(lambda: json.loads((run.state_dir / "status.json").read_text())["streams"]["sine"]
+          ["phase"] not in ("adapting", "gating"), 30, "the last adaptation", proc)
     time.sleep(0.6)  # one more status/episode write
     _report(run, seen_episodes, drifts_seen, sample)
 

@@ -30,8 +30,9 @@ def digits_npz(tmp_path_factory):
     return path
 
 
-def write_config(tmp_path, bundle_path, **sections) -> Path:  # noqa: F821
-    """A daemon config in tmp_path; ``sections`` override/extend the TOML tables."""
+def write_config(tmp_path, bundle_path, streams=None, **sections) -> Path:  # noqa: F821
+    """A daemon config in tmp_path; ``sections`` override/extend the TOML tables; ``streams``:
+    name -> shared model name (or None), default one stream ``sine``."""
     tables = {
         "bundle": {"path": str(bundle_path)},
         "state": {"dir": str(tmp_path / "state")},
@@ -42,7 +43,7 @@ def write_config(tmp_path, bundle_path, **sections) -> Path:  # noqa: F821
         "ingest": {"settle_s": 0.05, "rescan_interval_s": 1.0},
     }
     path = tmp_path / "edgemeta.toml"
-    path.write_text(sine_config_toml(tables, sections))
+    path.write_text(sine_config_toml(tables, sections, streams))
     return path
 
 
@@ -87,8 +88,8 @@ def run_until(daemon, predicate, timeout=20.0):
     return False
 
 
-def inbox(daemon):
-    return daemon.layout.dir("inbox", "sine")
+def inbox(daemon, stream="sine"):
+    return daemon.layout.dir("inbox", stream)
 
 
 def counter(daemon, name, **labels) -> float:
@@ -96,10 +97,11 @@ def counter(daemon, name, **labels) -> float:
     return value or 0.0
 
 
-def feed(daemon, prefix, amplitude, phase, files, n=50, **kw):
+def feed(daemon, prefix, amplitude, phase, files, n=50, stream="sine", **kw):
     base = zlib.crc32(prefix.encode()) % 1000  # not hash(): that changes with PYTHONHASHSEED
     for i in range(files):
-        sine_file(inbox(daemon), f"{prefix}{i:03d}", amplitude, phase, n=n, seed=base + i, **kw)
-        assert run_until(daemon, lambda: not any(inbox(daemon).iterdir()))
+        sine_file(inbox(daemon, stream), f"{prefix}{i:03d}", amplitude, phase, n=n, seed=base + i,
+                  **kw)
+        assert run_until(daemon, lambda: not any(inbox(daemon, stream).iterdir()))
 
 

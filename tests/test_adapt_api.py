@@ -39,11 +39,14 @@ def test_adapt_can_start_from_the_serving_weights(sinusoid_bundle):
 def test_too_large_a_step_is_reported_as_failed_not_returned(sinusoid_bundle):
     x, y = _support()
     adapter = Adapter(sinusoid_bundle)
-    adapter.bundle.meta["inner"]["lr"] = 5.0  # a step size far beyond what was meta-trained
-    adapter.learner_.inner_lr = 5.0
-    with pytest.raises(AdaptationFailed, match="support loss (rose|became non-finite)"):
-        adapter.adapt(x, y, steps=20)
-    adapter.bundle.meta["inner"]["lr"] = 0.01
+    trained_lr = adapter.bundle.meta["inner"]["lr"]  # the bundle is shared by the whole session
+    try:
+        adapter.bundle.meta["inner"]["lr"] = 5.0  # a step size far beyond what was meta-trained
+        adapter.learner_.inner_lr = 5.0
+        with pytest.raises(AdaptationFailed, match="support loss (rose|became non-finite)"):
+            adapter.adapt(x, y, steps=20)
+    finally:
+        adapter.bundle.meta["inner"]["lr"] = trained_lr
 
 
 def test_metasgd_run_past_its_trained_steps_with_diverging_step_sizes_fails(tmp_path):

@@ -49,3 +49,26 @@ def test_best_checkpoint_is_kept_not_the_last():
     result = train(TrainSettings(iterations=60, val_every=20, seed=0, device="cpu"), tasks)
     assert result.best_val == min([h["val_loss"] for h in result.history] + [result.best_val])
     assert result.best_iteration in {0} | {h["iteration"] for h in result.history}
+    # The returned parameters are the best iteration's: the same seeded run stopped there ends
+    # with exactly these (training is deterministic, see the test above).
+    if result.best_iteration > 0:
+        stopped = train(TrainSettings(iterations=result.best_iteration, val_every=20, seed=0,
+                                      device="cpu"), tasks)
+        expected = stopped.params
+    else:
+        import torch
+
+        torch.manual_seed(0)  # the initialization, as train() draws it
+        from edgemeta.meta.train import build_for
+
+        expected = {n: p.detach() for n, p in build_for(result.settings, tasks)[0].named_parameters()}
+    for name, p in expected.items():
+        assert torch_equal(result.params[name], p), name
+    if result.best_iteration < 60:
+        assert not all(torch_equal(result.params[n], p) for n, p in
+                       train(TrainSettings(iterations=60, val_every=60, seed=0, device="cpu"),
+                             tasks).params.items()), "the last iteration's parameters differ"
+
+
+def torch_equal(a, b) -> bool:
+    return bool((a == b).all())

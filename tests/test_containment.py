@@ -62,7 +62,7 @@ def test_a_foreign_model_with_a_matching_checksum_is_refused_and_the_previous_ve
     registry.commit(foreign_model(), source="drift")  # its manifest checksum matches: it is "valid"
     d = start(tmp_path, sinusoid_bundle.path)
     try:
-        assert d.predictor.version == 2 and registry.current_version() == 2
+        assert d.models.version("sine") == 2 and registry.current_version("sine") == 2
         assert counter(d, "edgemeta_model_load_failures_total") == 1
     finally:
         d.shutdown(drain_s=0.1)
@@ -77,8 +77,8 @@ def test_with_every_version_corrupt_the_bundles_meta_initialization_serves_again
         (registry.path(version) / "model.onnx").write_bytes(b"garbage")
     d = start(tmp_path, sinusoid_bundle.path)
     try:
-        assert d.predictor.version == 3 and d.current_manifest.source == "meta-init"
-        assert "no stored version was usable" in d.current_manifest.note
+        assert d.models.version("sine") == 3 and d.models.of("sine").manifest.source == "meta-init"
+        assert "no stored version was usable" in d.models.of("sine").manifest.note
         data, _ = registry.load(3)
         assert data == sinusoid_bundle.onnx_path.read_bytes()
     finally:
@@ -92,8 +92,9 @@ def test_a_missing_current_is_not_reported_as_a_refused_model(tmp_path, sinusoid
     with caplog.at_level(logging.INFO):
         d = start(tmp_path, sinusoid_bundle.path)
     try:
-        assert d.predictor.version == 1
-        assert "model refused" not in caplog.text and "CURRENT is missing" in caplog.text
+        assert d.models.version("sine") == 1
+        assert "model refused" not in caplog.text, caplog.text
+        assert "CURRENT.sine is missing" in caplog.text
         assert counter(d, "edgemeta_model_load_failures_total") == 0
     finally:
         d.shutdown(drain_s=0.1)
@@ -179,7 +180,7 @@ def test_an_unexpected_error_quarantines_the_file_as_internal_error(daemon, monk
     def explode(*_args, **_kw):
         raise ZeroDivisionError("boom")
 
-    monkeypatch.setattr(daemon, "handle_data", explode)
+    monkeypatch.setattr(daemon.inbox, "_data", explode)
     (inbox(daemon) / "x.csv").write_text("id,x\n1,0.5\n")
     assert run_until(daemon, lambda: not any(inbox(daemon).iterdir()), timeout=5)
     error = json.loads((daemon.layout.dir("quarantine", "sine") / "x.csv.error.json").read_text())
@@ -246,19 +247,19 @@ def test_constant_labels_after_a_drift_are_not_adapted_on(daemon):
     episodes = [json.loads(p.read_text())
                 for p in (daemon.settings.state_dir / "episodes").glob("*.json")]
     assert any(e["reason"] == "constant_labels" for e in episodes)
-    assert daemon.predictor.version == 1
+    assert daemon.models.version("sine") == 1
 
 
 def test_a_swapped_version_that_the_next_labels_show_worse_is_rolled_back(daemon):
     feed(daemon, "a", 1.0, 0.0, 2)
     write_trigger(daemon.settings.state_dir / "triggers", "adapt")
-    assert run_until(daemon, lambda: daemon.streams["sine"].collector.collecting, timeout=5)
+    assert run_until(daemon, lambda: daemon.streams.states["sine"].collector.collecting, timeout=5)
     # A burst of labels from another task (a mislabelled batch): plausible, so the gate accepts...
     feed(daemon, "p", 4.5, 2.5, 1)
-    assert run_until(daemon, lambda: daemon.predictor.version == 2, timeout=20)
+    assert run_until(daemon, lambda: daemon.models.version("sine") == 2, timeout=20)
     # ...then the true labels return and show v2 worse than v1 on the same rows.
     feed(daemon, "t", 1.0, 0.0, 1)
-    assert run_until(daemon, lambda: daemon.predictor.version == 3, timeout=10)
+    assert run_until(daemon, lambda: daemon.models.version("sine") == 3, timeout=10)
     manifest = daemon.registry.manifest(3)
     assert manifest.source == "rollback" and manifest.parent == 1
     assert "automatic rollback" in manifest.note and "worse than v1" in manifest.note
@@ -271,7 +272,7 @@ def test_a_reload_applies_new_ingest_limits(daemon):
     source = daemon.settings.source
     source.write_text(source.read_text().replace("[ingest]", "[ingest]\nmax_line_bytes = 64", 1))
     daemon.reload()
-    assert daemon.limits.max_line_bytes == 64
+    assert daemon.inbox.limits.max_line_bytes == 64
     (inbox(daemon) / "wide.csv").write_text("id,x,y\n1,0.5," + "1" * 80 + "\n")
     assert run_until(daemon, lambda: not any(inbox(daemon).iterdir()), timeout=5)
     error = json.loads((daemon.layout.dir("quarantine", "sine") / "wide.csv.error.json").read_text())

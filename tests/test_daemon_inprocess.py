@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from edgemeta.config import load_config
+from edgemeta.daemon.lifecycle import Phase
 from edgemeta.daemon.metrics import Metrics
 from edgemeta.daemon.runtime import Daemon
 from edgemeta.daemon.triggers import write_trigger
@@ -34,7 +35,7 @@ def test_drift_is_detected_adapted_gated_and_the_new_version_answers(daemon):
     assert run_until(daemon, lambda: counter(daemon, "edgemeta_adaptations_total", stream="sine",
                                              result="accepted") >= 1)
     assert counter(daemon, "edgemeta_drift_detections_total", stream="sine", detector="adwin") >= 1
-    assert daemon.predictor.version == 2
+    assert daemon.models.version("sine") == 2
     feed(daemon, "c", 4.5, 2.5, 1)
     out = daemon.layout.dir("outbox", "sine") / "c000.csv.predictions.jsonl"
     records = [json.loads(line) for line in out.read_text().splitlines()]
@@ -60,11 +61,12 @@ def test_poisoned_support_labels_make_the_gate_reject(daemon):
     x = np.linspace(-5, 5, 10)
     support.write_text("id,x,y\n" + "".join(f"p{i},{v},4\n" for i, v in enumerate(x)))
     write_trigger(daemon.settings.state_dir / "triggers", "adapt", {"support": "poison.csv"})
-    run_until(daemon, lambda: daemon.streams["sine"].collector.collected == 10, timeout=5)
+    assert run_until(daemon, lambda: daemon.streams.states["sine"].collector.collected == 10,
+                     timeout=5)
     feed(daemon, "h", 2.0, 0.5, 1)  # the holdout comes from the stream's honest labels
     assert run_until(daemon, lambda: counter(daemon, "edgemeta_adaptations_total", stream="sine",
                                              result="rejected") == 1)
-    assert daemon.predictor.version == 1 and daemon.registry.versions() == [1]
+    assert daemon.models.version("sine") == 1 and daemon.registry.versions() == [1]
     done = list((daemon.settings.state_dir / "triggers" / "done").glob("*.result.json"))
     assert json.loads(done[0].read_text())["result"] == "ok"
 
@@ -74,13 +76,14 @@ def test_killing_the_worker_mid_adaptation_keeps_serving_and_it_comes_back(daemo
     old_pid = daemon.adapter.pid
     os.kill(old_pid, signal.SIGSTOP)  # freeze it so the request is certainly in flight
     write_trigger(daemon.settings.state_dir / "triggers", "adapt")
-    assert run_until(daemon, lambda: daemon.streams["sine"].collector.collecting, timeout=5)
+    assert run_until(daemon, lambda: daemon.streams.states["sine"].collector.collecting, timeout=5)
     feed(daemon, "k", 4.0, 1.0, 1)
-    assert run_until(daemon, lambda: bool(daemon.in_flight), timeout=5)
+    assert run_until(daemon, lambda: daemon.streams.states["sine"].machine.phase is Phase.ADAPTING,
+                     timeout=5)
     os.kill(old_pid, signal.SIGKILL)
     assert run_until(daemon, lambda: counter(daemon, "edgemeta_adaptations_total", stream="sine",
                                              result="failed") == 1, timeout=10)
-    assert daemon.predictor.version == 1
+    assert daemon.models.version("sine") == 1
     feed(daemon, "z", 2.0, 0.5, 1)  # serving never stopped
     out = daemon.layout.dir("outbox", "sine") / "z000.csv.predictions.jsonl"
     assert len(out.read_text().splitlines()) == 50
@@ -180,7 +183,7 @@ def test_delayed_labels_join_to_earlier_predictions(daemon):
     assert run_until(daemon, lambda: not any(inbox(daemon).iterdir()))
     assert counter(daemon, "edgemeta_labels_total", stream="sine", result="matched") == 30
     assert counter(daemon, "edgemeta_labels_total", stream="sine", result="unknown") == 1
-    assert daemon.streams["sine"].samples == 30
+    assert daemon.streams.states["sine"].samples == 30
 
 
 @pytest.mark.parametrize("name, body, reason", [
@@ -207,11 +210,12 @@ def test_symlink_trigger_is_rejected(daemon, tmp_path):
 
 
 def test_rollback_trigger_serves_the_previous_model(daemon):
-    daemon.registry.commit(daemon.template.patch(daemon.template.weights()), source="manual")
-    daemon.load_current()
-    assert daemon.predictor.version == 2
+    daemon.registry.commit(daemon.template.patch(daemon.template.weights()), source="manual",
+                           lineage="sine")
+    daemon.models.load(["sine"])
+    assert daemon.models.version("sine") == 2
     write_trigger(daemon.settings.state_dir / "triggers", "rollback")
-    assert run_until(daemon, lambda: daemon.predictor.version == 3, timeout=5)
+    assert run_until(daemon, lambda: daemon.models.version("sine") == 3, timeout=5)
     assert daemon.registry.manifest(3).parent == 1
     assert counter(daemon, "edgemeta_trigger_files_total", result="ok", reason="") == 1
 
@@ -225,8 +229,8 @@ def test_status_command_reports_version_streams_and_adaptations(daemon):
     out = subprocess.run([sys.executable, "-m", "edgemeta", "status", "--config",
                           str(daemon.settings.source)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert "serving version 1 (meta-init)" in out.stdout
-    assert "stream sine: stable; 100 labelled samples" in out.stdout
+    assert "stream sine: v1 (meta-init) on CPUExecutionProvider; stable; 100 labelled samples" \
+        in out.stdout
 
 
 def test_an_episode_completed_while_the_worker_restarts_waits_for_it(daemon):
@@ -234,9 +238,14 @@ def test_an_episode_completed_while_the_worker_restarts_waits_for_it(daemon):
     daemon.adapter.kill()
     assert run_until(daemon, lambda: not daemon.adapter.ready, timeout=5)
     write_trigger(daemon.settings.state_dir / "triggers", "adapt")
-    assert run_until(daemon, lambda: daemon.streams["sine"].collector.collecting, timeout=5)
+    assert run_until(daemon, lambda: daemon.streams.states["sine"].collector.collecting, timeout=5)
     feed(daemon, "w", 4.5, 2.5, 1)
-    assert daemon.waiting, "the episode should wait for the worker, not fail"
+    state = daemon.streams.states["sine"]
+    assert state.machine.phase is Phase.ADAPTING and not daemon.adapter.ready, \
+        "the episode should wait for the worker, not fail"
+    daemon.write_status()
+    status = json.loads((daemon.settings.state_dir / "status.json").read_text())
+    assert status["streams"]["sine"]["phase"] == "adapting"  # "status" says so while it waits
     assert run_until(daemon, lambda: counter(daemon, "edgemeta_adaptations_total", stream="sine",
                                              result="accepted") == 1, timeout=60)
     assert counter(daemon, "edgemeta_adaptations_total", stream="sine", result="failed") == 0
@@ -252,12 +261,12 @@ def test_a_hung_adaptation_times_out_and_the_worker_is_replaced(tmp_path, sinuso
         frozen = d.adapter.pid
         os.kill(frozen, signal.SIGSTOP)
         write_trigger(d.settings.state_dir / "triggers", "adapt")
-        assert run_until(d, lambda: d.streams["sine"].collector.collecting, timeout=5)
+        assert run_until(d, lambda: d.streams.states["sine"].collector.collecting, timeout=5)
         feed(d, "t", 3.0, 1.0, 1)
         assert run_until(d, lambda: counter(d, "edgemeta_adaptations_total", stream="sine",
                                             result="timeout") == 1, timeout=15)
         assert run_until(d, lambda: d.adapter.ready and d.adapter.pid != frozen, timeout=60)
-        assert d.predictor.version == 1
+        assert d.models.version("sine") == 1
     finally:
         d.shutdown(drain_s=0.5)
 
@@ -297,7 +306,7 @@ def test_a_bare_meta_initialization_is_adapted_on_the_first_labels_without_a_dri
     restarted = Daemon(load_config(cfg), metrics=Metrics())
     restarted.setup()  # serving v2 (source "initial"): nothing to collect at start
     try:
-        assert not restarted.streams["sine"].collector.collecting
+        assert not restarted.streams.states["sine"].collector.collecting
     finally:
         restarted.shutdown(drain_s=0.5)
 
@@ -306,7 +315,7 @@ def test_an_inconclusive_early_gate_waits_for_the_full_holdout(daemon):
     # A near-flat task (A = 0.2) that the meta-initialization already fits about as well as any
     # adaptation can: whatever the candidate does on 5 rows, it is no clear win.
     feed(daemon, "a", 0.2, 0.0, 2)
-    daemon.on_drift(daemon.streams["sine"], "adwin")  # as if the detector had fired here
+    daemon.streams.drift(daemon.streams.states["sine"], "adwin")  # as if the detector had fired
     feed(daemon, "b", 0.2, 0.0, 2)
     assert run_until(daemon, lambda: sum(counter(daemon, "edgemeta_adaptations_total",
                                                  stream="sine", result=r)

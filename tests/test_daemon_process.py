@@ -74,9 +74,9 @@ def test_daemon_speaks_the_systemd_notify_protocol_and_serves_metrics(tmp_path, 
                             cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     try:
         ready = systemd.wait_for("READY", timeout=60)
-        assert "serving v1" in ready["STATUS"]
+        assert "serving sine v1" in ready["STATUS"]
         # READY only once the model serves and the inboxes exist.
-        assert metric(scrape(port), "edgemeta_model_version") == 1
+        assert metric(scrape(port), 'edgemeta_model_version{stream="sine"}') == 1
         inbox = tmp_path / "state" / "inbox" / "sine"
         assert inbox.is_dir()
         start = time.monotonic()
@@ -91,7 +91,7 @@ def test_daemon_speaks_the_systemd_notify_protocol_and_serves_metrics(tmp_path, 
                 raise AssertionError(proc.communicate()[1][-5000:])
             systemd.pump(0.2)
         text = scrape(port)
-        assert metric(text, "edgemeta_model_version") == 2
+        assert metric(text, 'edgemeta_model_version{stream="sine"}') == 2
         assert metric(text, 'edgemeta_drift_detections_total{detector="adwin",stream="sine"}') >= 1
 
         # An adaptation that hangs (frozen worker) must not stop the watchdog pings.

@@ -50,7 +50,7 @@ def _feed_file(daemon: Daemon, inbox: Path, name: str, x: np.ndarray, y: np.ndar
     while any(inbox.iterdir()) and time.monotonic() < deadline:
         daemon.step(wait=0.01)
     assert not any(inbox.iterdir()), f"{name} was not handled"
-    assert daemon.settle(60)
+    assert daemon.drain(60)
 
 
 def test_the_benchmark_path_and_the_file_driven_daemon_make_the_same_decisions(

@@ -48,27 +48,23 @@ def _daemon(bundle: Path, state: Path) -> Daemon:
 def latency(daemon: Daemon, episodes: int, seed: int = 0) -> dict[str, Any]:
     """From a complete support+holdout set to the first answer from the new version."""
     rng = np.random.default_rng(seed)
-    state = daemon.streams["sine"]
     totals, stages, results = [], {s: [] for s in ("adapt", "patch", "gate", "commit", "swap")}, []
     probe = np.zeros((1, 1), np.float32)
     for _ in range(episodes):
         amp, phase = rng.uniform(0.1, 5.0), rng.uniform(0, np.pi)
         x = rng.uniform(-5, 5, (30, 1)).astype(np.float32)
         y = amp * np.sin(x[:, 0] - phase)
-        before = daemon.predictor.version
-        daemon.begin_collection(state, "manual")
-        outputs, _ = daemon.predictor.predict(daemon.normalize(x))
-        daemon.learn(state, x, y, (outputs[:, 0] - y) ** 2)  # completes the episode: submit
-        job = next(iter(daemon.in_flight.values()))
-        while daemon.in_flight:
-            for outcome in daemon.adapter.poll(wait=0.001):
-                daemon.finish_adaptation(outcome)
-        _, version = daemon.predictor.predict(probe)
+        before = daemon.models.version("sine")
+        daemon.streams.trigger("sine")  # as `edgemeta trigger adapt` does
+        started = time.perf_counter()
+        daemon.feed("sine", x, y)  # completes the collection: the episode goes to the worker
+        daemon.drain(120)
+        _, version = daemon.models.predict("sine", probe)
         done = time.perf_counter()
-        entry = daemon.episodes[-1]
+        entry = daemon.journal.recent[-1]
         results.append(entry["result"])
         if entry["result"] == "accepted" and version != before:
-            totals.append(done - job.complete_at)
+            totals.append(done - started)
             for stage in stages:
                 stages[stage].append(entry["timings_ms"][stage])
     ms = np.asarray(totals) * 1e3
@@ -93,7 +89,7 @@ def throughput(daemon: Daemon, files: int, rows: int, seed: int = 1) -> dict[str
         paths.append(path)
     started = time.perf_counter()
     for path in paths:
-        daemon.handle_file("sine", path)
+        daemon.inbox.handle("sine", path)
     seconds = time.perf_counter() - started
     processed = sum(1 for _ in daemon.layout.dir("processed", "sine").glob("t*.csv"))
     return {"files": files, "rows_per_file": rows, "seconds": seconds,

@@ -55,9 +55,11 @@ def write_config(path: Path, bundle: Path, state: Path, port: int, **sections: d
     return path
 
 
-def sine_config_toml(tables: dict[str, dict[str, Any]], overrides: dict[str, dict]) -> str:
-    """A config for one sinusoid stream ``sine`` (columns id, x, y): ``tables`` with each table
-    of ``overrides`` merged into it, written as TOML (JSON values are valid TOML here)."""
+def sine_config_toml(tables: dict[str, dict[str, Any]], overrides: dict[str, dict],
+                     streams: dict[str, str | None] | None = None) -> str:
+    """A config for sinusoid streams (columns id, x, y; default one stream ``sine``; ``streams``
+    maps each name to the model it shares, or None for its own): ``tables`` with each table of
+    ``overrides`` merged into it, written as TOML (JSON values are valid TOML here)."""
     merged = {name: dict(values) for name, values in tables.items()}
     for name, values in overrides.items():
         merged[name] = {**merged.get(name, {}), **values}
@@ -65,7 +67,9 @@ def sine_config_toml(tables: dict[str, dict[str, Any]], overrides: dict[str, dic
     for name, values in merged.items():
         lines.append(f"[{name}]")
         lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-    lines += ["[[streams]]", 'name = "sine"', 'features = ["x"]', 'label = "y"', 'id = "id"']
+    for stream, model in (streams or {"sine": None}).items():
+        lines += ["[[streams]]", f'name = "{stream}"', 'features = ["x"]', 'label = "y"',
+                  'id = "id"'] + ([f'model = "{model}"'] if model else [])
     return "\n".join(lines) + "\n"
 
 

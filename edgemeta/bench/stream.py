@@ -4,10 +4,10 @@ A piecewise-stationary stream (the task switches at random times, hazard ``1/300
 labels for every sample, prequential evaluation: each learner predicts a sample, then sees its
 label. In one run, on the same stream:
 
-- ``edgemeta``: the daemon's own code path (:meth:`Daemon.serve_rows`: ONNX serving, the drift
+- ``edgemeta``: the daemon's own code path (:meth:`Daemon.feed`: ONNX serving, the drift
   detector, support/holdout collection, the adapter worker process, the gate, the registry and the
   swap), driven in-process without inbox files. Each requested adaptation is finished before the
-  next sample (:meth:`Daemon.settle`), which makes the figures deterministic; the daemon proper
+  next sample (:meth:`Daemon.drain`), which makes the figures deterministic; the daemon proper
   keeps serving the old model for the few milliseconds an adaptation takes.
 - ``oracle``: told the true switch points; adapts the meta-initialization on the next K labels.
 - ``meta-init``: the meta-initialization, never adapted.
@@ -111,16 +111,20 @@ class Run:
 
 # -- edgemeta: the daemon's own path ----------------------------------------------------------------
 
-def daemon_config(workdir: Path, bundle: Path, features: int, **adaptation) -> Path:
-    """A daemon config for the in-process run: no metrics endpoint, one stream ``s``."""
+def daemon_config(workdir: Path, bundle: Path, features: int, streams: tuple[str, ...] = ("s",),
+                  shared: bool = False, **adaptation) -> Path:
+    """A daemon config for the in-process run: no metrics endpoint, one table per stream
+    (``shared``: all streams served by one model, as before lineages)."""
     workdir.mkdir(parents=True, exist_ok=True)
     names = [f"x{i}" for i in range(features)]
     a = {"support_size": 10, "holdout_size": 20, "timeout_s": 60, **adaptation}
     lines = ["[bundle]", f'path = "{bundle.resolve()}"', "[state]", f'dir = "{workdir / "state"}"',
              "[metrics]", "enabled = false", "[adaptation]"]
     lines += [f"{k} = {json.dumps(v)}" for k, v in a.items()]
-    lines += ["[retention]", "keep_models = 5", "keep_episodes = 100000",
-              "[[streams]]", 'name = "s"', f"features = {json.dumps(names)}", 'label = "y"']
+    lines += ["[retention]", "keep_models = 5", "keep_episodes = 100000"]
+    for name in streams:
+        lines += ["[[streams]]", f'name = "{name}"', f"features = {json.dumps(names)}",
+                  'label = "y"'] + (['model = "shared"'] if shared else [])
     path = workdir / "edgemeta.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -128,52 +132,74 @@ def daemon_config(workdir: Path, bundle: Path, features: int, **adaptation) -> P
 
 def run_edgemeta(stream: SwitchingStream, bundle: Path, workdir: Path, batch: int = 1,
                  **adaptation) -> Run:
-    """Feed the stream through :meth:`Daemon.serve_rows` in batches of ``batch`` rows."""
+    """One stream through the daemon (:func:`run_daemon`)."""
+    return run_daemon({"s": stream}, bundle, workdir, batch, **adaptation)["s"]
+
+
+def run_daemon(streams: dict[str, SwitchingStream], bundle: Path, workdir: Path, batch: int = 1,
+               shared: bool = False, **adaptation) -> dict[str, Run]:
+    """Feed streams through :meth:`Daemon.feed`, interleaved batch by batch (``batch`` rows of
+    each stream in turn), finishing each requested adaptation before the next batch
+    (:meth:`Daemon.drain`): deterministic figures, where the daemon proper keeps serving the old
+    model for the few milliseconds an adaptation takes."""
     from edgemeta.config import load_config
     from edgemeta.daemon.metrics import Metrics
     from edgemeta.daemon.runtime import Daemon
 
-    cfg = daemon_config(workdir, bundle, stream.x.shape[1], **adaptation)
+    first = next(iter(streams.values()))
+    cfg = daemon_config(workdir, bundle, first.x.shape[1], tuple(streams), shared, **adaptation)
     daemon = Daemon(load_config(cfg), metrics=Metrics())
     daemon.setup()
     quiet = logging.getLogger("edgemeta.daemon")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
-    n = len(stream.y)
-    loss = np.empty(n)
-    served = np.empty(n, dtype=np.int64)
-    detections: list[int] = []
-    swaps: list[tuple[int, int]] = []
+    detector = daemon.settings.drift.detector
+    info = {name: {"loss": np.empty(len(st.y)), "served": np.empty(len(st.y), dtype=np.int64),
+                   "detections": [], "swaps": []} for name, st in streams.items()}
+
+    def detections(name: str) -> float:
+        return daemon.metrics.registry.get_sample_value(
+            "edgemeta_drift_detections_total", {"stream": name, "detector": detector}) or 0.0
+
+    serving = {name: daemon.models.version(name) for name in streams}
     try:
         if not daemon.adapter.wait_ready(120):
             raise RuntimeError("the adapter worker did not start")
-        state = daemon.streams["s"]
         started = time.perf_counter()
-        for lo in range(0, n, batch):
-            hi = min(n, lo + batch)
-            drifts = state.drifts
-            predictions, version = daemon.serve_rows("s", stream.x[lo:hi], stream.y[lo:hi])
-            loss[lo:hi] = sample_loss(stream.kind, predictions, stream.y[lo:hi])
-            served[lo:hi] = version
-            if state.drifts > drifts:
-                detections.append(hi - 1)
-            if (daemon.in_flight or daemon.waiting) and not daemon.settle(120):
-                raise RuntimeError("an adaptation did not finish within 120 s")
-            if daemon.predictor.version != version:
-                swaps.append((hi, daemon.predictor.version))
+        for lo in range(0, max(len(st.y) for st in streams.values()), batch):
+            for name, st in streams.items():
+                hi = min(len(st.y), lo + batch)
+                if lo >= hi:
+                    continue
+                d, before = info[name], detections(name)
+                predictions, version = daemon.feed(name, st.x[lo:hi], st.y[lo:hi])
+                d["loss"][lo:hi] = sample_loss(st.kind, predictions, st.y[lo:hi])
+                d["served"][lo:hi] = version
+                if detections(name) > before:
+                    d["detections"].append(hi - 1)
+                if not daemon.drain(120):
+                    raise RuntimeError("an adaptation did not finish within 120 s")
+                for other in streams:  # a shared model changes for every stream that uses it
+                    if daemon.models.version(other) != serving[other]:
+                        serving[other] = daemon.models.version(other)
+                        info[other]["swaps"].append((hi, serving[other]))
         seconds = time.perf_counter() - started
         episodes = [json.loads(p.read_text()) for p in
                     sorted((workdir / "state" / "episodes").glob("*.json"))]
     finally:
         quiet.setLevel(level)
         daemon.shutdown(drain_s=0.5)
-    decisions = [(e["trigger"], e["result"], e["reason"], e.get("version")) for e in episodes]
-    return Run("edgemeta", loss, seconds, {
-        "detections": detections, "swaps": swaps, "decisions": decisions,
-        "served_version": served,
-        "accepted": sum(e["result"] == "accepted" for e in episodes),
-        "rejected": sum(e["result"] == "rejected" for e in episodes),
-        "failed": sum(e["result"] in ("failed", "timeout") for e in episodes)})
+    runs = {}
+    for name, d in info.items():
+        mine = [e for e in episodes if e["stream"] == name]
+        runs[name] = Run("edgemeta", d["loss"], seconds, {
+            "detections": d["detections"], "swaps": d["swaps"], "served_version": d["served"],
+            "decisions": [(e["trigger"], e["result"], e["reason"], e.get("version"))
+                          for e in mine],
+            "accepted": sum(e["result"] == "accepted" for e in mine),
+            "rejected": sum(e["result"] == "rejected" for e in mine),
+            "failed": sum(e["result"] in ("failed", "timeout") for e in mine)})
+    return runs
 
 
 # -- the meta-learned alternatives, in torch ----------------------------------------------------------

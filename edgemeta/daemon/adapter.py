@@ -109,10 +109,6 @@ class AdapterClient:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
-    @property
-    def busy(self) -> bool:
-        return bool(self._pending)
-
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Block until the worker has loaded the bundle (used at start-up and in tests)."""
         deadline = time.monotonic() + (timeout or self.start_timeout_s)

@@ -20,6 +20,10 @@ does the I/O.
 from __future__ import annotations
 
 import errno
+import logging
+import time
+
+log = logging.getLogger("edgemeta.daemon")
 
 
 def reason_of(exc: OSError) -> str:
@@ -58,3 +62,38 @@ class Degraded:
         self._reasons.clear()
         self._delay = 0.0
         return cleared
+
+
+class DegradedMode:
+    """The daemon's side of :class:`Degraded`: logs once, keeps ``edgemeta_degraded`` in step,
+    and tells ``status`` (``changed``) when the mode comes or goes."""
+
+    def __init__(self, gauge, backoff: tuple[float, float] = (1.0, 60.0)):
+        self.state = Degraded(backoff)
+        self.gauge = gauge  # edgemeta_degraded{reason}
+        self.changed = False
+
+    @property
+    def active(self) -> bool:
+        return self.state.active
+
+    def due(self, now: float) -> bool:
+        return self.state.due(now)
+
+    def fail(self, exc: OSError, what: str) -> None:
+        """A write failed for want of disk: run degraded (logged once) and back off."""
+        reason = reason_of(exc)
+        if not self.state.active:
+            log.error("degraded (%s): %s: %s; ingest paused, inputs stay in the inbox", reason,
+                      what, exc)
+        self.state.fail(reason, str(exc), time.monotonic())
+        self.gauge.labels(reason).set(1)
+        self.changed = True
+
+    def ok(self) -> None:
+        """A write went through: leave degraded mode if in it."""
+        if self.state.active:
+            for reason in self.state.recover():
+                self.gauge.labels(reason).set(0)
+            log.warning("writes go through again: ingest resumed")
+            self.changed = True

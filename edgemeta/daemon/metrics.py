@@ -56,11 +56,14 @@ class Metrics:
                                      registry=r)
         self.holdout_candidate = Gauge("edgemeta_holdout_loss_candidate",
                                        "Holdout loss of the last candidate", ["stream"], registry=r)
-        self.model_version = Gauge("edgemeta_model_version", "Serving model version", registry=r)
+        self.model_version = Gauge("edgemeta_model_version", "Version serving this stream",
+                                   ["stream"], registry=r)
         self.model_created = Gauge("edgemeta_model_created_timestamp_seconds",
-                                   "Creation time of the serving model version", registry=r)
-        self.model_info = Gauge("edgemeta_model_info", "Serving model; always 1",
-                                ["source", "provider"], registry=r)
+                                   "Creation time of the version serving this stream", ["stream"],
+                                   registry=r)
+        self.model_info = Gauge("edgemeta_model_info", "The version serving this stream; always 1",
+                                ["stream", "source", "provider"], registry=r)
+        self._info: dict[str, tuple[str, str, str]] = {}
         self.triggers = Counter("edgemeta_trigger_files_total", "Trigger files by result",
                                 ["result", "reason"], registry=r)
         self.worker_restarts = Counter("edgemeta_worker_restarts_total",
@@ -112,11 +115,15 @@ class Metrics:
                                *(("rejected", r) for r in TRIGGER_REASONS)):
             self.triggers.labels(result, reason)
 
-    def set_model(self, version: int, created: float, source: str, provider: str) -> None:
-        self.model_version.set(version)
-        self.model_created.set(created)
-        self.model_info.clear()
-        self.model_info.labels(source, provider).set(1)
+    def set_model(self, stream: str, version: int, created: float, source: str,
+                  provider: str) -> None:
+        self.model_version.labels(stream).set(version)
+        self.model_created.labels(stream).set(created)
+        previous = self._info.pop(stream, None)
+        if previous is not None:
+            self.model_info.remove(*previous)
+        self._info[stream] = (stream, source, provider)
+        self.model_info.labels(stream, source, provider).set(1)
 
 
 def serve_http(metrics: Metrics, address: str, port: int):

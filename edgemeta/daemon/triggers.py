@@ -85,7 +85,7 @@ def parse_trigger_bytes(data: bytes, path: Path, state_dir: Path, streams: list[
             raise TriggerRejected("malformed", f"{path.name}: {exc}") from exc
         if not isinstance(args, dict):
             raise TriggerRejected("malformed", f"{path.name}: expected a JSON object")
-    allowed = {"adapt": {"stream", "support"}, "rollback": {"version"}, "reload": set()}[command]
+    allowed = {"adapt": {"stream", "support"}, "rollback": {"version", "stream"}, "reload": set()}[command]
     unknown = sorted(set(args) - allowed)
     if unknown:
         raise TriggerRejected("malformed", f"{path.name}: unknown key {unknown[0]!r} for {command}")
@@ -107,6 +107,8 @@ def parse_trigger_bytes(data: bytes, path: Path, state_dir: Path, streams: list[
             if not target.is_file():
                 raise TriggerRejected("malformed", f"{path.name}: support file {target} not found")
             args["support"] = target
+    if command == "rollback" and "stream" in args and args["stream"] not in streams:
+        raise TriggerRejected("malformed", f"{path.name}: 'stream' must name one of {streams}")
     if command == "rollback" and "version" in args and (
             not isinstance(args["version"], int) or isinstance(args["version"], bool)
             or args["version"] < 1):

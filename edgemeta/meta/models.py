@@ -115,9 +115,3 @@ def head_names(model: nn.Module, spec: Mapping[str, Any] | None = None) -> list[
     if not names:
         raise ModelSpecError(f"head prefix {prefix!r} matches no parameter of the model")
     return names
-
-
-def head_module(model: nn.Module, names: Sequence[str]) -> nn.Module:
-    """The module owning the head parameters (used to read the embedding that feeds it)."""
-    module_name = names[0].rsplit(".", 1)[0] if "." in names[0] else ""
-    return model.get_submodule(module_name)

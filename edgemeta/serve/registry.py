@@ -1,9 +1,16 @@
 """Versioned model store: atomic commits, verified loads, retention and rollback.
 
-Layout (DESIGN.md): ``models/v000001/{model.onnx,manifest.json}`` and ``models/CURRENT``. A version
-directory appears only by ``rename`` of a fully written and fsynced temp directory, and CURRENT is
-replaced the same way, so a crash at any point leaves either the old or the new state, never half
-of one. Leftover temp directories from a crash are removed when the registry is opened.
+Layout (DESIGN.md): ``models/v000001/{model.onnx,manifest.json}``, and one pointer per lineage:
+``models/CURRENT.<lineage>`` names the version a lineage (a stream, or streams that share one
+model) serves. Version numbers are global, so a version names one model whatever its lineage, and
+every lineage starts from the shared meta-initialization. ``models/CURRENT`` is the shared pointer
+of state directories from before lineages: a lineage without a pointer of its own starts from it,
+which is how an existing state directory is migrated (nothing is moved or deleted).
+
+A version directory appears only by ``rename`` of a fully written and fsynced temp directory, and
+every pointer is replaced the same way, so a crash at any point leaves either the old or the new
+state, never half of one. Leftover temp directories from a crash are removed when the registry is
+opened.
 
 >>> import tempfile
 >>> reg = Registry(tempfile.mkdtemp())
@@ -11,6 +18,10 @@ of one. Leftover temp directories from a crash are removed when the registry is 
 1
 >>> reg.current_version()
 1
+>>> reg.commit(b"adapted", source="drift", lineage="pump").parent
+1
+>>> reg.current_version("pump"), reg.current_version()
+(2, 1)
 """
 
 from __future__ import annotations
@@ -31,8 +42,9 @@ from edgemeta.fsio import atomic_write, fsync_dir, write_durable
 
 log = logging.getLogger("edgemeta.registry")
 
-SOURCES = ("meta-init", "initial", "drift", "refine", "manual", "rollback")
+SOURCES = ("meta-init", "initial", "drift", "retry", "refine", "manual", "rollback")
 _VERSION_DIR = re.compile(r"^v(\d{6})$")
+_LINEAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class RegistryError(RuntimeError):
@@ -50,6 +62,7 @@ class Manifest:
     support_size: int | None = None
     stream: str | None = None
     note: str | None = None
+    lineage: str | None = None  # None: shared (a meta-initialization, or from before lineages)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Manifest:
@@ -98,25 +111,57 @@ class Registry:
                                 f"{manifest.sha256[:12]}..., file {digest[:12]}...)")
         return data, manifest
 
-    def current_version(self) -> int | None:
-        """The version CURRENT names, or None when CURRENT is missing or unreadable."""
+    def pointer(self, lineage: str | None = None) -> Path:
+        """The file naming the version ``lineage`` serves (None: the shared ``CURRENT``)."""
+        if lineage is None:
+            return self.root / "CURRENT"
+        if not _LINEAGE.match(lineage):
+            raise ValueError(f"lineage {lineage!r} must be 1-64 of A-Z a-z 0-9 _ . -")
+        return self.root / f"CURRENT.{lineage}"
+
+    def _read_pointer(self, path: Path) -> int | None:
         try:
-            text = (self.root / "CURRENT").read_text().strip()
-        except FileNotFoundError:
+            text = path.read_text().strip()
+        except (FileNotFoundError, UnicodeDecodeError):
             return None
         m = _VERSION_DIR.match(text)
         return int(m.group(1)) if m else None
 
-    def load_serving(self) -> tuple[bytes, Manifest, list[str]]:
-        """What to serve: CURRENT if it verifies, else the newest version that does.
+    def manifests(self) -> list[Manifest]:
+        """The manifests that can be read, oldest first (a broken one is skipped here and
+        reported by :meth:`list`)."""
+        found = []
+        for v in self.versions():
+            try:
+                found.append(self.manifest(v))
+            except RegistryError:
+                continue
+        return found
+
+    def current_version(self, lineage: str | None = None, inherit: bool = True) -> int | None:
+        """The version ``lineage`` serves, or None when its pointer is missing or unreadable; a
+        lineage that has no pointer yet inherits the shared ``CURRENT`` (unless ``inherit`` is
+        False)."""
+        own = self._read_pointer(self.pointer(lineage))
+        if own is None and lineage is not None and inherit and not self.pointer(lineage).exists():
+            return self._read_pointer(self.pointer(None))
+        return own
+
+    def lineages(self) -> list[str]:
+        """The lineages that have a pointer of their own."""
+        return sorted(p.name[len("CURRENT."):] for p in self.root.glob("CURRENT.*")
+                      if _LINEAGE.match(p.name[len("CURRENT."):]))
+
+    def load_serving(self, lineage: str | None = None) -> tuple[bytes, Manifest, list[str]]:
+        """What to serve: the lineage's pointer if it verifies, else the newest version that does.
 
         Returns the problems met on the way so the caller can log and count them; raises only when
         no version at all can be served.
         """
         problems: list[str] = []
-        current = self.current_version()
+        current = self.current_version(lineage)
         if current is None:
-            problems.append(f"{self.root / 'CURRENT'} is missing or unreadable")
+            problems.append(f"{self.pointer(lineage)} is missing or unreadable")
         candidates = ([current] if current is not None else []) + [
             v for v in reversed(self.versions()) if v != current]
         for version in candidates:
@@ -127,20 +172,27 @@ class Registry:
                 continue
             if version != current:
                 log.warning("serving last good version %d instead: %s", version, "; ".join(problems))
-                self._set_current(version)
+                self._set_current(version, lineage)
             return data, manifest, problems
         raise RegistryError(f"{self.root}: no version can be served: {'; '.join(problems) or 'empty'}")
 
-    def list(self) -> list[dict[str, Any]]:
-        current = self.current_version()
+    def list(self, lineage: str | None = None) -> list[dict[str, Any]]:
+        """Every version (or those of ``lineage`` and the shared ones), each with ``serving``: the
+        lineages it serves, and ``current``: whether it serves (``lineage``, if given)."""
+        pointers = {name: self.current_version(name) for name in self.lineages()}
+        shared = self.current_version()
         rows = []
         for v in self.versions():
             try:
                 self.load(v)
                 row = {**asdict(self.manifest(v)), "ok": True}
             except RegistryError as exc:
-                row = {"version": v, "ok": False, "error": str(exc)}
-            row["current"] = v == current
+                row = {"version": v, "ok": False, "error": str(exc), "lineage": None}
+            if lineage is not None and row.get("lineage") not in (None, lineage):
+                continue
+            row["serving"] = sorted(n for n, p in pointers.items() if p == v)
+            row["current"] = (self.current_version(lineage) == v if lineage is not None
+                              else v == shared or bool(row["serving"]))
             rows.append(row)
         return rows
 
@@ -149,7 +201,7 @@ class Registry:
         """Remove temp directories and files a crash left between write and rename."""
         removed = []
         for p in self.root.iterdir():
-            if p.name.startswith(".tmp-") or (p.name.startswith(".CURRENT.")):
+            if p.name.startswith(".tmp-") or p.name.startswith(".CURRENT"):
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
                 removed.append(p)
         if removed:
@@ -158,16 +210,19 @@ class Registry:
 
     def commit(self, model: bytes, source: str, parent: int | None = None,
                holdout: dict[str, Any] | None = None, support_size: int | None = None,
-               stream: str | None = None, note: str | None = None, activate: bool = True) -> Manifest:
-        """Write a new version atomically and (by default) make it CURRENT; then apply retention."""
+               stream: str | None = None, note: str | None = None, activate: bool = True,
+               lineage: str | None = None) -> Manifest:
+        """Write a new version of ``lineage`` (None: shared) atomically and (by default) make it
+        the lineage's serving version; then apply retention."""
         if source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+        pointer = self.pointer(lineage)  # refuses a bad lineage name before anything is written
         existing = self.versions()
         version = (existing[-1] + 1) if existing else 1
         if parent is None and activate:
-            parent = self.current_version()
+            parent = self.current_version(lineage)
         manifest = Manifest(version, parent, source, time.time(), hashlib.sha256(model).hexdigest(),
-                            holdout or {}, support_size, stream, note)
+                            holdout or {}, support_size, stream, note, lineage)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-v{version:06d}-", dir=self.root))
         try:
             write_durable(tmp / "model.onnx", model)
@@ -179,38 +234,52 @@ class Registry:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         if activate:
-            self._set_current(version)
+            atomic_write(pointer, f"v{version:06d}\n".encode())
         self.apply_retention()
         return manifest
 
-    def _set_current(self, version: int) -> None:
-        atomic_write(self.root / "CURRENT", f"v{version:06d}\n".encode())
+    def _set_current(self, version: int, lineage: str | None = None) -> None:
+        atomic_write(self.pointer(lineage), f"v{version:06d}\n".encode())
 
-    def activate(self, version: int) -> Manifest:
-        """Point CURRENT at an existing, verified version."""
+    def activate(self, version: int, lineage: str | None = None) -> Manifest:
+        """Point ``lineage`` (None: the shared CURRENT) at an existing, verified version."""
         _, manifest = self.load(version)
-        self._set_current(version)
+        self._set_current(version, lineage)
         return manifest
 
     def apply_retention(self) -> list[int]:
-        """Keep the newest ``keep`` versions, version 1 (the meta-init) and CURRENT."""
-        versions = self.versions()
-        protected = set(versions[-self.keep:]) | {1}
-        current = self.current_version()
-        if current is not None:
-            protected.add(current)
-        removed = [v for v in versions if v not in protected]
-        for v in removed:
-            shutil.rmtree(self.path(v))
-        return removed
+        """Per lineage (and for the shared versions), keep the newest ``keep`` versions; always
+        keep version 1, the newest meta-initialization and every version a pointer names.
 
-    def rollback(self, to: int | None = None, note: str | None = None) -> Manifest:
-        """Serve an earlier version again, recorded as a new version with source ``rollback``.
+        A version whose manifest cannot be read is listed as broken, never removed behind the
+        operator's back."""
+        by_lineage: dict[str | None, list[int]] = {}
+        inits = []
+        for m in self.manifests():
+            by_lineage.setdefault(m.lineage, []).append(m.version)
+            if m.source == "meta-init":
+                inits.append(m.version)
+        protected = {1, *inits[-1:]}
+        for group in by_lineage.values():
+            protected.update(group[-self.keep:])
+        for name in [None, *self.lineages()]:
+            current = self.current_version(name, inherit=False)
+            if current is not None:
+                protected.add(current)
+        removed = [v for group in by_lineage.values() for v in group if v not in protected]
+        for v in sorted(removed):
+            shutil.rmtree(self.path(v))
+        return sorted(removed)
+
+    def rollback(self, to: int | None = None, note: str | None = None,
+                 lineage: str | None = None) -> Manifest:
+        """Serve an earlier version again on ``lineage``, recorded as a new version with source
+        ``rollback``.
 
         Without ``to`` the target is the parent of the serving version, so repeated rollbacks walk
         back along the lineage.
         """
-        current = self.current_version()
+        current = self.current_version(lineage)
         if to is None:
             if current is None:
                 raise RegistryError("nothing to roll back: CURRENT is missing")
@@ -226,14 +295,15 @@ class Registry:
         data, target = self.load(to)
         return self.commit(data, source="rollback", parent=to, holdout=target.holdout,
                            support_size=target.support_size, stream=target.stream,
-                           note=note or f"rollback from v{current} to v{to}")
+                           note=note or f"rollback from v{current} to v{to}", lineage=lineage)
 
     def init_from_bundle(self, bundle_dir: str | Path) -> Manifest:
         """Make sure the bundle's meta-initialization is in the registry.
 
         Version 1 is the first bundle's. When a different bundle is shipped later (an OTA update),
-        its meta-initialization is committed as a new ``meta-init`` version and served: versions
-        adapted from the old initialization stay in the registry for rollback but are not served.
+        its meta-initialization is committed as a new ``meta-init`` version and every lineage
+        serves it: versions adapted from the old initialization stay in the registry for rollback
+        but are not served.
         """
         bundle_dir = Path(bundle_dir)
         data = (bundle_dir / "model.onnx").read_bytes()
@@ -241,17 +311,13 @@ class Registry:
         digest = hashlib.sha256(data).hexdigest()
         if meta.get("sha256", {}).get("model.onnx") != digest:
             raise RegistryError(f"{bundle_dir / 'model.onnx'}: checksum does not match bundle.json")
-        inits = []
-        for v in self.versions():
-            try:
-                m = self.manifest(v)
-            except RegistryError:
-                continue
-            if m.source == "meta-init":
-                inits.append(m)
+        inits = [m for m in self.manifests() if m.source == "meta-init"]
         if inits and inits[-1].sha256 == digest:
             return inits[-1]
         if inits:
             log.warning("a new bundle was shipped (%s): serving its meta-initialization", bundle_dir)
-        return self.commit(data, source="meta-init", parent=None if not inits else
-                           self.current_version(), note=f"bundle {bundle_dir} sha256 {digest}")
+        manifest = self.commit(data, source="meta-init", parent=None if not inits else
+                               self.current_version(), note=f"bundle {bundle_dir} sha256 {digest}")
+        for name in self.lineages():
+            self._set_current(manifest.version, name)
+        return manifest

@@ -4,7 +4,9 @@ After a change only post-drift samples describe the new task, so collection star
 the next K labelled samples are the support set and the following H the holdout set (the gate's
 judge, never seen by the inner loop). With ``selection="diverse"`` a post-drift window is kept and
 the support set is chosen from it by greedy farthest-point sampling, which covers the input range
-better than the K most recent samples when those happen to bunch together.
+better than the K most recent samples when those happen to bunch together. A collection with a
+smaller holdout than usual (the early gate's, right after a drift) does not wait for the window:
+it is the K+H rows that have arrived.
 
 >>> c = SupportCollector(support_size=2, holdout_size=1)
 >>> c.start()
@@ -52,12 +54,13 @@ class SupportCollector:
         self._y: list[float] = []
         self._k = support_size
         self._h = holdout_size
+        self._window = window
         self.collecting = False
 
     @property
     def needed(self) -> int:
         if self.selection == "diverse":
-            return max(self.window, self._k + self._h)
+            return max(self._window, self._k + self._h)
         return self._k + self._h
 
     @property
@@ -71,6 +74,7 @@ class SupportCollector:
         ``support_size`` overrides K for this collection (refinements use larger ones)."""
         self._k = self.support_size if support_size is None else support_size
         self._h = self.holdout_size if holdout_size is None else holdout_size
+        self._window = self.window if holdout_size is None else 0
         self._x, self._y = [], []
         self.collecting = True
         episode = None

@@ -26,23 +26,27 @@ from typing import Any
 import numpy as np
 from river import drift
 
-from edgemeta.config import BINARY_DETECTORS
+from edgemeta.config import BINARY_DETECTORS, CONFIDENCE_DEFAULTS, DriftSettings
 
 
-def make_detector(name: str, delta: float = 0.002):
-    """A fresh river detector; ``delta`` is ADWIN's confidence, other detectors keep tuned values."""
+def make_detector(name: str, delta: float | None = None):
+    """A fresh river detector. ``delta`` is the detector's confidence (ADWIN's delta, HDDM's
+    drift confidence, KSWIN's alpha; None: the tuned default in ``CONFIDENCE_DEFAULTS``); DDM and
+    Page-Hinkley have none (the config refuses a delta for them)."""
+    if name in CONFIDENCE_DEFAULTS and delta is None:
+        delta = CONFIDENCE_DEFAULTS[name]
     if name == "adwin":
         return drift.ADWIN(delta=delta, clock=8)  # check every 8 samples, not 32: faster alarms
     if name == "ddm":
         return drift.binary.DDM()
     if name == "hddm_a":
-        return drift.binary.HDDMA()
+        return drift.binary.HDDMA(drift_confidence=delta)
     if name == "hddm_w":
-        return drift.binary.HDDMW()
+        return drift.binary.HDDMW(drift_confidence=delta)
     if name == "page_hinkley":
         return drift.PageHinkley(min_instances=100, delta=0.005, threshold=100.0)
     if name == "kswin":
-        return drift.KSWIN(alpha=1e-5, window_size=300, stat_size=100, seed=0)
+        return drift.KSWIN(alpha=delta, window_size=300, stat_size=100, seed=0)
     raise ValueError(f"unknown drift detector {name!r}")
 
 
@@ -78,9 +82,10 @@ def rows_since_change(losses: Sequence[float], min_side: int = 5) -> int:
 class DriftMonitor:
     """Error-based (and optionally feature-based) drift detection for one stream."""
 
-    def __init__(self, detector: str = "adwin", kind: str = "regression", delta: float = 0.002,
-                 feature_detector: str = "none", cooldown_samples: int = 200,
-                 min_samples: int = 30, n_features: int = 1):
+    def __init__(self, detector: str = "adwin", kind: str = "regression",
+                 delta: float | None = None, feature_detector: str = "none",
+                 cooldown_samples: int = DriftSettings.cooldown_samples,
+                 min_samples: int = DriftSettings.min_samples, n_features: int = 1):
         if detector in BINARY_DETECTORS and kind != "classification":
             raise ValueError(f"drift.detector {detector!r} needs 0/1 errors: classification only")
         self.detector = detector
@@ -104,7 +109,8 @@ class DriftMonitor:
         self._expected = expected
         self._error = make_detector(self.detector, self.delta)
         n = min(self.n_features, 8)
-        self._features = ([make_detector(self.feature_detector, self.delta) for _ in range(n)]
+        # The feature detector keeps its own tuned confidence: ``delta`` is the error detector's.
+        self._features = ([make_detector(self.feature_detector) for _ in range(n)]
                           if self.feature_detector != "none" else [])
         self._seen = 0
         self._rows = 0

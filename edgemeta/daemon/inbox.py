@@ -1,0 +1,193 @@
+"""From inbox files to served rows: every input ends in processed/ or quarantine/, whatever it
+holds, and its predictions are durable before anything is learned from it.
+
+The parsing is pure (``stream/parsing.py``) and the moving of files is the layout's
+(``stream/ingest.py``); this is the daemon's part: serve the rows with the stream's model, hand
+labelled rows to learning, count and log, and tell a bad file (quarantine) from a full disk
+(pause, degraded, the file stays in the inbox).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from edgemeta.bundle_format import BundleInfo
+from edgemeta.daemon.degraded import DegradedMode
+from edgemeta.daemon.gate import per_sample_loss
+from edgemeta.daemon.metrics import Metrics
+from edgemeta.daemon.models import ServedModels
+from edgemeta.daemon.streams import Streams
+from edgemeta.fsio import is_storage_error
+from edgemeta.stream.ingest import (
+    IngestError,
+    LabelCache,
+    Limits,
+    PendingFiles,
+    StateLayout,
+    is_label_file,
+    parse_labels,
+    parse_rows,
+)
+
+log = logging.getLogger("edgemeta.daemon")
+
+
+class Inbox:
+    def __init__(self, layout: StateLayout, bundle: BundleInfo, models: ServedModels,
+                 streams: Streams, cache: LabelCache, pending: PendingFiles, metrics: Metrics,
+                 degraded: DegradedMode, settings: Callable[[], object]):
+        self.layout = layout
+        self.bundle = bundle
+        self.kind = bundle.kind
+        self.models = models
+        self.streams = streams
+        self.cache = cache
+        self.pending = pending
+        self.metrics = metrics
+        self.degraded = degraded
+        self._settings = settings  # the settings in force (a reload replaces them)
+        self.stuck: set[Path] = set()  # inputs that could not even be moved aside (logged once)
+
+    @property
+    def settings(self):
+        return self._settings()
+
+    @property
+    def limits(self) -> Limits:
+        """The ingest limits of the settings in force (a reload may change them)."""
+        i = self.settings.ingest
+        return Limits(i.max_file_bytes, i.max_line_bytes, i.max_json_depth, i.max_npz_members)
+
+    def normalize(self, x: np.ndarray) -> np.ndarray:
+        return self.bundle.normalize(x)
+
+    # -- one file ----------------------------------------------------------------------------------
+    def handle(self, stream: str, path: Path) -> bool:
+        """Handle one input so that it always ends in processed/ or quarantine/; returns False
+        only when the disk cannot take writes (the file stays in the inbox and the daemon runs
+        degraded until a retry goes through)."""
+        if not os.path.lexists(path):
+            return True
+        try:
+            if is_label_file(path.name):
+                self._labels(stream, path)
+            else:
+                self._data(stream, path)
+            self.layout.processed(stream, path)
+        except IngestError as exc:
+            return self._quarantine(stream, path, exc)
+        except Exception as exc:  # noqa: BLE001 - containment: no input may stop the daemon
+            if is_storage_error(exc):
+                return self._storage_failed(stream, path, exc)
+            log.exception("internal error on stream=%s file=%s", stream, path.name)
+            self.metrics.internal_errors.labels("ingest").inc()
+            return self._quarantine(stream, path, IngestError(
+                "internal_error", f"{type(exc).__name__}: {exc}"[:2000]))
+        self.metrics.files.labels(stream, "processed").inc()
+        self.degraded.ok()
+        return True
+
+    def _quarantine(self, stream: str, path: Path, exc: IngestError) -> bool:
+        try:
+            self.layout.quarantine(stream, path, exc)
+        except OSError as move_exc:
+            if is_storage_error(move_exc):
+                return self._storage_failed(stream, path, move_exc)
+            if path not in self.stuck:
+                log.error("cannot move %s to quarantine (%s): leaving it in the inbox", path,
+                          move_exc)
+                self.stuck.add(path)
+            return True
+        self.metrics.quarantined.labels(stream, exc.reason).inc()
+        self.metrics.files.labels(stream, "quarantined").inc()
+        log.warning("quarantined stream=%s file=%s reason=%s: %s", stream, path.name, exc.reason,
+                    exc)
+        self.degraded.ok()
+        return True
+
+    def _storage_failed(self, stream: str, path: Path, exc: OSError) -> bool:
+        self.degraded.fail(exc, f"handling {path.name}")
+        self.pending.add(stream, path)
+        return False
+
+    def _data(self, stream: str, path: Path) -> None:
+        rows = parse_rows(path, self.settings.stream(stream), self.limits, self.bundle.classes)
+        outputs, version = self.predict(stream, rows.x)
+        predictions = iter(self.predictions(outputs))
+        records = []
+        for i, row_id in enumerate(rows.all_ids):
+            if i in rows.refused:
+                records.append({"id": row_id, "prediction": None, "version": version,
+                                "refused": rows.refused[i].message})
+            else:
+                records.append({"id": row_id, "prediction": next(predictions),
+                                "version": version})
+        # Predictions are durable before anything is learned from the rows, so a file retried
+        # after a full disk is not learned from twice.
+        self.layout.write_predictions(stream, path.name, records)
+        for refusal in rows.refused.values():
+            self.metrics.rows_refused.labels(stream, refusal.reason).inc()
+        if rows.refused:
+            log.warning("stream=%s file=%s: %d row(s) refused, e.g. %s", stream, path.name,
+                        len(rows.refused), next(iter(rows.refused.values())).message)
+        self.observe(stream, rows.x, outputs, version, rows.y, rows.ids)
+
+    def _labels(self, stream: str, path: Path) -> None:
+        labels, refused = parse_labels(path, self.limits, self.bundle.classes)
+        if refused:
+            self.metrics.labels.labels(stream, "refused").inc(len(refused))
+            log.warning("stream=%s file=%s: %d label(s) refused, e.g. %s", stream, path.name,
+                        len(refused), next(iter(refused.values())).message)
+        xs, ys, outs, versions = [], [], [], []
+        for row_id, y in labels:
+            hit = self.cache.pop(stream, row_id)
+            if hit is not None:
+                xs.append(hit[0])
+                ys.append(y)
+                outs.append(hit[1])
+                versions.append(hit[2])
+        unknown = len(labels) - len(xs)
+        if unknown:
+            self.metrics.labels.labels(stream, "unknown").inc(unknown)
+            log.info("stream=%s file=%s: %d label(s) with unknown or expired ids", stream,
+                     path.name, unknown)
+        if xs:
+            self.metrics.labels.labels(stream, "matched").inc(len(xs))
+            y = np.asarray(ys)
+            self.streams.learn(stream, np.asarray(xs), y,
+                               per_sample_loss(self.kind, np.asarray(outs), y),
+                               np.asarray(versions) == self.models.version(stream))
+
+    # -- rows, from a file or from a caller in this process ---------------------------------------
+    def predictions(self, outputs: np.ndarray) -> list:
+        return (outputs[:, 0].tolist() if self.kind == "regression"
+                else outputs.argmax(axis=1).tolist())
+
+    def predict(self, stream: str, x: np.ndarray) -> tuple[np.ndarray, int]:
+        started = time.perf_counter()
+        if len(x) == 0:
+            return np.zeros((0, self.bundle.outputs), np.float32), self.models.version(stream)
+        outputs, version = self.models.predict(stream, self.normalize(x))
+        self.metrics.inference_latency.labels(stream).observe(time.perf_counter() - started)
+        self.metrics.samples.labels(stream).inc(len(x))
+        self.metrics.predictions.labels(stream).inc(len(x))
+        return outputs, version
+
+    def observe(self, stream: str, x: np.ndarray, outputs: np.ndarray, version: int,
+                y: np.ndarray | None = None, ids: list | None = None) -> None:
+        """Learn from served rows: their labels now, or later through the label cache."""
+        if len(x) == 0:
+            return
+        if y is not None:
+            self.streams.learn(stream, x, y, per_sample_loss(self.kind, outputs, y))
+            return
+        for i, row_id in enumerate(ids if ids is not None else range(len(x))):
+            self.cache.put(stream, str(row_id), x[i], outputs[i], version)
+        if self.settings.drift.feature_detector != "none":
+            self.streams.unlabelled(stream, self.normalize(x))
