@@ -190,10 +190,13 @@ def cmd_models(args: argparse.Namespace) -> int:
     registry = Registry(state)
     try:
         if args.models == "rollback":
-            manifest = registry.rollback(to=args.to, lineage=lineage)
-            print(f"{'lineage ' + lineage if lineage else 'the shared CURRENT'} now serves "
-                  f"v{manifest.version} (rollback to v{manifest.parent}); a running daemon picks "
-                  "it up with `edgemeta trigger reload` or on restart")
+            # Without --stream: every lineage (a state directory from before lineages has none:
+            # then its shared CURRENT).
+            for name in [lineage] if lineage else (registry.lineages() or [None]):
+                manifest = registry.rollback(to=args.to, lineage=name)
+                print(f"{'lineage ' + name if name else 'CURRENT'}: now serving "
+                      f"v{manifest.version} (rollback to v{manifest.parent})")
+            print("a running daemon picks it up with `edgemeta trigger reload` or on restart")
             return 0
     except (RegistryError, ValueError) as exc:
         raise CliError(str(exc)) from exc
@@ -431,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     mr.add_argument("--to", type=int, help="version to serve (default: the current one's parent)")
     for p in (ml, mr):
         p.add_argument("--stream", help="one stream's lineage (default: every version; rollback: "
-                       "the shared CURRENT of state directories from before lineages)")
+                       "every lineage)")
         where = p.add_mutually_exclusive_group(required=True)
         where.add_argument("--config", help="the daemon's config file")
         where.add_argument("--state", help="the daemon's state directory")
