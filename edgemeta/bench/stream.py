@@ -386,10 +386,25 @@ def run_family(family: str, bundle: Path, seeds: list[int], n: int, hazard: floa
             runs.append(run_river(name, make, stream))
         edge = runs[0]
         det = detection_figures(stream.switches, edge.info["detections"], n)
-        per_seed.append({"seed": seed, "stream": stream, "runs": runs, "detection": det})
+        pair = interleaved(stream, switching_stream(family, n=n, hazard=hazard, noise=noise,
+                                                    seed=seed + 1000),
+                           bundle, edge, steps=steps, support_size=support, holdout_size=holdout)
+        per_seed.append({"seed": seed, "stream": stream, "runs": runs, "detection": det,
+                         "interleaved": pair})
         print(f"  {family} seed {seed}: " + ", ".join(
             f"{r.name} {r.loss.mean():.4g}" for r in runs), flush=True)
     return summarize(family, per_seed, n, hazard, noise, steps, support, holdout)
+
+
+def interleaved(a: SwitchingStream, b: SwitchingStream, bundle: Path, a_alone: Run,
+                **adaptation) -> dict[str, float]:
+    """Two streams that drift independently, interleaved in one daemon (each with its own model
+    lineage), against each stream run alone: the mean loss of each, both ways."""
+    with tempfile.TemporaryDirectory() as tmp:
+        both = run_daemon({"a": a, "b": b}, bundle, Path(tmp) / "both", **adaptation)
+        b_alone = run_edgemeta(b, bundle, Path(tmp) / "b", **adaptation)
+    return {"a_alone": float(a_alone.loss.mean()), "a_interleaved": float(both["a"].loss.mean()),
+            "b_alone": float(b_alone.loss.mean()), "b_interleaved": float(both["b"].loss.mean())}
 
 
 def summarize(family, per_seed, n, hazard, noise, steps, support, holdout) -> dict[str, Any]:
@@ -421,6 +436,11 @@ def summarize(family, per_seed, n, hazard, noise, steps, support, holdout) -> di
             "false_alarms_per_10k": float(np.mean([s["detection"]["false_alarms_per_10k"]
                                                    for s in per_seed]))},
         "edgemeta": {k: sum(i[k] for i in edge_info) for k in ("accepted", "rejected", "failed")},
+        "interleaved": {
+            "per_seed": [s["interleaved"] for s in per_seed],
+            # interleaved / alone, per stream and seed: 1.0 = no worse for sharing the daemon
+            "ratios": [s["interleaved"][f"{k}_interleaved"] / s["interleaved"][f"{k}_alone"]
+                       for s in per_seed for k in ("a", "b")]},
         "_plot": {"switches": per_seed[0]["stream"].switches,
                   "detections": runs0[0].info["detections"],
                   "swaps": runs0[0].info["swaps"],
@@ -474,6 +494,10 @@ def format_results(results: list[dict[str, Any]]) -> str:
         lines.append(f"  detection: median delay {d['median_delay']} samples, missed {d['missed']}, "
                      f"false alarms {d['false_alarms']} ({d['false_alarms_per_10k']:.2f} per 10k); "
                      f"adaptations {r['edgemeta']}")
+        ratios = np.asarray(r["interleaved"]["ratios"])
+        lines.append(f"  two streams interleaved in one daemon vs each alone: loss ratio mean "
+                     f"{ratios.mean():.3f} (min {ratios.min():.3f}, max {ratios.max():.3f}) over "
+                     f"{len(ratios)} stream-seeds")
     return "\n".join(lines)
 
 
