@@ -45,24 +45,26 @@ class DemoRun:
 
 def demo_bundle(workdir: Path, iterations: int) -> Path:
     """The cached demo bundle, meta-trained with a progress bar the first time."""
-    from edgemeta.meta.bundle import BundleError, read_bundle
+    from edgemeta.bench.harness import read_or_train
     from edgemeta.meta.tasks import SinusoidTasks
-    from edgemeta.meta.train import ProgressBar, TrainSettings, save_bundle, train
+    from edgemeta.meta.train import ProgressBar, TrainSettings
 
     path = workdir / f"sinusoid-maml-{iterations}"
-    try:
-        read_bundle(path)
-        print(f"reusing the cached bundle {path}")
-        return path
-    except BundleError:
-        pass
-    print(f"meta-training a sinusoid MAML bundle ({iterations} iterations) into {path}")
     settings = TrainSettings(algorithm="maml", iterations=iterations,
                              val_every=max(1, iterations // 10), seed=0, device="cpu")
-    bar = ProgressBar(iterations)
-    result = train(settings, SinusoidTasks(shots=5, queries=10), progress=bar)
-    bar.close()
-    return save_bundle(result, path)
+    bar: list[ProgressBar] = []
+
+    def announce() -> None:
+        print(f"meta-training a sinusoid MAML bundle ({iterations} iterations) into {path}")
+        bar.append(ProgressBar(iterations))
+
+    result = read_or_train(path, settings, SinusoidTasks(shots=5, queries=10),
+                           progress=lambda *args: bar[0](*args), before_training=announce)
+    if bar:
+        bar[0].close()
+    else:
+        print(f"reusing the cached bundle {path}")
+    return result
 
 
 def write_config(state_dir: Path, bundle: Path, port: int) -> Path:

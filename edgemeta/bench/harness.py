@@ -29,21 +29,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cached_bundle(directory: Path, iterations: int = 1000) -> Path:
-    """A small sinusoid MAML bundle, trained once into ``directory`` and reused after."""
+def read_or_train(path: Path, settings, tasks, progress=None,
+                  before_training: Callable[[], None] | None = None) -> Path:
+    """The bundle at ``path`` if it reads back whole, else meta-trained there with ``settings``
+    on ``tasks`` (the one cache of the benchmarks and the demo: a run reuses what an earlier run
+    trained, and a half-written bundle is trained again)."""
     from edgemeta.meta.bundle import BundleError, read_bundle
-    from edgemeta.meta.tasks import SinusoidTasks
-    from edgemeta.meta.train import TrainSettings, save_bundle, train
+    from edgemeta.meta.train import save_bundle, train
 
-    path = directory / f"sinusoid-maml-{iterations}"
     try:
         read_bundle(path)
         return path
     except BundleError:
         pass
+    if before_training is not None:
+        before_training()
+    return save_bundle(train(settings, tasks, progress=progress), path)
+
+
+def cached_bundle(directory: Path, iterations: int = 1000) -> Path:
+    """A small sinusoid MAML bundle, trained once into ``directory`` and reused after."""
+    from edgemeta.meta.tasks import SinusoidTasks
+    from edgemeta.meta.train import TrainSettings
+
     settings = TrainSettings(algorithm="maml", iterations=iterations,
                              val_every=max(1, iterations // 4), seed=0, device="cpu")
-    return save_bundle(train(settings, SinusoidTasks(shots=5, queries=10)), path)
+    return read_or_train(directory / f"sinusoid-maml-{iterations}", settings,
+                         SinusoidTasks(shots=5, queries=10))
 
 
 def write_config(path: Path, bundle: Path, state: Path, port: int, **sections: dict) -> Path:

@@ -1,0 +1,136 @@
+"""Figures, tables and plots of ``edgemeta bench stream``."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgemeta.bench.switching import DEFAULT_NOISE
+
+# -- detection figures --------------------------------------------------------------------------------
+
+def detection_figures(switches: list[int], detections: list[int], n: int) -> dict[str, Any]:
+    """Delay of the first detection after each switch; detections with no switch to explain them.
+
+    A detection explains the latest switch before it if it is the first one since that switch;
+    later detections in the same segment, or any before the first switch, are false alarms.
+
+    >>> detection_figures([100, 500], [130, 160, 520], 1000)["delays"]
+    [30, 20]
+    >>> detection_figures([100, 500], [130, 160, 520], 1000)["false_alarms"]
+    1
+    """
+    delays, false_alarms, seen = [], 0, set()
+    for d in detections:
+        before = [s for s in switches if s <= d]
+        if not before or before[-1] in seen:
+            false_alarms += 1
+            continue
+        seen.add(before[-1])
+        delays.append(d - before[-1])
+    return {"delays": delays, "missed": len(switches) - len(seen), "false_alarms": false_alarms,
+            "false_alarms_per_10k": false_alarms * 10_000 / n}
+
+
+def rolling(loss: np.ndarray, window: int) -> np.ndarray:
+    c = np.concatenate([[0.0], np.cumsum(loss)])
+    idx = np.arange(1, len(loss) + 1)
+    lo = np.maximum(0, idx - window)
+    return (c[idx] - c[lo]) / (idx - lo)
+
+
+def summarize(family, per_seed, n, hazard, noise, steps, support, holdout) -> dict[str, Any]:
+    names = [r.name for r in per_seed[0]["runs"]]
+    table = {}
+    for i, name in enumerate(names):
+        means = np.array([s["runs"][i].loss.mean() for s in per_seed])
+        table[name] = {"cumulative": float(means.mean()), "per_seed": means.tolist(),
+                       "seconds": float(np.mean([s["runs"][i].seconds for s in per_seed]))}
+    edge, oracle = table["edgemeta"]["cumulative"], table["oracle"]["cumulative"]
+    river = {k: v["cumulative"] for k, v in table.items() if k.startswith("river")}
+    best_river = min(river, key=river.get)
+    delays = [d for s in per_seed for d in s["detection"]["delays"]]
+    runs0 = per_seed[0]["runs"]
+    edge_info = [s["runs"][0].info for s in per_seed]
+    return {
+        "family": family, "kind": per_seed[0]["stream"].kind, "samples": n, "hazard": hazard,
+        "noise": DEFAULT_NOISE[family] if noise is None else noise, "seeds": len(per_seed),
+        "switches": [len(s["stream"].switches) for s in per_seed],
+        "adaptation": {"steps": steps, "support": support, "holdout": holdout},
+        "cumulative": table,
+        "ratio_to_oracle": edge / oracle if oracle > 0 else math.inf,
+        "ratio_to_best_river": edge / river[best_river] if river[best_river] > 0 else math.inf,
+        "best_river": best_river,
+        "detection": {
+            "median_delay": float(np.median(delays)) if delays else None,
+            "missed": sum(s["detection"]["missed"] for s in per_seed),
+            "false_alarms": sum(s["detection"]["false_alarms"] for s in per_seed),
+            "false_alarms_per_10k": float(np.mean([s["detection"]["false_alarms_per_10k"]
+                                                   for s in per_seed]))},
+        "edgemeta": {k: sum(i[k] for i in edge_info) for k in ("accepted", "rejected", "failed")},
+        "interleaved": {
+            "per_seed": [s["interleaved"] for s in per_seed],
+            # interleaved / alone, per stream and seed: 1.0 = no worse for sharing the daemon
+            "ratios": [s["interleaved"][f"{k}_interleaved"] / s["interleaved"][f"{k}_alone"]
+                       for s in per_seed for k in ("a", "b")]},
+        "_plot": {"switches": per_seed[0]["stream"].switches,
+                  "detections": runs0[0].info["detections"],
+                  "swaps": runs0[0].info["swaps"],
+                  "served_version": runs0[0].info["served_version"],
+                  "rolling": {r.name: rolling(r.loss, 200) for r in runs0}},
+    }
+
+
+def plot_family(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    p = result["_plot"]
+    fig, (ax, bx) = plt.subplots(2, 1, figsize=(12, 6.5), sharex=True,
+                                 gridspec_kw={"height_ratios": [3, 1]})
+    for name, curve in p["rolling"].items():
+        ax.plot(curve, label=name, lw=1.6 if name in ("edgemeta", "oracle") else 0.9)
+    for s in p["switches"]:
+        ax.axvline(s, color="grey", lw=0.5, alpha=0.5)
+    ax.plot(p["detections"], np.full(len(p["detections"]), 0.02), "rv", ms=4,
+            transform=ax.get_xaxis_transform(), label="drift detected")
+    ax.set_yscale("log" if result["kind"] == "regression" else "linear")
+    ax.set_ylabel("rolling error (200 samples)")
+    ax.set_title(f"{result['family']} stream (seed 0): task switches (grey), edgemeta's detections")
+    ax.legend(fontsize=8, ncol=4, loc="upper right")
+    bx.step(np.arange(len(p["served_version"])), p["served_version"], where="post")
+    bx.set_ylabel("served version")
+    bx.set_xlabel("sample")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def format_results(results: list[dict[str, Any]]) -> str:
+    lines = []
+    for r in results:
+        lines.append(f"\n{r['family']} ({r['kind']}, {r['samples']} samples x {r['seeds']} seeds, "
+                     f"switches per seed {r['switches']}; loss = "
+                     f"{'MSE' if r['kind'] == 'regression' else 'error rate'})")
+        lines.append(f"  {'learner':<24}{'cumulative':>12}{'vs edgemeta':>13}{'seconds':>10}")
+        edge = r["cumulative"]["edgemeta"]["cumulative"]
+        for name, v in r["cumulative"].items():
+            ratio = v["cumulative"] / edge if edge > 0 else math.inf
+            lines.append(f"  {name:<24}{v['cumulative']:>12.4g}{ratio:>12.2f}x{v['seconds']:>10.1f}")
+        d = r["detection"]
+        lines.append(f"  edgemeta / oracle = {r['ratio_to_oracle']:.2f} (target <= 1.25); "
+                     f"edgemeta / best river ({r['best_river']}) = {r['ratio_to_best_river']:.2f} "
+                     f"(target <= 0.33)")
+        lines.append(f"  detection: median delay {d['median_delay']} samples, missed {d['missed']}, "
+                     f"false alarms {d['false_alarms']} ({d['false_alarms_per_10k']:.2f} per 10k); "
+                     f"adaptations {r['edgemeta']}")
+        ratios = np.asarray(r["interleaved"]["ratios"])
+        lines.append(f"  two streams interleaved in one daemon vs each alone: loss ratio mean "
+                     f"{ratios.mean():.3f} (min {ratios.min():.3f}, max {ratios.max():.3f}) over "
+                     f"{len(ratios)} stream-seeds")
+    return "\n".join(lines)
