@@ -93,13 +93,8 @@ def run_daemon(streams: dict[str, SwitchingStream], bundle: Path, workdir: Path,
     quiet = logging.getLogger("edgemeta.daemon")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
-    detector = daemon.settings.drift.detector
     info = {name: {"loss": np.empty(len(st.y)), "served": np.empty(len(st.y), dtype=np.int64),
                    "detections": [], "swaps": []} for name, st in streams.items()}
-
-    def detections(name: str) -> float:
-        return daemon.metrics.registry.get_sample_value(
-            "edgemeta_drift_detections_total", {"stream": name, "detector": detector}) or 0.0
 
     serving = {name: daemon.models.version(name) for name in streams}
     try:
@@ -111,11 +106,11 @@ def run_daemon(streams: dict[str, SwitchingStream], bundle: Path, workdir: Path,
                 hi = min(len(st.y), lo + batch)
                 if lo >= hi:
                     continue
-                d, before = info[name], detections(name)
+                d, before = info[name], daemon.streams.states[name].drifts
                 predictions, version = daemon.feed(name, st.x[lo:hi], st.y[lo:hi])
                 d["loss"][lo:hi] = sample_loss(st.kind, predictions, st.y[lo:hi])
                 d["served"][lo:hi] = version
-                if detections(name) > before:
+                if daemon.streams.states[name].drifts > before:
                     d["detections"].append(hi - 1)
                 if not daemon.drain(120):
                     raise RuntimeError("an adaptation did not finish within 120 s")

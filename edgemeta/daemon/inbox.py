@@ -12,12 +12,12 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from edgemeta.bundle_format import BundleInfo
+from edgemeta.config import Settings
 from edgemeta.daemon.degraded import DegradedMode
 from edgemeta.daemon.gate import per_sample_loss
 from edgemeta.daemon.metrics import Metrics
@@ -41,7 +41,7 @@ log = logging.getLogger("edgemeta.daemon")
 class Inbox:
     def __init__(self, layout: StateLayout, bundle: BundleInfo, models: ServedModels,
                  streams: Streams, cache: LabelCache, pending: PendingFiles, metrics: Metrics,
-                 degraded: DegradedMode, settings: Callable[[], object]):
+                 degraded: DegradedMode, settings: Settings):
         self.layout = layout
         self.bundle = bundle
         self.kind = bundle.kind
@@ -51,12 +51,8 @@ class Inbox:
         self.pending = pending
         self.metrics = metrics
         self.degraded = degraded
-        self._settings = settings  # the settings in force (a reload replaces them)
+        self.settings = settings  # the settings in force (a reload replaces them)
         self.stuck: set[Path] = set()  # inputs that could not even be moved aside (logged once)
-
-    @property
-    def settings(self):
-        return self._settings()
 
     @property
     def limits(self) -> Limits:

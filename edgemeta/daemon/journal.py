@@ -42,6 +42,7 @@ class StreamView:
     reason: str | None
     drift_active: bool
     drift_since: float | None
+    drifts: int
     samples: int
     last_loss: float | None
     collected: int

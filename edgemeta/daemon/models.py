@@ -176,10 +176,8 @@ class ServedModels:
         timings["commit"] = time.perf_counter() - t
         t = time.perf_counter()
         replaced = Replaced(served.predictor.live, served.weights, served.version)
-        served.predictor.install(dataclasses.replace(candidate, version=manifest.version))
+        self._install(served, candidate, dict(weights), manifest)
         timings["swap"] = time.perf_counter() - t
-        served.weights, served.manifest = dict(weights), manifest
-        self._publish(served.lineage)
         return manifest, replaced
 
     def rollback(self, lineage: str, to: int | None = None, note: str | None = None,
@@ -190,11 +188,15 @@ class ServedModels:
         if replaced is None:
             self._load(lineage)
             return manifest
-        served = self._served[lineage]
-        served.predictor.install(dataclasses.replace(replaced.live, version=manifest.version))
-        served.weights, served.manifest = replaced.weights, manifest
-        self._publish(lineage)
+        self._install(self._served[lineage], replaced.live, replaced.weights, manifest)
         return manifest
+
+    def _install(self, served: Served, live: Live, weights: dict[str, np.ndarray],
+                 manifest: Manifest) -> None:
+        """Serve an already loaded session as ``manifest``'s version of ``served``'s lineage."""
+        served.predictor.install(dataclasses.replace(live, version=manifest.version))
+        served.weights, served.manifest = weights, manifest
+        self._publish(served.lineage)
 
     def _publish(self, lineage: str) -> None:
         served = self._served[lineage]

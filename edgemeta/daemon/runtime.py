@@ -99,10 +99,10 @@ class Daemon:
                                   s.drift.feature_detector)
         self.pending = PendingFiles(s.ingest.settle_s)
         self.streams = Streams(s, self.bundle, self.models, self.adapter, self.journal,
-                               self.metrics, self.degraded.fail, self.bundle.normalize)
+                               self.metrics, self.degraded.fail)
         self.inbox = Inbox(self.layout, self.bundle, self.models, self.streams, LabelCache(
             s.ingest.label_cache, s.ingest.label_cache_bytes), self.pending, self.metrics,
-            self.degraded, lambda: self.settings)
+            self.degraded, s)
         self.commands = Commands(s.state_dir / "triggers", s.state_dir, self.inbox, self.streams,
                                  self.metrics, self.degraded, self.reload)
         self.streams.start()
@@ -218,7 +218,7 @@ class Daemon:
             if [(s.name, s.model) for s in new.streams] != old:
                 log.warning("reload: changes to the stream list take effect on restart")
                 new.streams = self.settings.streams
-            self.settings = new
+            self.settings = self.inbox.settings = new
             self.adapter.timeout_s = new.adaptation.timeout_s
             self.pending.settle_s = new.ingest.settle_s
             self.streams.reload(new)

@@ -43,6 +43,7 @@ class StreamState:
     collector: SupportCollector
     machine: lc.Lifecycle
     samples: int = 0
+    drifts: int = 0  # detections so far (status shows them; so does the detections counter)
     last_loss: float | None = None
     drift_started: float | None = None
     # Labels seen while not collecting: the stream's recent history, against which a support
@@ -75,8 +76,7 @@ def policy(settings: Settings) -> lc.Policy:
 class Streams:
     def __init__(self, settings: Settings, bundle: BundleInfo, models: ServedModels,
                  adapter: AdapterClient, journal: Journal, metrics: Metrics,
-                 degrade: Callable[[OSError, str], None],
-                 normalize: Callable[[np.ndarray], np.ndarray]):
+                 degrade: Callable[[OSError, str], None]):
         self.settings = settings
         self.bundle = bundle
         self.kind = bundle.kind
@@ -85,7 +85,6 @@ class Streams:
         self.journal = journal
         self.metrics = metrics
         self.degrade = degrade
-        self.normalize = normalize
         self.states = {s.name: self._fresh(s.name) for s in settings.streams}
         self._jobs: dict[tuple[str, int], Job] = {}
         self._requests: dict[int, tuple[str, int]] = {}  # worker request id -> job
@@ -93,14 +92,17 @@ class Streams:
         self._queue: deque[tuple[StreamState, lc.Event]] = deque()
         self.changed = True  # something ``status`` shows has changed
 
-    def _fresh(self, name: str, machine: lc.Lifecycle | None = None) -> StreamState:
+    def _parts(self, name: str) -> tuple[DriftMonitor, SupportCollector]:
+        """A detector and a collector built from the settings in force."""
         d, a = self.settings.drift, self.settings.adaptation
         monitor = DriftMonitor(d.detector, self.kind, d.delta, d.feature_detector,
                                d.cooldown_samples, d.min_samples,
                                n_features=len(self.settings.stream(name).features))
-        collector = SupportCollector(a.support_size, a.holdout_size, a.selection, a.window)
-        return StreamState(name, self.models.lineage_of[name], monitor, collector,
-                           machine or lc.Lifecycle(policy(self.settings)))
+        return monitor, SupportCollector(a.support_size, a.holdout_size, a.selection, a.window)
+
+    def _fresh(self, name: str) -> StreamState:
+        return StreamState(name, self.models.lineage_of[name], *self._parts(name),
+                           lc.Lifecycle(policy(self.settings)))
 
     @property
     def busy(self) -> bool:
@@ -130,8 +132,7 @@ class Streams:
         """New settings: fresh detectors and collectors; open collections are reopened."""
         self.settings = settings
         for name, state in self.states.items():
-            fresh = self._fresh(name, state.machine)
-            state.monitor, state.collector = fresh.monitor, fresh.collector
+            state.monitor, state.collector = self._parts(name)
             state.machine.policy = policy(settings)
             self._event(state, lc.Reloaded())
 
@@ -176,6 +177,7 @@ class Streams:
                 self.drift(state, "feature")
 
     def drift(self, state: StreamState, detector: str) -> None:
+        state.drifts += 1
         self.metrics.drift_detections.labels(state.name, detector).inc()
         log.warning("drift detected stream=%s detector=%s version=%d samples=%d", state.name,
                     detector, self.models.version(state.name), state.samples)
@@ -293,7 +295,7 @@ class Streams:
         served = self.models.of(state.name)
         ep = job.episode
         verdict = evaluate(self.kind, self.models.template, served.predictor.live,
-                           job.outcome.weights, self.normalize(ep.holdout_x), ep.holdout_y,
+                           job.outcome.weights, self.bundle.normalize(ep.holdout_x), ep.holdout_y,
                            self.settings.gate.min_gain, early,
                            load=lambda model: served.predictor.load(model, 0))
         job.timings.update(verdict.timings)
@@ -369,7 +371,7 @@ class Streams:
         mask = np.ones(len(x), bool) if judged is None else np.asarray(judged, bool)
         if not mask.any():
             return
-        old = run(probation.previous.live, self.normalize(x[mask]))
+        old = run(probation.previous.live, self.bundle.normalize(x[mask]))
         probation.add(losses[mask], per_sample_loss(self.kind, old, np.asarray(y)[mask]))
         verdict = probation.verdict()
         if verdict is not None:
@@ -402,6 +404,6 @@ class Streams:
         m = state.machine
         return StreamView(served.version, served.manifest.source, served.predictor.provider,
                           m.phase.value, m.reason.value if m.reason else None, m.unresolved,
-                          state.drift_started, state.samples, state.last_loss,
+                          state.drift_started, state.drifts, state.samples, state.last_loss,
                           state.collector.collected if m.collecting else 0,
                           state.collector.needed if m.collecting else 0)

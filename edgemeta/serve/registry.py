@@ -181,6 +181,7 @@ class Registry:
         lineages it serves, and ``current``: whether it serves (``lineage``, if given)."""
         pointers = {name: self.current_version(name) for name in self.lineages()}
         shared = self.current_version()
+        mine = self.current_version(lineage) if lineage is not None else None
         rows = []
         for v in self.versions():
             try:
@@ -191,7 +192,7 @@ class Registry:
             if lineage is not None and row.get("lineage") not in (None, lineage):
                 continue
             row["serving"] = sorted(n for n, p in pointers.items() if p == v)
-            row["current"] = (self.current_version(lineage) == v if lineage is not None
+            row["current"] = (mine == v if lineage is not None
                               else v == shared or bool(row["serving"]))
             rows.append(row)
         return rows
