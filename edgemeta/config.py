@@ -71,9 +71,31 @@ class AdaptationSettings:
 
 
 @dataclass
+class ContinualSettings:
+    """Learning on from every labelled row of the current regime (``stream/regime.py``)."""
+
+    enabled: bool = True
+    window: int = 2000            # rows of the current regime kept (the memory budget)
+    every: int = 50               # at least this many new labelled rows between fits
+    growth: float = 0.5           # ... and at least this share of the rows at the last fit
+    max_steps: int = 300          # Adam steps per start (one per row, up to this)
+    lr: float = 0.003
+    budget_ms_per_row: float = 2.0  # a fit may spend this much worker time per new row
+
+
+@dataclass
+class MemorySettings:
+    """Concept memory (``daemon/memory.py``): models of earlier regimes, recalled on recurrence."""
+
+    capacity: int = 8   # remembered models per lineage (each keeps a loaded session); 0: off
+    min_rows: int = 6   # labelled rows since the change point before a recall is judged
+
+
+@dataclass
 class GateSettings:
-    min_gain: float = 0.05
-    early_rows: int = 5
+    alpha: float = 0.05     # false-accept rate of the paired test (a candidate no better passes)
+    min_gain: float = 0.0   # optional effect-size floor: candidate <= current * (1 - min_gain)
+    early_rows: int = 6
 
 
 @dataclass
@@ -114,6 +136,8 @@ class Settings:
     streams: list[StreamSettings]
     drift: DriftSettings = field(default_factory=DriftSettings)
     adaptation: AdaptationSettings = field(default_factory=AdaptationSettings)
+    continual: ContinualSettings = field(default_factory=ContinualSettings)
+    memory: MemorySettings = field(default_factory=MemorySettings)
     gate: GateSettings = field(default_factory=GateSettings)
     serving: ServingSettings = field(default_factory=ServingSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
@@ -175,8 +199,8 @@ def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
 
 
 def parse_config(raw: dict[str, Any], source: Path | None = None) -> Settings:
-    known = {"bundle", "state", "streams", "drift", "adaptation", "gate", "serving", "metrics",
-             "ingest", "retention"}
+    known = {"bundle", "state", "streams", "drift", "adaptation", "continual", "memory", "gate",
+             "serving", "metrics", "ingest", "retention"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown section (known: {', '.join(sorted(known))})")
@@ -213,6 +237,8 @@ def parse_config(raw: dict[str, Any], source: Path | None = None) -> Settings:
         streams=streams,
         drift=_typed("drift", DriftSettings, raw.get("drift", {})),
         adaptation=_typed("adaptation", AdaptationSettings, raw.get("adaptation", {})),
+        continual=_typed("continual", ContinualSettings, raw.get("continual", {})),
+        memory=_typed("memory", MemorySettings, raw.get("memory", {})),
         gate=_typed("gate", GateSettings, raw.get("gate", {})),
         serving=_typed("serving", ServingSettings, raw.get("serving", {})),
         metrics=_typed("metrics", MetricsSettings, raw.get("metrics", {})),
@@ -245,10 +271,26 @@ def parse_config(raw: dict[str, Any], source: Path | None = None) -> Settings:
         raise ConfigError(f"adaptation.window: {a.window} is smaller than support_size {a.support_size}")
     if a.device not in ("auto", "cpu") and not a.device.startswith("cuda"):
         raise ConfigError(f"adaptation.device: use auto, cpu or cuda[:N], got {a.device!r}")
+    c = settings.continual
+    for key in ("window", "every", "growth", "max_steps", "lr", "budget_ms_per_row"):
+        _positive(f"continual.{key}", getattr(c, key))
+    if c.window < a.holdout_size + 10:
+        raise ConfigError(f"continual.window: {c.window} rows cannot hold adaptation.holdout_size "
+                          f"({a.holdout_size}) plus 10 rows to learn from")
+    _positive("memory.capacity", settings.memory.capacity, allow_zero=True)
+    if settings.memory.min_rows < 5:
+        raise ConfigError(f"memory.min_rows: must be >= 5 (fewer rows can never pass the paired "
+                          f"test), got {settings.memory.min_rows}")
     _positive("gate.early_rows", settings.gate.early_rows, allow_zero=True)
     if settings.gate.early_rows >= settings.adaptation.holdout_size:
         raise ConfigError(f"gate.early_rows: {settings.gate.early_rows} must be smaller than "
                           f"adaptation.holdout_size ({settings.adaptation.holdout_size}), or 0")
+    if not 0 < settings.gate.alpha <= 0.5:
+        raise ConfigError(f"gate.alpha: must be in (0, 0.5], got {settings.gate.alpha}")
+    if settings.gate.early_rows and 0.5 ** settings.gate.early_rows > settings.gate.alpha:
+        raise ConfigError(f"gate.early_rows: {settings.gate.early_rows} rows can never pass the "
+                          f"paired test at gate.alpha = {settings.gate.alpha} (even winning every "
+                          f"row gives p = 0.5^{settings.gate.early_rows}); use more rows or 0")
     if not 0 <= settings.gate.min_gain < 1:
         raise ConfigError(f"gate.min_gain: must be in [0, 1), got {settings.gate.min_gain}")
     if not 0 < settings.metrics.port < 65536:

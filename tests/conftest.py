@@ -39,6 +39,9 @@ def write_config(tmp_path, bundle_path, streams=None, **sections) -> Path:  # no
         # adapt_on_start off: these tests pin behaviour relative to v1 (the meta-init) serving.
         "adaptation": {"support_size": 10, "holdout_size": 20, "timeout_s": 20,
                        "adapt_on_start": False, "refine": []},
+        # ... and without continued fits, which would add versions of their own
+        # (tests/test_continual_learning.py turns them on).
+        "continual": {"enabled": False},
         "metrics": {"port": free_port()},
         "ingest": {"settle_s": 0.05, "rescan_interval_s": 1.0},
     }

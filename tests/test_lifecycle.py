@@ -12,7 +12,9 @@ from edgemeta.daemon.lifecycle import (
     Cancel,
     Completed,
     DriftDetected,
+    Due,
     Finished,
+    Fit,
     Gate,
     Lifecycle,
     LifecycleError,
@@ -60,6 +62,10 @@ def through_gate(m: Lifecycle, result: str, expected: float | None = None) -> li
     ("watching", Started(meta_init=True), Phase.COLLECTING, Reason.INITIAL,
      [Open(Reason.INITIAL, None, 5)]),
     ("watching", Started(meta_init=False), Phase.WATCHING, None, []),
+    ("watching", Due(), Phase.ADAPTING, Reason.CONTINUAL, [Fit(1)]),
+    ("collecting", Due(), Phase.COLLECTING, Reason.DRIFT, []),  # the episode's own fit first
+    ("adapting", Due(), Phase.ADAPTING, Reason.DRIFT, []),
+    ("refining", Due(), Phase.REFINING, Reason.REFINE, []),
     ("collecting", DriftDetected(), Phase.COLLECTING, Reason.DRIFT, []),
     ("collecting", Triggered(), Phase.COLLECTING, Reason.MANUAL, [Cancel(), Open(Reason.MANUAL)]),
     ("collecting", Reloaded(), Phase.COLLECTING, Reason.DRIFT, [Open(Reason.DRIFT, None, 5)]),
@@ -153,7 +159,7 @@ def test_a_completed_collection_outside_a_collection_is_a_caller_bug():
 EVENTS = st.one_of(
     st.builds(Started, st.booleans()), st.builds(DriftDetected, st.booleans()),
     st.just(Triggered()), st.just(Completed()), st.just(RolledBack()), st.just(Swapped()),
-    st.just(Reloaded()), st.just(Stopping()),
+    st.just(Reloaded()), st.just(Stopping()), st.just(Due()),
     st.tuples(st.sampled_from(["weights", "accepted", "rejected", "failed", "timeout",
                                "inconclusive"]), st.integers(0, 2)),
 )
@@ -188,6 +194,9 @@ def test_random_event_sequences_keep_the_state_valid_and_record_each_episode_onc
                 assert a.reason == last_open and opened.get(a.job, a.reason) == a.reason
                 assert a.job not in recorded
                 opened[a.job] = a.reason
+            elif isinstance(a, Fit):
+                assert a.job not in opened and m.reason is Reason.CONTINUAL
+                opened[a.job] = Reason.CONTINUAL
             elif isinstance(a, Record):
                 assert opened[a.job] == a.reason, "recorded with the reason that opened it"
                 recorded[a.job] = recorded.get(a.job, 0) + 1
@@ -200,3 +209,25 @@ def test_the_state_diagram_in_the_docs_is_the_one_the_code_draws():
     doc = (Path(__file__).parent.parent / "docs" / "lifecycle.md").read_text()
     assert diagram() in doc, "regenerate it: python -c 'from edgemeta.daemon.lifecycle " \
                              "import diagram; print(diagram())'"
+
+
+def test_a_continual_fit_neither_refines_nor_retries_nor_resets_the_detector():
+    m = Lifecycle(POLICY)
+    assert drive(m, Due()) == [Fit(1)]
+    drive(m, WeightsReady(1))
+    assert drive(m, Finished(1, "accepted", "better", 0.1)) == [
+        Record(1, Reason.CONTINUAL, "accepted", "better")]
+    assert m.phase is Phase.WATCHING and m.fit_level == 0.1
+    drive(m, Due(), WeightsReady(2))
+    assert drive(m, Finished(2, "rejected", "not_better")) == [
+        Record(2, Reason.CONTINUAL, "rejected", "not_better")]
+    assert m.phase is Phase.WATCHING
+
+
+def test_an_accepted_continual_fit_resolves_a_drift_whose_episodes_were_all_rejected():
+    m = Lifecycle(Policy(early_rows=None, refine=(), retries=0))
+    drive(m, DriftDetected())
+    through_gate(m, "rejected")
+    assert m.unresolved and m.phase is Phase.WATCHING  # no retries left: the old model serves
+    drive(m, Due(), WeightsReady(2), Finished(2, "accepted", "better", 0.3))
+    assert not m.unresolved

@@ -36,7 +36,9 @@ class TorchNet:
         with torch.no_grad():
             out = torch.func.functional_call(a.model_, {k: torch.as_tensor(v) for k, v in
                                                         weights.items()}, (xt,)).numpy()
-        return out[:, 0] if self.kind == "regression" else out.argmax(axis=1)
+        if self.kind == "regression":
+            return out[:, 0] * a.target_std_ + a.target_mean_
+        return out.argmax(axis=1)
 
     def adapt(self, x, y, steps: int | None, init=None) -> dict[str, np.ndarray] | None:
         from edgemeta.meta.adapt import AdaptationFailed

@@ -52,16 +52,22 @@ __all__ = ["FAMILIES", "run_stream_bench", "run_edgemeta", "run_daemon", "daemon
 # -- edgemeta: the daemon's own path ----------------------------------------------------------------
 
 def daemon_config(workdir: Path, bundle: Path, features: int, streams: tuple[str, ...] = ("s",),
-                  shared: bool = False, **adaptation) -> Path:
+                  shared: bool = False, sections: dict[str, dict] | None = None,
+                  **adaptation) -> Path:
     """A daemon config for the in-process run: no metrics endpoint, one table per stream
-    (``shared``: all streams served by one model, as before lineages)."""
+    (``shared``: all streams served by one model, as before lineages); ``sections``: other
+    tables (``{"continual": {"enabled": False}}``)."""
     workdir.mkdir(parents=True, exist_ok=True)
     names = [f"x{i}" for i in range(features)]
     a = {"support_size": 10, "holdout_size": 20, "timeout_s": 60, **adaptation}
     lines = ["[bundle]", f'path = "{bundle.resolve()}"', "[state]", f'dir = "{workdir / "state"}"',
              "[metrics]", "enabled = false", "[adaptation]"]
     lines += [f"{k} = {json.dumps(v)}" for k, v in a.items()]
-    lines += ["[retention]", "keep_models = 5", "keep_episodes = 100000"]
+    tables = {"retention": {"keep_models": 5, "keep_episodes": 100000}}
+    for section, values in (sections or {}).items():
+        tables[section] = {**tables.get(section, {}), **values}
+    for section, values in tables.items():
+        lines += [f"[{section}]"] + [f"{k} = {json.dumps(v)}" for k, v in values.items()]
     for name in streams:
         lines += ["[[streams]]", f'name = "{name}"', f"features = {json.dumps(names)}",
                   'label = "y"'] + (['model = "shared"'] if shared else [])
@@ -71,13 +77,14 @@ def daemon_config(workdir: Path, bundle: Path, features: int, streams: tuple[str
 
 
 def run_edgemeta(stream: SwitchingStream, bundle: Path, workdir: Path, batch: int = 1,
-                 **adaptation) -> Run:
+                 sections: dict[str, dict] | None = None, **adaptation) -> Run:
     """One stream through the daemon (:func:`run_daemon`)."""
-    return run_daemon({"s": stream}, bundle, workdir, batch, **adaptation)["s"]
+    return run_daemon({"s": stream}, bundle, workdir, batch, sections=sections, **adaptation)["s"]
 
 
 def run_daemon(streams: dict[str, SwitchingStream], bundle: Path, workdir: Path, batch: int = 1,
-               shared: bool = False, **adaptation) -> dict[str, Run]:
+               shared: bool = False, sections: dict[str, dict] | None = None,
+               **adaptation) -> dict[str, Run]:
     """Feed streams through :meth:`Daemon.feed`, interleaved batch by batch (``batch`` rows of
     each stream in turn), finishing each requested adaptation before the next batch
     (:meth:`Daemon.drain`): deterministic figures, where the daemon proper keeps serving the old
@@ -87,7 +94,8 @@ def run_daemon(streams: dict[str, SwitchingStream], bundle: Path, workdir: Path,
     from edgemeta.daemon.runtime import Daemon
 
     first = next(iter(streams.values()))
-    cfg = daemon_config(workdir, bundle, first.x.shape[1], tuple(streams), shared, **adaptation)
+    cfg = daemon_config(workdir, bundle, first.x.shape[1], tuple(streams), shared, sections,
+                        **adaptation)
     daemon = Daemon(load_config(cfg), metrics=Metrics())
     daemon.setup()
     quiet = logging.getLogger("edgemeta.daemon")

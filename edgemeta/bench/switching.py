@@ -75,6 +75,34 @@ def switching_stream(family: str, n: int = 20_000, hazard: float = 1 / 300,
     return SwitchingStream(family, tasks.kind, x.astype(np.float32), y, task, switches)
 
 
+def recurring_stream(family: str, n: int = 6000, concepts: int = 3, segment: int = 500,
+                     noise: float | None = None, seed: int = 0) -> SwitchingStream:
+    """A stream that cycles through a few concepts (A, B, C, A, B, C, ...), ``segment`` rows each:
+    what concept memory is for. ``task`` numbers the segments; the concept of segment i is
+    ``i % concepts``.
+
+    >>> s = recurring_stream("sinusoid", n=1200, concepts=2, segment=300, seed=0)
+    >>> s.switches, (s.task % 2).tolist()[::300]
+    ([300, 600, 900], [0, 1, 0, 1])
+    """
+    tasks = family_tasks(family)
+    noise = DEFAULT_NOISE[family] if noise is None else noise
+    rng = np.random.default_rng(seed)
+    params = tasks.sample_functions(concepts, rng)
+    switches = list(range(segment, n, segment))
+    task = np.arange(n) // segment
+    if family == "sinusoid":
+        x = rng.uniform(*tasks.x_range, size=(n, 1))
+    else:
+        x = rng.uniform(-1.0, 1.0, size=(n, tasks.in_features))
+    y = np.asarray(tasks.evaluate(params[task % concepts], x[:, None, :])).reshape(n)
+    if tasks.kind == "regression":
+        y = y + rng.normal(0.0, noise, n)
+    else:
+        y = np.where(rng.random(n) < noise, 1 - y, y).astype(np.int64)
+    return SwitchingStream(family, tasks.kind, x.astype(np.float32), y, task, switches)
+
+
 def sample_loss(kind: str, prediction, y) -> np.ndarray:
     p, t = np.asarray(prediction, dtype=np.float64), np.asarray(y, dtype=np.float64)
     return (p - t) ** 2 if kind == "regression" else (p != t).astype(np.float64)

@@ -38,6 +38,7 @@ class AdaptOutcome:
     reason: str = ""
     error: str = ""
     seconds: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)  # a continued fit: its start, steps
 
 
 class AdapterClient:
@@ -120,8 +121,10 @@ class AdapterClient:
 
     # -- requests ------------------------------------------------------------------------------
     def submit(self, support_x: np.ndarray, support_y: np.ndarray, steps: int | None = None,
-               init: Mapping[str, np.ndarray] | None = None) -> int | None:
-        """Send an adapt request; returns its id, or None when the worker is not available."""
+               init: Mapping[str, np.ndarray] | None = None,
+               fit: Mapping[str, Any] | None = None) -> int | None:
+        """Send an adapt request (``fit``: a continued fit with these options instead of the
+        few-shot inner loop); returns its id, or None when the worker is not available."""
         if not self.ready:
             return None
         rid = self._next_id
@@ -129,8 +132,10 @@ class AdapterClient:
         arrays = {"support_x": np.asarray(support_x, np.float32), "support_y": np.asarray(support_y)}
         for name, value in (init or {}).items():
             arrays[f"init/{name}"] = value
+        header = ({"type": "fit", "id": rid, "options": dict(fit)} if fit is not None
+                  else {"type": "adapt", "id": rid, "steps": steps})
         try:
-            write_frame(self._proc.stdin, {"type": "adapt", "id": rid, "steps": steps}, arrays)
+            write_frame(self._proc.stdin, header, arrays)
         except (OSError, ValueError) as exc:
             log.warning("adapter worker pipe failed: %s", exc)
             self._worker_died("pipe closed")
@@ -161,9 +166,12 @@ class AdapterClient:
             elif kind == "result":
                 rid = header.get("id")
                 if self._pending.pop(rid, None) is not None:
-                    outcomes.append(AdaptOutcome(rid, bool(header.get("ok")), arrays,
-                                                 header.get("losses", []), header.get("reason", ""),
-                                                 header.get("error", ""), header.get("seconds", 0.0)))
+                    outcomes.append(AdaptOutcome(
+                        rid, bool(header.get("ok")), arrays, header.get("losses", []),
+                        header.get("reason", ""), header.get("error", ""),
+                        header.get("seconds", 0.0),
+                        {k: header[k] for k in ("start", "steps", "validation_loss")
+                         if k in header}))
             elif kind == "eof":
                 outcomes += self._worker_died("worker exited")
             if wait and (outcomes or self._ready):

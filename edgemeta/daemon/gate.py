@@ -1,15 +1,21 @@
-"""The holdout gate: a candidate is served only if it is finite and clearly better.
+"""The holdout gate: a candidate is served only if it is finite and better by the evidence.
 
 Both models are judged by the same holdout rows, which the inner loop never saw, and the candidate
 is judged as the ONNX artifact that would be served (:func:`evaluate` patches the weights into the
 bundle's graph, loads the session that a promotion installs, and runs it), so what is checked is
-exactly what is deployed. The early gate (a few holdout rows right after a drift) and the full gate
-share one threshold, ``gate.min_gain``; on few rows the early gate also asks for a clear win, or
-sends the episode back for the full holdout.
+exactly what is deployed.
 
->>> decide(current=1.0, candidate=0.5, min_gain=0.05).accepted
+Why a paired test and not a fixed margin: on 20 holdout rows a "5% better" threshold rejects real
+improvements and accepts lucky ones alike. Each holdout row is scored by both models, and a
+one-sided sign-flip permutation test on the per-row loss differences asks whether the candidate is
+better; it is accepted at level ``gate.alpha``, which is its false-accept rate when the candidate is
+in truth no better. ``gate.min_gain`` stays as an optional effect-size floor. The early gate (a few
+holdout rows right after a drift) uses the same test: on 5 rows it can only pass when every row
+improved, otherwise the episode waits for the full holdout.
+
+>>> decide(np.full(20, 1.0), np.full(20, 0.5), alpha=0.05).accepted
 True
->>> decide(current=1.0, candidate=0.97, min_gain=0.05).reason
+>>> decide(np.array([1.0, 0.2, 0.9, 0.4]), np.array([0.9, 0.3, 0.8, 0.5]), alpha=0.05).reason
 'not_better'
 """
 
@@ -27,14 +33,6 @@ from edgemeta.serve.onnx_weights import OnnxTemplate, WeightPatchError
 from edgemeta.serve.predictor import Live, run
 
 
-@dataclass(frozen=True)
-class GateDecision:
-    accepted: bool
-    reason: str
-    current: float
-    candidate: float
-
-
 def per_sample_loss(kind: str, outputs: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Squared error (regression) or 0/1 error (classification), one value per row."""
     outputs = np.asarray(outputs, dtype=np.float64)
@@ -43,39 +41,77 @@ def per_sample_loss(kind: str, outputs: np.ndarray, y: np.ndarray) -> np.ndarray
     return (outputs.argmax(axis=1) != np.asarray(y).astype(np.int64)).astype(np.float64)
 
 
-def holdout_loss(kind: str, outputs: np.ndarray, y: np.ndarray) -> float:
-    """Mean MSE, or for classification the cross-entropy (smoother than 0/1 on small holdouts)."""
+def row_losses(kind: str, outputs: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The gate's per-row loss: squared error, or for classification the cross-entropy (on a small
+    holdout, 0/1 errors tie on most rows and a test on them has almost no power)."""
     outputs = np.asarray(outputs, dtype=np.float64)
     if kind == "regression":
-        return float(per_sample_loss(kind, outputs, y).mean())
+        return per_sample_loss(kind, outputs, y)
     shifted = outputs - outputs.max(axis=1, keepdims=True)
     logp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    return float(-logp[np.arange(len(y)), np.asarray(y).astype(np.int64)].mean())
+    return -logp[np.arange(len(y)), np.asarray(y).astype(np.int64)]
 
 
-def clear_win(current_rows: np.ndarray, candidate_rows: np.ndarray, min_gain: float = 0.0) -> bool:
-    """The early gate: on a few rows, accept only a candidate with at most half the loss (and
-    within ``min_gain``, like the full gate) that is better on all rows but one; anything less
-    waits for the full holdout.
+def holdout_loss(kind: str, outputs: np.ndarray, y: np.ndarray) -> float:
+    """Mean MSE, or for classification the cross-entropy (smoother than 0/1 on small holdouts)."""
+    return float(row_losses(kind, outputs, y).mean())
 
-    >>> clear_win(np.array([9.0, 4.0, 7.0, 1.0, 6.0]), np.array([0.1, 0.3, 0.2, 1.5, 0.1]))
-    True
-    >>> clear_win(np.array([1.0, 1.0, 1.0, 1.0, 1.0]), np.array([0.4, 0.4, 2.0, 2.0, 0.1]))
-    False
+
+EXACT_ROWS = 12      # up to this many rows every sign pattern is enumerated (4,096)
+RANDOM_FLIPS = 4000  # beyond it, this many seeded random patterns
+
+
+def paired_p_value(current_rows: np.ndarray, candidate_rows: np.ndarray) -> float:
+    """One-sided p-value that the candidate's mean per-row loss is lower than the current one's.
+
+    A sign-flip permutation test on the paired differences: under "no better" each difference is
+    as likely to have either sign, so the share of sign patterns whose mean is at least the
+    observed one is the probability of seeing this much improvement by chance. It makes no
+    assumption about the losses' distribution (squared errors are heavy-tailed) and is exact on
+    the early gate's few rows. Deterministic: the random patterns are seeded.
+
+    >>> round(paired_p_value(np.ones(5), np.zeros(5)), 4)  # 5 wins of 5: 1 pattern in 32
+    0.0312
+    >>> paired_p_value(np.ones(5), np.ones(5))
+    1.0
     """
-    wins = int(np.sum(candidate_rows < current_rows))
-    share = min(0.5, 1.0 - min_gain)
-    return (bool(np.all(np.isfinite(candidate_rows))) and wins >= len(current_rows) - 1
-            and float(candidate_rows.mean()) <= share * float(current_rows.mean()))
+    d = np.asarray(current_rows, np.float64) - np.asarray(candidate_rows, np.float64)
+    d = d[d != 0]
+    if len(d) == 0:
+        return 1.0
+    observed = d.sum()
+    if len(d) <= EXACT_ROWS:
+        signs = 1 - 2 * ((np.arange(2 ** len(d))[:, None] >> np.arange(len(d))) & 1)
+        sums = signs @ d
+        return float(np.mean(sums >= observed - 1e-12 * np.abs(d).sum()))
+    rng = np.random.default_rng(len(d))
+    signs = rng.choice((-1.0, 1.0), size=(RANDOM_FLIPS, len(d)))
+    sums = signs @ d
+    return float((1 + np.sum(sums >= observed - 1e-12 * np.abs(d).sum())) / (1 + RANDOM_FLIPS))
 
 
-def decide(current: float, candidate: float, min_gain: float) -> GateDecision:
-    """Accept when ``candidate <= current * (1 - min_gain)`` and the candidate is finite."""
-    if not math.isfinite(candidate):
+@dataclass(frozen=True)
+class GateDecision:
+    accepted: bool
+    reason: str
+    current: float
+    candidate: float
+    p_value: float = 1.0
+
+
+def decide(current_rows: np.ndarray, candidate_rows: np.ndarray, alpha: float = 0.05,
+           min_gain: float = 0.0) -> GateDecision:
+    """Accept a finite candidate whose per-row losses are lower at level ``alpha`` and whose mean
+    is at most ``current * (1 - min_gain)``."""
+    current, candidate = float(np.mean(current_rows)), float(np.mean(candidate_rows))
+    if not (math.isfinite(candidate) and np.all(np.isfinite(candidate_rows))):
         return GateDecision(False, "non_finite", current, candidate)
+    p = paired_p_value(current_rows, candidate_rows) if math.isfinite(current) else 0.0
+    if p > alpha:
+        return GateDecision(False, "not_better", current, candidate, p)
     if math.isfinite(current) and candidate > current * (1 - min_gain):
-        return GateDecision(False, "not_better", current, candidate)
-    return GateDecision(True, "better", current, candidate)
+        return GateDecision(False, "below_min_gain", current, candidate, p)
+    return GateDecision(True, "better", current, candidate, p)
 
 
 @dataclass(frozen=True)
@@ -96,6 +132,7 @@ class Verdict:
     model: bytes | None = field(default=None, repr=False)  # the patched graph a promotion commits
     timings: dict[str, float] = field(default_factory=dict)
     error: str = ""
+    p_value: float = 1.0  # of the paired test (candidate better than the serving model)
 
     @property
     def accepted(self) -> bool:
@@ -103,8 +140,8 @@ class Verdict:
 
 
 def evaluate(kind: str, template: OnnxTemplate, serving: Live, weights: Mapping[str, np.ndarray],
-             holdout_x: np.ndarray, holdout_y: np.ndarray, min_gain: float, early: bool,
-             load: Callable[[bytes], Live]) -> Verdict:
+             holdout_x: np.ndarray, holdout_y: np.ndarray, alpha: float, min_gain: float,
+             early: bool, load: Callable[[bytes], Live]) -> Verdict:
     """Judge adapted ``weights`` against the ``serving`` model on a (normalized) holdout.
 
     ``load`` turns model bytes into a loaded, warmed session (the predictor's), which a
@@ -117,33 +154,34 @@ def evaluate(kind: str, template: OnnxTemplate, serving: Live, weights: Mapping[
         return Verdict("failed", "bad_weights", error=str(exc))
     timings = {"patch": time.perf_counter() - t}
     t = time.perf_counter()
-    current_out = run(serving, holdout_x)
-    current = holdout_loss(kind, current_out, holdout_y)
+    current_rows = row_losses(kind, run(serving, holdout_x), holdout_y)
     try:
         live = load(model)
         candidate_out = run(live, holdout_x)
-        candidate = holdout_loss(kind, candidate_out, holdout_y)
+        candidate_rows = row_losses(kind, candidate_out, holdout_y)
     except Exception:  # noqa: BLE001 - a candidate that cannot run is rejected, never served
         timings["gate"] = time.perf_counter() - t
-        return Verdict("rejected", "non_finite", current, float("nan"), timings=timings)
+        return Verdict("rejected", "non_finite", float(current_rows.mean()), float("nan"),
+                       timings=timings)
+    decision = decide(current_rows, candidate_rows, alpha, min_gain)
+    current, candidate = decision.current, decision.candidate
     rows = per_sample_loss(kind, candidate_out, holdout_y)
-    decision = decide(current, candidate, min_gain)
     # Beating the serving model is not enough: a candidate no better on its holdout than that
     # holdout's own mean (skill <= 0: R^2, or the share of the majority-class error removed)
-    # learned nothing from x, which is what random or shuffled labels give. On the early gate's
-    # few rows that is not conclusive either way. A candidate that halves the serving model's loss
-    # is kept to the ordinary rule: after a real change the serving model is far off and even a
-    # weak adaptation is worth serving.
+    # learned nothing from x, which is what random or shuffled labels give. A candidate that
+    # halves the serving model's loss is kept to the ordinary rule: after a real change the
+    # serving model is far off and even a weak adaptation is worth serving.
     no_signal = candidate > 0.5 * current and skill(kind, holdout_y, rows) <= 0
-    if early:
-        won = not no_signal and clear_win(per_sample_loss(kind, current_out, holdout_y), rows,
-                                          min_gain)
-        result, reason = ("accepted", "clear_win") if won else ("inconclusive", "not_clear")
+    if early and not decision.accepted and decision.reason != "non_finite":
+        result, reason = "inconclusive", "not_clear"
     elif decision.accepted and no_signal:
-        result, reason = "rejected", "no_signal"
+        result, reason = ("inconclusive", "not_clear") if early else ("rejected", "no_signal")
     else:
         result, reason = ("accepted" if decision.accepted else "rejected"), decision.reason
+    if result == "accepted" and early:
+        reason = "clear_win"
     timings["gate"] = time.perf_counter() - t
     accepted = result == "accepted"
     return Verdict(result, reason, current, candidate, float(rows.mean()),
-                   live if accepted else None, model if accepted else None, timings)
+                   live if accepted else None, model if accepted else None, timings,
+                   p_value=decision.p_value)

@@ -47,6 +47,7 @@ class StreamView:
     last_loss: float | None
     collected: int
     needed: int
+    meta_init: bool = False  # served by the bundle's bare meta-initialization
 
 
 class Journal:
@@ -118,7 +119,9 @@ def render_status(status: dict[str, Any], now: float | None = None) -> str:
              f"{w['restarts']} restart(s)"]
     for name, s in status["streams"].items():
         loss = f"{s['last_loss']:.4g}" if s["last_loss"] is not None else "-"
-        lines.append(f"  stream {name}: v{s['version']} ({s['source']}) on {s['provider']}; "
+        bare = (", the bare meta-initialization" if s.get("meta_init")
+                and s["source"] != "meta-init" else "")
+        lines.append(f"  stream {name}: v{s['version']} ({s['source']}{bare}) on {s['provider']}; "
                      f"{_state_line(s)}; {s['samples']} labelled samples, last loss {loss}")
     for e in status["last_adaptations"]:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["time"]))

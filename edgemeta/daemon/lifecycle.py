@@ -46,6 +46,8 @@ class Reason(StrEnum):
     MANUAL = "manual"    # an operator's ``trigger adapt``
     REFINE = "refine"    # more labels since an accepted adaptation: adapt again on more rows
     RETRY = "retry"      # a drift episode was not accepted and the drift stands
+    CONTINUAL = "continual"  # the regime has grown: learn on from all its rows (and challenge a
+    #                          serving model that a fresh fit would beat, accepted or not)
 
 
 RESULTS = ("accepted", "rejected", "failed", "timeout", "inconclusive")
@@ -74,6 +76,19 @@ class DriftDetected:
     """An alarm; ``backfill``: the rows since the estimated change point may seed the support."""
 
     backfill: bool = True
+
+
+@dataclass(frozen=True)
+class Due:
+    """The regime's rows have grown enough for a continued fit (``stream/regime.py``)."""
+
+
+@dataclass(frozen=True)
+class Recalled:
+    """A model remembered from an earlier regime now serves (``daemon/memory.py``): the drift
+    is resolved, and the episode in flight, if any, must beat the recalled model."""
+
+    expected: float | None = None
 
 
 @dataclass(frozen=True)
@@ -121,8 +136,8 @@ class Stopping:
     """The daemon drains: jobs in flight finish, nothing new is opened."""
 
 
-Event = (Started | DriftDetected | Triggered | Completed | WeightsReady | Finished | RolledBack
-         | Swapped | Reloaded | Stopping)
+Event = (Started | DriftDetected | Due | Recalled | Triggered | Completed | WeightsReady
+         | Finished | RolledBack | Swapped | Reloaded | Stopping)
 
 
 # -- actions ---------------------------------------------------------------------------------------
@@ -149,6 +164,14 @@ class Submit:
 
 
 @dataclass(frozen=True)
+class Fit:
+    """A continued fit on the regime's rows: the episode is the regime buffer's, not a
+    collection's, and the worker trains on to the asymptote instead of the few-shot loop."""
+
+    job: int
+
+
+@dataclass(frozen=True)
 class Gate:
     job: int
     early: bool
@@ -172,7 +195,7 @@ class ResetDetector:
     expected: float | None = None
 
 
-Action = Open | Cancel | Submit | Gate | Record | ResetDetector
+Action = Open | Cancel | Submit | Fit | Gate | Record | ResetDetector
 
 
 class LifecycleError(RuntimeError):
@@ -232,6 +255,17 @@ class Lifecycle:
             return []
         if isinstance(event, DriftDetected):
             return self._drift(event)
+        if isinstance(event, Recalled):
+            self.unresolved, self.fit_level = False, event.expected
+            self.retries = 0
+            return []
+        if isinstance(event, Due):
+            if self.phase is not Phase.WATCHING or self.manual_pending:
+                return []  # an episode is open: its own adaptation comes first
+            self.jobs += 1
+            self.job, self.phase, self.reason, self.early = (self.jobs, Phase.ADAPTING,
+                                                             Reason.CONTINUAL, False)
+            return [Fit(self.job)]
         if isinstance(event, Triggered):
             if self.busy:
                 self.manual_pending = True  # honoured when the episode in flight ends
@@ -305,18 +339,21 @@ class Lifecycle:
                 expected = min(expected, self.fit_level)
             self.fit_level = expected
             self.unresolved = False
-        if accepted or reason is not Reason.REFINE:  # a rejected refinement changed nothing
+        if reason is Reason.CONTINUAL:
+            pass  # the same regime, a better model: its error falls, which no detector alarms on
+        elif accepted or reason is not Reason.REFINE:  # a rejected refinement changed nothing
             actions.append(ResetDetector(expected if accepted else None))
         stage = self.refine_stage + 1 if reason is Reason.REFINE else 0
         self.refine_stage = 0
-        retry = (not accepted and reason in (Reason.DRIFT, Reason.RETRY)
+        retry = (not accepted and reason in (Reason.DRIFT, Reason.RETRY) and self.unresolved
                  and self.retries < self.policy.retries)
         if self.stopping:
             return actions
         if self.manual_pending:
             self.manual_pending, self.retries = False, 0
             return actions + self._open(Reason.MANUAL)
-        if accepted and reason is not Reason.MANUAL and stage < len(self.policy.refine):
+        if (accepted and reason not in (Reason.MANUAL, Reason.CONTINUAL)
+                and stage < len(self.policy.refine)):
             # Labels keep coming: adapt again on a larger support while the new model serves.
             self.refine_stage, self.retries = stage, 0
             return actions + self._open(Reason.REFINE, support_size=self.policy.refine[stage])
@@ -379,6 +416,7 @@ _PROBES: tuple[tuple[str, object], ...] = (
     ("start on a meta-init", Started(meta_init=True)),
     ("drift", DriftDetected()),
     ("trigger", Triggered()),
+    ("regime grown", Due()),
     ("sets complete", Completed()),
     ("weights", "weights"),
     ("accepted", "accepted"),

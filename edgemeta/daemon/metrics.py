@@ -48,6 +48,8 @@ class Metrics:
                                   "accepted adaptation", ["stream"], registry=r)
         self.adaptations = Counter("edgemeta_adaptations_total", "Adaptation episodes by outcome",
                                    ["stream", "result"], registry=r)
+        self.recalls = Counter("edgemeta_recalls_total", "Models of earlier regimes served again "
+                               "after a drift (concept memory)", ["stream"], registry=r)
         self.stage_duration = Histogram("edgemeta_adaptation_stage_duration_seconds",
                                         "Adaptation duration by stage", ["stage"],
                                         buckets=STAGE_BUCKETS, registry=r)
@@ -64,6 +66,9 @@ class Metrics:
         self.model_info = Gauge("edgemeta_model_info", "The version serving this stream; always 1",
                                 ["stream", "source", "provider"], registry=r)
         self._info: dict[str, tuple[str, str, str]] = {}
+        self.meta_init = Gauge("edgemeta_serving_meta_init", "1 while this stream is served by the "
+                               "bundle's bare meta-initialization (never adapted to this device)",
+                               ["stream"], registry=r)
         self.triggers = Counter("edgemeta_trigger_files_total", "Trigger files by result",
                                 ["result", "reason"], registry=r)
         self.worker_restarts = Counter("edgemeta_worker_restarts_total",

@@ -42,6 +42,7 @@ class Served:
     predictor: Predictor
     weights: dict[str, np.ndarray]
     manifest: Manifest
+    bare: bool = False  # the weights are the bundle's meta-initialization, never adapted
 
     @property
     def version(self) -> int:
@@ -69,6 +70,7 @@ class ServedModels:
         self.providers = providers
         self.intra_op_threads = intra_op_threads
         self._served: dict[str, Served] = {}
+        self._meta_init = template.weights()
 
     # -- reading ---------------------------------------------------------------------------------
     def lineages(self) -> list[str]:
@@ -137,7 +139,8 @@ class ServedModels:
             except (RegistryError, OSError) as exc:
                 log.error("cannot point lineage %s at v%d: %s", lineage, manifest.version, exc)
         weights = OnnxTemplate(data, self.template.parameter_names).weights()
-        self._served[lineage] = Served(lineage, predictor, weights, manifest)
+        self._served[lineage] = Served(lineage, predictor, weights, manifest,
+                                       self._is_meta_init(weights))
         self._publish(lineage)
         log.info("lineage %s serves version=%d source=%s provider=%s", lineage, manifest.version,
                  manifest.source, live.provider)
@@ -196,10 +199,18 @@ class ServedModels:
         """Serve an already loaded session as ``manifest``'s version of ``served``'s lineage."""
         served.predictor.install(dataclasses.replace(live, version=manifest.version))
         served.weights, served.manifest = weights, manifest
+        served.bare = self._is_meta_init(weights)
         self._publish(served.lineage)
+
+    def _is_meta_init(self, weights: dict[str, np.ndarray]) -> bool:
+        """Whether ``weights`` are the bundle's own: status says so, since such a model has
+        learned nothing from this device (a rollback can bring it back under another source)."""
+        return weights.keys() == self._meta_init.keys() and all(
+            np.array_equal(weights[n], w) for n, w in self._meta_init.items())
 
     def _publish(self, lineage: str) -> None:
         served = self._served[lineage]
         for stream in self.streams_of(lineage):
             self.metrics.set_model(stream, served.manifest.version, served.manifest.created,
                                    served.manifest.source, served.predictor.provider)
+            self.metrics.meta_init.labels(stream).set(1 if served.bare else 0)

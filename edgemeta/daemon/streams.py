@@ -21,8 +21,9 @@ from edgemeta.bundle_format import BundleInfo
 from edgemeta.config import Settings
 from edgemeta.daemon import lifecycle as lc
 from edgemeta.daemon.adapter import AdapterClient, AdaptOutcome
-from edgemeta.daemon.gate import evaluate, per_sample_loss
+from edgemeta.daemon.gate import decide, evaluate, per_sample_loss, row_losses
 from edgemeta.daemon.journal import Journal, StreamView
+from edgemeta.daemon.memory import Concept, ConceptMemory, regime_stats
 from edgemeta.daemon.metrics import Metrics
 from edgemeta.daemon.models import Replaced, ServedModels
 from edgemeta.daemon.sanity import Probation, degenerate_labels
@@ -31,6 +32,7 @@ from edgemeta.serve.predictor import run
 from edgemeta.serve.registry import RegistryError
 from edgemeta.stream.buffers import Episode, SupportCollector
 from edgemeta.stream.drift import DriftMonitor
+from edgemeta.stream.regime import RegimeBuffer
 
 log = logging.getLogger("edgemeta.daemon")
 
@@ -42,6 +44,7 @@ class StreamState:
     monitor: DriftMonitor
     collector: SupportCollector
     machine: lc.Lifecycle
+    regime: RegimeBuffer
     samples: int = 0
     drifts: int = 0  # detections so far (status shows them; so does the detections counter)
     last_loss: float | None = None
@@ -50,6 +53,7 @@ class StreamState:
     # set's labels are checked for sanity.
     history: deque = field(default_factory=lambda: deque(maxlen=500))
     probation: Probation | None = None  # after a swap: the new version vs the one it replaced
+    recalled: bool = False  # a remembered model was recalled since the last drift
     completed: Episode | None = None    # the collection that just completed, until submitted
 
 
@@ -63,6 +67,7 @@ class Job:
     complete_at: float
     submitted_at: float = 0.0
     outcome: AdaptOutcome | None = None
+    fit: dict | None = None  # a continued fit's options (None: the few-shot inner loop)
     timings: dict[str, float] = field(default_factory=dict)
     figures: dict = field(default_factory=dict)
 
@@ -86,6 +91,7 @@ class Streams:
         self.metrics = metrics
         self.degrade = degrade
         self.states = {s.name: self._fresh(s.name) for s in settings.streams}
+        self.memory = ConceptMemory(settings.memory.capacity)
         self._jobs: dict[tuple[str, int], Job] = {}
         self._requests: dict[int, tuple[str, int]] = {}  # worker request id -> job
         self._waiting: list[tuple[str, int]] = []        # jobs held until the worker is up
@@ -100,9 +106,13 @@ class Streams:
                                n_features=len(self.settings.stream(name).features))
         return monitor, SupportCollector(a.support_size, a.holdout_size, a.selection, a.window)
 
+    def _regime(self) -> RegimeBuffer:
+        c = self.settings.continual
+        return RegimeBuffer(c.window, c.every, c.growth, min_holdout=self.settings.adaptation.holdout_size)
+
     def _fresh(self, name: str) -> StreamState:
         return StreamState(name, self.models.lineage_of[name], *self._parts(name),
-                           lc.Lifecycle(policy(self.settings)))
+                           lc.Lifecycle(policy(self.settings)), self._regime())
 
     @property
     def busy(self) -> bool:
@@ -133,6 +143,8 @@ class Streams:
         self.settings = settings
         for name, state in self.states.items():
             state.monitor, state.collector = self._parts(name)
+            old, state.regime = state.regime, self._regime()
+            state.regime.restart(old.rows())
             state.machine.policy = policy(settings)
             self._event(state, lc.Reloaded())
 
@@ -160,6 +172,7 @@ class Streams:
             if watched and state.monitor.update_error(losses[i], (x[i], y[i])):
                 self.drift(state, self.settings.drift.detector)
                 continue  # the row is in the backfill already
+            state.regime.add(x[i], y[i])
             if m.collecting:
                 episode = state.collector.offer(x[i], y[i])
                 if episode is not None:
@@ -167,6 +180,8 @@ class Streams:
                     self._event(state, lc.Completed())
             else:
                 state.history.append(float(y[i]))
+        if self.settings.continual.enabled and m.phase is lc.Phase.WATCHING and state.regime.due:
+            self._event(state, lc.Due())
         self.changed = True
 
     def unlabelled(self, stream: str, x_normalized: np.ndarray) -> None:
@@ -177,11 +192,19 @@ class Streams:
                 self.drift(state, "feature")
 
     def drift(self, state: StreamState, detector: str) -> None:
+        # A new regime: only the rows since the estimated change point describe it.
+        backfill = detector != "feature" and self.settings.adaptation.backfill
+        self._remember(state)
+        rows = state.monitor.rows_since_change() if backfill else []
+        state.regime.restart(rows)
+        state.recalled = False
         state.drifts += 1
         self.metrics.drift_detections.labels(state.name, detector).inc()
         log.warning("drift detected stream=%s detector=%s version=%d samples=%d", state.name,
                     detector, self.models.version(state.name), state.samples)
         self._event(state, lc.DriftDetected(backfill=detector != "feature"))
+        if len(rows) >= self.settings.memory.min_rows:
+            self._recall(state, np.asarray([r[0] for r in rows]), np.asarray([r[1] for r in rows]))
 
     def poll(self, wait: float = 0.0) -> None:
         """Take the worker's outcomes; send held episodes once it is up."""
@@ -194,7 +217,8 @@ class Streams:
             state = self.states[job.stream]
             if outcome.ok:
                 job.outcome = outcome
-                job.figures.update(support_losses=outcome.losses, worker_seconds=outcome.seconds)
+                job.figures.update(support_losses=outcome.losses, worker_seconds=outcome.seconds,
+                                   **({"fit": outcome.info} if job.fit is not None else {}))
                 self._event(state, lc.WeightsReady(job.job))
             else:
                 job.figures["error"] = outcome.error
@@ -232,6 +256,8 @@ class Streams:
             state.monitor.reset(cooldown=True, expected=action.expected)
         elif isinstance(action, lc.Submit):
             self._start(state, action.job)
+        elif isinstance(action, lc.Fit):
+            self._fit(state, action.job)
         elif isinstance(action, lc.Gate):
             self._gate(state, self._jobs[(state.name, action.job)], action.early)
         elif isinstance(action, lc.Record):
@@ -253,15 +279,28 @@ class Streams:
             state.completed = episode
             self._event(state, lc.Completed())
 
-    def _start(self, state: StreamState, job_id: int) -> None:
+    def _fit(self, state: StreamState, job_id: int) -> None:
+        """A continued fit: the regime's older rows to learn from, its newest to judge on; the
+        fit may spend ``continual.budget_ms_per_row`` per labelled row since the last one."""
+        c = self.settings.continual
+        budget = c.budget_ms_per_row * state.regime.since_fit / 1e3
+        state.completed = state.regime.take()
+        options = {"max_steps": c.max_steps, "lr": c.lr, "seed": job_id,
+                   "max_seconds": min(budget, self.settings.adaptation.timeout_s / 2)}
+        self._start(state, job_id, fit=options)
+
+    def _start(self, state: StreamState, job_id: int, fit: dict | None = None) -> None:
         episode, state.completed = state.completed, None
         key = (state.name, job_id)
         job = self._jobs.get(key)
         now = time.perf_counter()
         if job is None:
-            job = self._jobs[key] = Job(state.name, job_id, episode, now)
+            job = self._jobs[key] = Job(state.name, job_id, episode, now, fit=fit)
         else:  # the early gate was inconclusive: the same episode with its full holdout
             job.episode, job.outcome = episode, None
+        if fit is None and state.machine.reason in (lc.Reason.DRIFT, lc.Reason.RETRY):
+            self._recall(state, np.concatenate([episode.support_x, episode.holdout_x]),
+                         np.concatenate([episode.support_y, episode.holdout_y]))
         problem = degenerate_labels(self.kind, np.concatenate([episode.support_y,
                                                                episode.holdout_y]),
                                     np.asarray(state.history), self.bundle.target_range,
@@ -272,10 +311,71 @@ class Streams:
             return
         self._submit(job)
 
+    # -- concept memory ----------------------------------------------------------------------------
+    def _remember(self, state: StreamState) -> None:
+        """The regime that just ended was served by this model: keep it for when it recurs."""
+        served = self.models.of(state.name)
+        if self.memory.capacity <= 0 or served.bare or (state.lineage, served.version) in self.memory:
+            return
+        try:
+            model, _ = self.models.registry.load(served.version)
+        except (RegistryError, OSError) as exc:
+            log.warning("stream=%s: cannot remember v%d: %s", state.name, served.version, exc)
+            return
+        self.memory.remember(state.lineage, Concept(served.version, model, served.predictor.live,
+                                                    dict(served.weights),
+                                                    regime_stats(state.regime.rows())))
+
+    def _recall(self, state: StreamState, x: np.ndarray, y: np.ndarray) -> None:
+        """Serve the remembered model that the rows since the change point prefer, when the
+        paired test says it beats the serving one."""
+        concepts = self.memory.concepts(state.lineage)
+        served = self.models.of(state.name)
+        if state.recalled or not concepts:
+            return
+        xn = self.bundle.normalize(x)
+        current = row_losses(self.kind, run(served.predictor.live, xn), y)
+        scored = [(row_losses(self.kind, run(c.live, xn), y), c) for c in concepts
+                  if c.version != served.version]
+        if not scored:
+            return
+        rows, best = min(scored, key=lambda item: float(np.mean(item[0])))
+        g = self.settings.gate
+        decision = decide(current, rows, g.alpha, g.min_gain)
+        if not decision.accepted:
+            return
+        expected = float(per_sample_loss(self.kind, run(best.live, xn), y).mean())
+        try:
+            manifest, replaced = self.models.promote(
+                state.name, best.model, best.live, best.weights, source="recall",
+                holdout={"current": decision.current, "candidate": decision.candidate},
+                note=f"recalled v{best.version}, fitted on an earlier regime {best.regime}")
+        except OSError as exc:
+            if is_storage_error(exc):
+                self.degrade(exc, "committing a recalled version")
+            return
+        state.recalled = True
+        self.memory.used(state.lineage, best.version)
+        state.probation = Probation(self.settings.adaptation.holdout_size, replaced,
+                                    replaced.version, manifest.version)
+        self.metrics.recalls.labels(state.name).inc()
+        # Recorded like an episode: the rows since the change point were its holdout.
+        self.journal.record(state.name, "recall", "accepted", f"recalled_v{best.version}",
+                            manifest.version, (x[:0], y[:0]), (x, y), {},
+                            {"holdout_current": decision.current, "version": manifest.version,
+                             "holdout_candidate": decision.candidate, "p_value": decision.p_value,
+                             "recalled_version": best.version, "regime": best.regime})
+        log.warning("stream=%s: recalled v%d (fitted on an earlier regime) as v%d: %.4g -> %.4g "
+                    "on %d rows since the change", state.name, best.version, manifest.version,
+                    decision.current, decision.candidate, len(y))
+        self._event(state, lc.Recalled(expected))
+
     def _submit(self, job: Job) -> None:
         a = self.settings.adaptation
-        init = self.models.of(job.stream).weights if a.start_from == "current" else None
-        rid = self.adapter.submit(job.episode.support_x, job.episode.support_y, a.steps, init)
+        current = a.start_from == "current" or job.fit is not None
+        init = self.models.of(job.stream).weights if current else None
+        rid = self.adapter.submit(job.episode.support_x, job.episode.support_y, a.steps, init,
+                                  fit=job.fit)
         key = (job.stream, job.job)
         if rid is not None:
             job.submitted_at = time.perf_counter()
@@ -296,7 +396,7 @@ class Streams:
         ep = job.episode
         verdict = evaluate(self.kind, self.models.template, served.predictor.live,
                            job.outcome.weights, self.bundle.normalize(ep.holdout_x), ep.holdout_y,
-                           self.settings.gate.min_gain, early,
+                           self.settings.gate.alpha, self.settings.gate.min_gain, early,
                            load=lambda model: served.predictor.load(model, 0))
         job.timings.update(verdict.timings)
         if verdict.result == "inconclusive":
@@ -311,7 +411,8 @@ class Streams:
             return
         self.metrics.holdout_current.labels(state.name).set(verdict.current)
         self.metrics.holdout_candidate.labels(state.name).set(verdict.candidate)
-        job.figures.update(holdout_current=verdict.current, holdout_candidate=verdict.candidate)
+        job.figures.update(holdout_current=verdict.current, holdout_candidate=verdict.candidate,
+                           p_value=verdict.p_value)
         if not verdict.accepted:
             self._event(state, lc.Finished(job.job, "rejected", verdict.reason))
             return
@@ -406,4 +507,4 @@ class Streams:
                           m.phase.value, m.reason.value if m.reason else None, m.unresolved,
                           state.drift_started, state.drifts, state.samples, state.last_loss,
                           state.collector.collected if m.collecting else 0,
-                          state.collector.needed if m.collecting else 0)
+                          state.collector.needed if m.collecting else 0, served.bare)

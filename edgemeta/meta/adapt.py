@@ -8,6 +8,7 @@ returning weights that would be deployed.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -30,6 +31,8 @@ class AdaptResult:
     weights: dict[str, np.ndarray]
     support_losses: list[float]
     steps: int
+    start: str = "meta-init"  # what a continued fit started from (``meta-init`` or ``current``)
+    validation_loss: float | None = None
 
 
 class Adapter:
@@ -49,6 +52,10 @@ class Adapter:
         norm = meta["input"].get("normalization") or {}
         self._mean = np.asarray(norm.get("mean", 0.0), dtype=np.float32)
         self._std = np.asarray(norm.get("std", 1.0), dtype=np.float32)
+        # Regression targets as meta-training saw them (the exported graph scales back).
+        scaling = meta["output"].get("scaling") or {}
+        self.target_mean_ = float(scaling.get("mean", 0.0))
+        self.target_std_ = float(scaling.get("std", 1.0))
 
     def _tensors(self, weights: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
         return {n: torch.as_tensor(np.asarray(w, dtype=np.float32), device=self.device)
@@ -69,6 +76,7 @@ class Adapter:
             raise AdaptationFailed("support set contains NaN or infinite values")
         xt = torch.as_tensor((x - self._mean) / self._std, device=self.device)
         if self.kind_ == "regression":
+            y = (y.astype(np.float64) - self.target_mean_) / self.target_std_
             yt = torch.as_tensor(y.astype(np.float32).reshape(len(y), -1), device=self.device)
         else:
             outputs = int(self.bundle.meta["output"]["size"])
@@ -117,6 +125,85 @@ class Adapter:
         weights = {n: p.detach().cpu().numpy().astype(np.float32)
                    for n, p in self.learner_.network(fast).items()}
         return AdaptResult(weights, losses, steps)
+
+
+    def fit(self, x: np.ndarray, y: np.ndarray, init: Mapping[str, np.ndarray] | None = None,
+            max_steps: int = 300, lr: float = 3e-3, max_seconds: float = 5.0, batch: int = 256,
+            seed: int = 0) -> AdaptResult:
+        """Continued learning on every labelled row of a regime, beyond the few-shot inner loop.
+
+        Two starts compete: the meta-initialization after its own inner loop (the few-shot start,
+        best when the regime is new) and ``init``, the serving weights (best once they have seen
+        most of the regime). Each is trained with Adam on the older rows, early-stopped on the
+        newest fifth (the rows closest to what comes next), and the start and step with the lowest
+        validation loss win. Steps grow with the rows (one per row, up to ``max_steps``) and the
+        whole fit stops after ``max_seconds``, which bounds what a labelled row costs.
+        """
+        xt, yt = self.prepare(x, y)
+        n = len(yt)
+        if n < 10:
+            raise AdaptationFailed(f"a continued fit needs at least 10 rows, got {n}")
+        n_val = max(2, min(n // 5, 500))
+        tx, ty, vx, vy = xt[:-n_val], yt[:-n_val], xt[-n_val:], yt[-n_val:]
+        deadline = time.perf_counter() + max_seconds
+        try:
+            starts = {"meta-init": self._tensors(self.adapt(x[:-n_val], y[:-n_val]).weights)}
+        except AdaptationFailed:  # the inner loop run on more rows than it was trained for
+            starts = {"meta-init": dict(self.learner_.network(self.init_))}
+        if init is not None:
+            starts["current"] = {**starts["meta-init"], **self._tensors(init)}
+        # A protonet's fit is the prototypes of every row: nothing to train beyond them.
+        steps = (0 if self.bundle.meta["algorithm"] == "protonet"
+                 else min(int(max_steps), max(20, len(ty))))
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        best: tuple[float, str, int, dict[str, torch.Tensor]] | None = None
+        curve: list[float] = []
+        per_start = max_seconds / len(starts)
+        for name, params in starts.items():
+            stop_at = min(deadline, time.perf_counter() + per_start)
+            loss, step, weights, losses = self._train(params, tx, ty, vx, vy, steps, lr, batch,
+                                                      generator, stop_at)
+            if best is None or loss < best[0]:
+                best, curve = (loss, name, step, weights), losses
+        loss, name, step, weights = best
+        if not np.isfinite(loss):
+            raise AdaptationFailed("every start of the continued fit diverged")
+        out = {n_: p.detach().cpu().numpy().astype(np.float32) for n_, p in weights.items()}
+        return AdaptResult(out, curve, step, start=name, validation_loss=float(loss))
+
+    def _train(self, params: dict[str, torch.Tensor], tx: torch.Tensor, ty: torch.Tensor,
+               vx: torch.Tensor, vy: torch.Tensor, steps: int, lr: float, batch: int,
+               generator: torch.Generator, stop_at: float, patience: int = 5, every: int = 10
+               ) -> tuple[float, int, dict[str, torch.Tensor], list[float]]:
+        """Adam from ``params``; returns the best validation loss, its step and weights."""
+        leaves = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
+        best = (self.loss(leaves, vx, vy), 0, {n: p.detach().clone() for n, p in leaves.items()})
+        losses = [best[0]]
+        opt = torch.optim.Adam(leaves.values(), lr=lr)
+        worse = 0
+        for step in range(1, steps + 1):
+            if len(ty) > batch:
+                idx = torch.randint(len(ty), (batch,), generator=generator).to(tx.device)
+                bx, by = tx[idx], ty[idx]
+            else:
+                bx, by = tx, ty
+            opt.zero_grad()
+            out = torch.func.functional_call(self.model_, leaves, (bx,))
+            output_loss(self.kind_, out, by).backward()
+            opt.step()
+            if step % every and step != steps:
+                continue
+            val = self.loss(leaves, vx, vy)
+            losses.append(val)
+            if not np.isfinite(val):
+                break
+            if val < best[0]:
+                best, worse = (val, step, {n: p.detach().clone() for n, p in leaves.items()}), 0
+            else:
+                worse += 1
+            if worse >= patience or time.perf_counter() > stop_at:
+                break
+        return best[0], best[1], best[2], losses
 
 
 def adapt(bundle: Bundle, support_x: np.ndarray, support_y: np.ndarray,

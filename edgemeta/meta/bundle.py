@@ -85,14 +85,41 @@ def export_onnx(model: torch.nn.Module, in_features: int, path: Path) -> None:
                           "weight patching needs initializer names equal to parameter names")
 
 
-def onnx_parity(model: torch.nn.Module, onnx_path: Path, x: np.ndarray) -> float:
-    """Max abs difference between torch and onnxruntime on ``x``."""
+def append_output_scaling(path: Path, mean: float, std: float) -> None:
+    """Fold the target scaling into the exported graph: ``output * std + mean``.
+
+    The constants are initializers the weight patcher never touches (it patches only the
+    network's parameters), so every adapted version keeps them and serves in the user's units.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    proto = onnx.load(str(path))
+    graph = proto.graph
+    raw = f"{OUTPUT_NAME}_standardized"
+    for node in graph.node:
+        node.output[:] = [raw if o == OUTPUT_NAME else o for o in node.output]
+    graph.initializer.extend([
+        numpy_helper.from_array(np.asarray([std], np.float32), "edgemeta_target_std"),
+        numpy_helper.from_array(np.asarray([mean], np.float32), "edgemeta_target_mean")])
+    graph.node.extend([
+        helper.make_node("Mul", [raw, "edgemeta_target_std"], [f"{raw}_times_std"]),
+        helper.make_node("Add", [f"{raw}_times_std", "edgemeta_target_mean"], [OUTPUT_NAME])])
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+
+
+def onnx_parity(model: torch.nn.Module, onnx_path: Path, x: np.ndarray,
+                scaling: dict[str, float] | None = None) -> float:
+    """Max abs difference between torch (with the target scaling) and onnxruntime on ``x``."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     got = session.run([OUTPUT_NAME], {INPUT_NAME: x.astype(np.float32)})[0]
     with torch.no_grad():
         want = model.eval()(torch.from_numpy(x.astype(np.float32))).numpy()
+    if scaling:
+        want = want * scaling["std"] + scaling["mean"]
     return float(np.max(np.abs(got - want)))
 
 
@@ -107,7 +134,10 @@ def write_bundle(path: str | Path, meta: dict[str, Any], params: dict[str, torch
         net = {n: p.detach().cpu() for n, p in params.items() if not n.startswith(LR_PREFIX)}
         model.load_state_dict(net, strict=True)
         export_onnx(model, int(meta["input"]["features"]), tmp / "model.onnx")
-        diff = onnx_parity(model, tmp / "model.onnx", probe_x)
+        scaling = meta["output"].get("scaling")
+        if scaling:
+            append_output_scaling(tmp / "model.onnx", scaling["mean"], scaling["std"])
+        diff = onnx_parity(model, tmp / "model.onnx", probe_x, scaling)
         if not diff <= PARITY_TOLERANCE:
             raise BundleError(f"ONNX export differs from the torch model by {diff:.3g} "
                               f"(limit {PARITY_TOLERANCE}); refusing to write {path}")

@@ -18,7 +18,12 @@ from edgemeta.meta.algorithms import MetaLearner, make_learner
 from edgemeta.meta.bundle import Bundle
 from edgemeta.meta.inner import batch_loss, batch_predict, output_loss
 from edgemeta.meta.models import build_model, head_names
-from edgemeta.meta.tasks import ArrayClassificationTasks, TaskBatch, build_tasks
+from edgemeta.meta.tasks import (
+    ArrayClassificationTasks,
+    StandardizedTargets,
+    TaskBatch,
+    build_tasks,
+)
 
 
 def interval(values: torch.Tensor) -> dict[str, float]:
@@ -36,14 +41,16 @@ def interval(values: torch.Tensor) -> dict[str, float]:
     return {"mean": float(v.mean()), "ci95": half, "diverged": diverged}
 
 
-def score(learner: MetaLearner, params, batch: TaskBatch, steps: int) -> dict[str, Any]:
+def score(learner: MetaLearner, params, batch: TaskBatch, steps: int,
+          loss_scale: float = 1.0) -> dict[str, Any]:
+    """``loss_scale``: std^2 of standardized targets, so MSE is reported in the user's units."""
     with torch.enable_grad():
         fast = learner.adapt({n: p.detach() for n, p in params.items()}, batch, steps=steps,
                              first_order=True)
     fast = {n: p.detach() for n, p in fast.items()}
     with torch.no_grad():
         losses = batch_loss(learner.model, learner.kind, fast, batch.query_x, batch.query_y)
-        row = {"steps": steps, "loss": interval(losses)}
+        row = {"steps": steps, "loss": interval(losses * loss_scale)}
         if learner.kind == "classification":
             out = batch_predict(learner.model, fast, batch.query_x)
             row["accuracy"] = interval((out.argmax(-1) == batch.query_y).double().mean(-1))
@@ -93,6 +100,10 @@ def evaluate(bundle: Bundle, shots: int | None = None, steps: Sequence[int] = (0
     """Query loss (and accuracy) after each step count, for the bundle and the baselines."""
     meta = bundle.meta
     tasks = build_tasks(meta["task"]["distribution"])
+    scaling = meta["output"].get("scaling")
+    if scaling:
+        tasks = StandardizedTargets(tasks, scaling["mean"], scaling["std"])
+    scale = scaling["std"] ** 2 if scaling else 1.0
     shots = int(shots or tasks.shots)
     batch = tasks.sample(n_tasks, np.random.default_rng(10_000 + seed), split="test", shots=shots)
     model = bundle.build_model()
@@ -113,17 +124,20 @@ def evaluate(bundle: Bundle, shots: int | None = None, steps: Sequence[int] = (0
                                "kind": kind, "shots": shots, "tasks": n_tasks, "methods": {}}
     step_list = [0] if meta["algorithm"] == "protonet" else list(steps)
     for name, (lrn, params) in methods.items():
-        rows = [score(lrn, params, batch, s) for s in (step_list if lrn is learner else steps)]
+        rows = [score(lrn, params, batch, s, scale)
+                for s in (step_list if lrn is learner else steps)]
         results["methods"][name] = rows
     if baselines:
-        results["methods"]["no-adaptation"] = [score(plain, learner.network(init), batch, 0)]
+        results["methods"]["no-adaptation"] = [score(plain, learner.network(init), batch, 0,
+                                                     scale)]
     if target is not None:
-        results["speed"] = speed_view(results, learner, init, tasks, target, shot_grid, seed)
+        results["speed"] = speed_view(results, learner, init, tasks, target, shot_grid, seed,
+                                      scale)
     return results
 
 
 def speed_view(results: dict[str, Any], learner: MetaLearner, init, tasks, target: float,
-               shot_grid: Sequence[int], seed: int) -> dict[str, Any]:
+               shot_grid: Sequence[int], seed: int, loss_scale: float = 1.0) -> dict[str, Any]:
     """How many steps, and how many shots, the bundle needs to reach ``target`` query loss."""
     steps_needed = {
         name: next((r["steps"] for r in rows if r["loss"]["mean"] <= target), None)
@@ -135,7 +149,7 @@ def speed_view(results: dict[str, Any], learner: MetaLearner, init, tasks, targe
             b = tasks.sample(200, np.random.default_rng(20_000 + seed), split="test", shots=k)
         except ValueError:
             break
-        if score(learner, init, b, trained)["loss"]["mean"] <= target:
+        if score(learner, init, b, trained, loss_scale)["loss"]["mean"] <= target:
             shots_needed = k
             break
     return {"target_loss": target, "steps_to_target": steps_needed,

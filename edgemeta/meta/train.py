@@ -20,6 +20,7 @@ import torch
 from edgemeta.meta.algorithms import ALGORITHMS, make_learner
 from edgemeta.meta.inner import batch_loss
 from edgemeta.meta.models import build_model, head_names
+from edgemeta.meta.tasks import StandardizedTargets
 
 
 class SettingsError(ValueError):
@@ -120,6 +121,8 @@ def train(settings: TrainSettings, tasks,
           progress: Callable[[int, float, float | None], None] | None = None) -> TrainResult:
     """Meta-train; Ctrl-C (KeyboardInterrupt) stops early and still returns the best so far."""
     settings.validate()
+    if tasks.kind == "regression" and not isinstance(tasks, StandardizedTargets):
+        tasks = StandardizedTargets.fit(tasks, seed=settings.seed + 11)
     device = settings.resolved_device()
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
@@ -203,11 +206,15 @@ def bundle_meta(result: TrainResult) -> dict[str, Any]:
     names = [f"x{i}" for i in range(tasks.in_features)]
     output: dict[str, Any] = {"size": tasks.out_features}
     if tasks.kind == "regression":
-        # The targets the meta-initialization was trained on: the device refuses to adapt on
-        # labels far outside them (poisoned or mis-scaled labels, see daemon/sanity.py).
-        probe = tasks.sample(200, np.random.default_rng(s.seed + 11), split="train")
+        # The targets the meta-initialization was trained on (in the user's units): the device
+        # refuses to adapt on labels far outside them (poisoned or mis-scaled labels, see
+        # daemon/sanity.py).
+        raw = getattr(tasks, "inner", tasks)
+        probe = raw.sample(200, np.random.default_rng(s.seed + 11), split="train")
         ys = np.concatenate([probe.support_y.numpy().ravel(), probe.query_y.numpy().ravel()])
         output["target_range"] = [float(np.quantile(ys, 0.001)), float(np.quantile(ys, 0.999))]
+        if isinstance(tasks, StandardizedTargets):
+            output["scaling"] = tasks.scaling
     return {
         "task": {"kind": tasks.kind, "distribution": tasks.describe()},
         "input": {"features": tasks.in_features, "feature_names": names,

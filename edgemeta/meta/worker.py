@@ -14,6 +14,8 @@ import sys
 import time
 import traceback
 
+FIT_OPTIONS = ("max_steps", "lr", "max_seconds", "batch", "seed")
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edgemeta-worker")
@@ -55,9 +57,15 @@ def main(argv: list[str] | None = None) -> int:
         out = {}
         try:
             init = {k[len("init/"):]: v for k, v in arrays.items() if k.startswith("init/")} or None
-            result = adapter.adapt(arrays["support_x"], arrays["support_y"],
-                                   steps=header.get("steps"), init=init)
-            reply.update(ok=True, losses=result.support_losses, steps=result.steps)
+            if header.get("type") == "fit":
+                options = header.get("options") or {}
+                result = adapter.fit(arrays["support_x"], arrays["support_y"], init=init,
+                                     **{k: options[k] for k in FIT_OPTIONS if k in options})
+            else:
+                result = adapter.adapt(arrays["support_x"], arrays["support_y"],
+                                       steps=header.get("steps"), init=init)
+            reply.update(ok=True, losses=result.support_losses, steps=result.steps,
+                         start=result.start, validation_loss=result.validation_loss)
             out = result.weights
         except AdaptationFailed as exc:
             reply.update(ok=False, error=str(exc), reason="diverged")

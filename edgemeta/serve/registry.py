@@ -42,7 +42,8 @@ from edgemeta.fsio import atomic_write, fsync_dir, write_durable
 
 log = logging.getLogger("edgemeta.registry")
 
-SOURCES = ("meta-init", "initial", "drift", "retry", "refine", "manual", "rollback")
+SOURCES = ("meta-init", "initial", "drift", "retry", "refine", "continual", "recall", "manual",
+           "rollback")
 _VERSION_DIR = re.compile(r"^v(\d{6})$")
 _LINEAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 

@@ -1,0 +1,81 @@
+"""Concept memory: the models fitted to earlier regimes, kept loaded so a recurring one is recalled.
+
+Why: streams revisit their concepts (a machine's modes, day and night, seasons). After a drift the
+daemon used to adapt from the meta-initialization again although it had served a model fitted to
+that very regime before. When a drift is detected, the model that served the regime that just
+ended joins a bounded library (per lineage, least recently useful out first) with the statistics
+of the rows it served. After the next drift, the rows seen since the change point judge every
+remembered model against the serving one with the gate's paired test; the best is recalled at once
+(a new version, source ``recall``) when the evidence says it is better, and the fresh adaptation
+goes on beside it and must then beat the recalled model.
+
+>>> m = ConceptMemory(capacity=2)
+>>> for v in (3, 5, 7):
+...     m.remember("s", Concept(v, b"", None, {}, {}))
+>>> [c.version for c in m.concepts("s")]
+[5, 7]
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edgemeta.serve.predictor import Live
+
+
+@dataclass
+class Concept:
+    """One remembered model: its version, graph (what a recall commits), loaded session and
+    weights (what it installs), and the regime it served (row count, feature and label means)."""
+
+    version: int
+    model: bytes = field(repr=False)
+    live: Live | None = field(repr=False)
+    weights: dict[str, np.ndarray] = field(repr=False)
+    regime: dict[str, Any]
+    recalls: int = 0
+
+
+def regime_stats(rows: list[tuple[Any, float]]) -> dict[str, Any]:
+    """What a remembered model was fitted on, for the record (and an operator's eyes)."""
+    if not rows:
+        return {"rows": 0}
+    x = np.asarray([r[0] for r in rows], dtype=np.float64)
+    y = np.asarray([r[1] for r in rows], dtype=np.float64)
+    return {"rows": len(rows), "x_mean": x.mean(axis=0).round(6).tolist(),
+            "y_mean": round(float(y.mean()), 6), "y_std": round(float(y.std()), 6)}
+
+
+class ConceptMemory:
+    def __init__(self, capacity: int = 8):
+        self.capacity = capacity
+        self._by_lineage: dict[str, OrderedDict[int, Concept]] = {}
+
+    def remember(self, lineage: str, concept: Concept) -> None:
+        """Keep ``concept``; a version already kept is refreshed, the stalest beyond
+        ``capacity`` is dropped (and its session with it)."""
+        if self.capacity <= 0:
+            return
+        kept = self._by_lineage.setdefault(lineage, OrderedDict())
+        kept.pop(concept.version, None)
+        kept[concept.version] = concept
+        while len(kept) > self.capacity:
+            kept.popitem(last=False)
+
+    def used(self, lineage: str, version: int) -> None:
+        """A recalled concept is the most useful one: it is dropped last."""
+        kept = self._by_lineage.get(lineage)
+        if kept and version in kept:
+            kept[version].recalls += 1
+            kept.move_to_end(version)
+
+    def concepts(self, lineage: str) -> list[Concept]:
+        return list(self._by_lineage.get(lineage, {}).values())
+
+    def __contains__(self, key: tuple[str, int]) -> bool:
+        lineage, version = key
+        return version in self._by_lineage.get(lineage, {})

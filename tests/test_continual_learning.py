@@ -1,0 +1,110 @@
+"""Learning on to the asymptote: while a regime lasts, the serving model keeps improving from every
+labelled row since the change point, through the gate and a hot swap, at a bounded cost per row."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from edgemeta.bench.stream import run_edgemeta
+from edgemeta.bench.switching import switching_stream
+from edgemeta.config import load_config
+from edgemeta.daemon.journal import read_status
+from edgemeta.daemon.metrics import Metrics
+from edgemeta.daemon.runtime import Daemon
+from edgemeta.stream.regime import RegimeBuffer
+from tests.conftest import counter, write_config
+
+ADAPT = {"support_size": 10, "holdout_size": 20, "steps": 30, "timeout_s": 60}
+
+
+def one_regime(n: int, seed: int):
+    """A sinusoid stream whose task never switches: only learning on can improve on the
+    few-shot adaptation."""
+    return switching_stream("sinusoid", n=n, hazard=1e-9, seed=seed)
+
+
+def test_a_long_regime_keeps_improving_after_the_few_shot_adaptations(tmp_path, sinusoid_bundle):
+    stream = one_regime(900, seed=4)
+    on = run_edgemeta(stream, sinusoid_bundle.path, tmp_path / "on", **ADAPT)
+    off = run_edgemeta(stream, sinusoid_bundle.path, tmp_path / "off",
+                       sections={"continual": {"enabled": False}}, **ADAPT)
+    continual = [d for d in on.info["decisions"] if d[0] == "continual"]
+    assert any(result == "accepted" for _, result, _, _ in continual)
+    assert not any(d[0] == "continual" for d in off.info["decisions"])
+    # The last 300 rows: served by a model fitted on hundreds of rows, not 10 to 100.
+    assert on.loss[-300:].mean() < 0.6 * off.loss[-300:].mean()
+
+
+def test_a_continual_episode_records_its_fit_and_stays_within_the_time_budget(tmp_path,
+                                                                             sinusoid_bundle):
+    run_edgemeta(one_regime(700, seed=5), sinusoid_bundle.path, tmp_path, **ADAPT,
+                 sections={"continual": {"budget_ms_per_row": 1.0}})
+    records = [json.loads(p.read_text()) for p in
+               sorted((tmp_path / "state" / "episodes").glob("*.json"))]
+    fits = [r for r in records if r["trigger"] == "continual"]
+    assert fits, "continued fits ran"
+    for r in fits:
+        assert r["fit"]["start"] in ("meta-init", "current")
+        assert len(r["holdout"]["y"]) >= 20
+        # The worker may spend 1 ms per labelled row since the last fit (at least 50 rows);
+        # allow for one evaluation round past the deadline.
+        assert r["worker_seconds"] <= 1e-3 * len(r["support"]["y"]) + 0.25
+
+
+def test_a_bare_meta_initialization_is_challenged_until_a_fit_replaces_it(tmp_path,
+                                                                         sinusoid_bundle):
+    """No terminal state: with no initial adaptation and no drift, the stream would be served by
+    the never-adapted model for ever; continued fits on the recent rows challenge it."""
+    cfg = write_config(tmp_path, sinusoid_bundle.path, metrics={"enabled": False},
+                       adaptation={**ADAPT, "adapt_on_start": False},
+                       continual={"enabled": True})
+    d = Daemon(load_config(cfg), metrics=Metrics())
+    d.setup()
+    try:
+        assert d.adapter.wait_ready(120)
+        d.write_status()
+        assert read_status(d.settings.state_dir)["streams"]["sine"]["meta_init"] is True
+        assert counter(d, "edgemeta_serving_meta_init", stream="sine") == 1
+        stream = one_regime(400, seed=6)
+        for lo in range(0, 400, 10):
+            d.feed("sine", stream.x[lo:lo + 10], stream.y[lo:lo + 10])
+            assert d.drain(60)
+        assert d.models.of("sine").manifest.source == "continual"
+        d.write_status()
+        assert read_status(d.settings.state_dir)["streams"]["sine"]["meta_init"] is False
+        assert counter(d, "edgemeta_serving_meta_init", stream="sine") == 0
+    finally:
+        d.shutdown(drain_s=0.5)
+
+
+def test_the_fit_schedule_is_geometric_then_bounded_by_the_window():
+    r = RegimeBuffer(window=200, every=10, growth=0.5, min_holdout=5)
+    fits = []
+    for i in range(2000):
+        r.add([float(i)], float(i))
+        if r.due:
+            fits.append(r.count)
+            r.take()
+    gaps = np.diff(fits)
+    assert fits[0] == 15 and list(gaps[:3]) == [10, 13, 19]  # young regime: grows with it
+    assert set(gaps[-5:]) == {100}  # window full: every growth * window rows
+    assert len(r) == 200  # the memory budget holds
+
+
+def test_a_drift_starts_a_new_regime_from_the_rows_since_the_change_point(tmp_path,
+                                                                          sinusoid_bundle):
+    cfg = write_config(tmp_path, sinusoid_bundle.path, metrics={"enabled": False},
+                       adaptation=ADAPT, continual={"enabled": True})
+    d = Daemon(load_config(cfg), metrics=Metrics())
+    d.setup()
+    try:
+        state = d.streams.states["sine"]
+        x = np.linspace(-5, 5, 60, dtype=np.float32)[:, None]
+        d.feed("sine", x, np.sin(x[:, 0]))
+        assert state.regime.count == 60
+        d.streams.drift(state, "adwin")
+        assert state.regime.count == len(state.monitor.rows_since_change()) < 60
+    finally:
+        d.shutdown(drain_s=0.5)
