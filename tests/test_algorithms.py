@@ -15,7 +15,8 @@ def test_regression_algorithm_beats_no_adaptation(algorithm, tmp_path):
     tasks = SinusoidTasks(shots=10, queries=10)
     settings = TrainSettings(algorithm=algorithm, tasks=tasks.describe(), iterations=400,
                              val_every=100, inner_steps=5 if algorithm == "reptile" else 1,
-                             inner_lr=0.1 if algorithm == "anil" else 0.01, seed=1, device="cpu")
+                             inner_lr={"anil": 0.1, "reptile": 0.05}.get(algorithm, 0.01), seed=1,
+                             device="cpu")
     bundle = read_bundle(save_bundle(train(settings, tasks), tmp_path / algorithm))
     res = evaluate(bundle, steps=(1,), n_tasks=200, pretrain_iterations=10)
     adapted = res["methods"][algorithm][0]["loss"]["mean"]

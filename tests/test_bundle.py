@@ -24,7 +24,7 @@ def test_bundle_round_trip_and_onnx_parity(sinusoid_bundle):
     session = ort.InferenceSession(str(sinusoid_bundle.onnx_path), providers=["CPUExecutionProvider"])
     got = session.run(None, {"x": x})[0]
     with torch.no_grad():
-        want = model(torch.from_numpy(x)).numpy()
+        want = sinusoid_bundle.to_user_units(model(torch.from_numpy(x)).numpy())
     assert np.max(np.abs(got - want)) <= 1e-5
 
 

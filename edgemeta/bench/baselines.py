@@ -97,15 +97,21 @@ def run_periodic(stream: SwitchingStream, net: TorchNet, period: int, window: in
 # -- river ------------------------------------------------------------------------------------------
 
 def river_learners(kind: str, seed: int) -> dict[str, Callable[[], Any]]:
-    from river import forest, neighbors
+    from river import forest, linear_model, neighbors, preprocessing, tree
 
     if kind == "regression":
         return {"river ARF": lambda: forest.ARFRegressor(seed=seed),
+                "river HAT": lambda: tree.HoeffdingAdaptiveTreeRegressor(seed=seed),
                 "river KNN (window 100)": lambda: neighbors.KNNRegressor(
-                    n_neighbors=5, engine=neighbors.LazySearch(window_size=100))}
+                    n_neighbors=5, engine=neighbors.LazySearch(window_size=100)),
+                "river linear": lambda: preprocessing.StandardScaler()
+                | linear_model.LinearRegression()}
     return {"river ARF": lambda: forest.ARFClassifier(seed=seed),
+            "river HAT": lambda: tree.HoeffdingAdaptiveTreeClassifier(seed=seed),
             "river KNN (window 100)": lambda: neighbors.KNNClassifier(
-                n_neighbors=5, engine=neighbors.LazySearch(window_size=100))}
+                n_neighbors=5, engine=neighbors.LazySearch(window_size=100)),
+            "river linear": lambda: preprocessing.StandardScaler()
+            | linear_model.LogisticRegression()}
 
 
 def run_river(name: str, make: Callable[[], Any], stream: SwitchingStream) -> Run:

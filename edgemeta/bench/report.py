@@ -42,13 +42,26 @@ def rolling(loss: np.ndarray, window: int) -> np.ndarray:
     return (c[idx] - c[lo]) / (idx - lo)
 
 
+def regime_rows(switches: list[int], n: int) -> dict[str, np.ndarray]:
+    """Row indices of the first 100 rows after each switch (and the start) and of the last
+    half of each regime: the fast start and the asymptote, judged apart."""
+    bounds = [0, *switches, n]
+    first = [np.arange(a, min(a + 100, b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    last = [np.arange((a + b) // 2, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    return {"first100": np.concatenate(first), "last_half": np.concatenate(last)}
+
+
 def summarize(family, per_seed, n, hazard, noise, steps, support, holdout) -> dict[str, Any]:
     names = [r.name for r in per_seed[0]["runs"]]
     table = {}
+    parts = [regime_rows(s["stream"].switches, n) for s in per_seed]
     for i, name in enumerate(names):
         means = np.array([s["runs"][i].loss.mean() for s in per_seed])
         table[name] = {"cumulative": float(means.mean()), "per_seed": means.tolist(),
-                       "seconds": float(np.mean([s["runs"][i].seconds for s in per_seed]))}
+                       "seconds": float(np.mean([s["runs"][i].seconds for s in per_seed])),
+                       **{k: float(np.mean([s["runs"][i].loss[p[k]].mean()
+                                            for s, p in zip(per_seed, parts, strict=True)]))
+                          for k in ("first100", "last_half")}}
     edge, oracle = table["edgemeta"]["cumulative"], table["oracle"]["cumulative"]
     river = {k: v["cumulative"] for k, v in table.items() if k.startswith("river")}
     best_river = min(river, key=river.get)
@@ -57,7 +70,8 @@ def summarize(family, per_seed, n, hazard, noise, steps, support, holdout) -> di
     edge_info = [s["runs"][0].info for s in per_seed]
     return {
         "family": family, "kind": per_seed[0]["stream"].kind, "samples": n, "hazard": hazard,
-        "noise": DEFAULT_NOISE[family] if noise is None else noise, "seeds": len(per_seed),
+        "noise": DEFAULT_NOISE[family.removesuffix("-recurring")] if noise is None else noise,
+        "seeds": len(per_seed),
         "switches": [len(s["stream"].switches) for s in per_seed],
         "adaptation": {"steps": steps, "support": support, "holdout": holdout},
         "cumulative": table,
@@ -71,6 +85,14 @@ def summarize(family, per_seed, n, hazard, noise, steps, support, holdout) -> di
             "false_alarms_per_10k": float(np.mean([s["detection"]["false_alarms_per_10k"]
                                                    for s in per_seed]))},
         "edgemeta": {k: sum(i[k] for i in edge_info) for k in ("accepted", "rejected", "failed")},
+        "recalls": sum(i["recalls"] for i in edge_info),
+        # worker time of the continued fits per labelled row (the budget is per row)
+        "continual_ms_per_row": 1e3 * sum(i["continual_seconds"] for i in edge_info)
+        / (n * len(per_seed)),
+        "ratio_to_oracle_per_seed": [s["runs"][0].loss.mean() / s["runs"][1].loss.mean()
+                                     for s in per_seed],
+        "last_half_ratio_to_arf": table["edgemeta"]["last_half"]
+        / table["river ARF"]["last_half"],
         "interleaved": {
             "per_seed": [s["interleaved"] for s in per_seed],
             # interleaved / alone, per stream and seed: 1.0 = no worse for sharing the daemon
@@ -117,15 +139,21 @@ def format_results(results: list[dict[str, Any]]) -> str:
         lines.append(f"\n{r['family']} ({r['kind']}, {r['samples']} samples x {r['seeds']} seeds, "
                      f"switches per seed {r['switches']}; loss = "
                      f"{'MSE' if r['kind'] == 'regression' else 'error rate'})")
-        lines.append(f"  {'learner':<24}{'cumulative':>12}{'vs edgemeta':>13}{'seconds':>10}")
+        lines.append(f"  {'learner':<24}{'cumulative':>12}{'vs edgemeta':>13}{'first 100':>11}"
+                     f"{'last half':>11}{'seconds':>10}")
         edge = r["cumulative"]["edgemeta"]["cumulative"]
         for name, v in r["cumulative"].items():
             ratio = v["cumulative"] / edge if edge > 0 else math.inf
-            lines.append(f"  {name:<24}{v['cumulative']:>12.4g}{ratio:>12.2f}x{v['seconds']:>10.1f}")
+            lines.append(f"  {name:<24}{v['cumulative']:>12.4g}{ratio:>12.2f}x"
+                         f"{v['first100']:>11.4g}{v['last_half']:>11.4g}{v['seconds']:>10.1f}")
         d = r["detection"]
-        lines.append(f"  edgemeta / oracle = {r['ratio_to_oracle']:.2f} (target <= 1.25); "
-                     f"edgemeta / best river ({r['best_river']}) = {r['ratio_to_best_river']:.2f} "
-                     f"(target <= 0.33)")
+        per_seed = ", ".join(f"{x:.2f}" for x in r["ratio_to_oracle_per_seed"])
+        lines.append(f"  edgemeta / oracle = {r['ratio_to_oracle']:.2f} (per seed {per_seed}; "
+                     f"target <= 1.0); edgemeta / best river ({r['best_river']}) = "
+                     f"{r['ratio_to_best_river']:.2f} (target <= 1.0, sinusoid <= 0.5); last half "
+                     f"vs river ARF {r['last_half_ratio_to_arf']:.2f} (target <= 1.2)")
+        lines.append(f"  continued learning: {r['continual_ms_per_row']:.3f} ms of worker time per "
+                     f"labelled row; recalls {r['recalls']}")
         lines.append(f"  detection: median delay {d['median_delay']} samples, missed {d['missed']}, "
                      f"false alarms {d['false_alarms']} ({d['false_alarms_per_10k']:.2f} per 10k); "
                      f"adaptations {r['edgemeta']}")

@@ -42,6 +42,7 @@ from edgemeta.bench.switching import (
     Run,
     SwitchingStream,
     family_tasks,
+    recurring_stream,
     sample_loss,
     switching_stream,
 )
@@ -140,6 +141,9 @@ def run_daemon(streams: dict[str, SwitchingStream], bundle: Path, workdir: Path,
             "decisions": [(e["trigger"], e["result"], e["reason"], e.get("version"))
                           for e in mine],
             "accepted": sum(e["result"] == "accepted" for e in mine),
+            "recalls": sum(e["trigger"] == "recall" for e in mine),
+            "continual_seconds": sum(e.get("worker_seconds", 0.0) for e in mine
+                                     if e["trigger"] == "continual"),
             "rejected": sum(e["result"] == "rejected" for e in mine),
             "failed": sum(e["result"] in ("failed", "timeout") for e in mine)})
     return runs
@@ -170,8 +174,11 @@ def run_family(family: str, bundle: Path, seeds: list[int], n: int, hazard: floa
                noise: float | None, steps: int, support: int, holdout: int) -> dict[str, Any]:
     net = TorchNet(bundle)
     per_seed = []
+    base, recurring = family.removesuffix("-recurring"), family.endswith("-recurring")
     for seed in seeds:
-        stream = switching_stream(family, n=n, hazard=hazard, noise=noise, seed=seed)
+        stream = (recurring_stream(base, n=n, concepts=3, segment=int(round(1 / hazard)),
+                                   noise=noise, seed=seed) if recurring else
+                  switching_stream(family, n=n, hazard=hazard, noise=noise, seed=seed))
         with tempfile.TemporaryDirectory() as tmp:
             runs = [run_edgemeta(stream, bundle, Path(tmp), steps=steps, support_size=support,
                                  holdout_size=holdout)]
@@ -182,7 +189,7 @@ def run_family(family: str, bundle: Path, seeds: list[int], n: int, hazard: floa
             runs.append(run_river(name, make, stream))
         edge = runs[0]
         det = detection_figures(stream.switches, edge.info["detections"], n)
-        pair = interleaved(stream, switching_stream(family, n=n, hazard=hazard, noise=noise,
+        pair = interleaved(stream, switching_stream(base, n=n, hazard=hazard, noise=noise,
                                                     seed=seed + 1000),
                            bundle, edge, steps=steps, support_size=support, holdout_size=holdout)
         per_seed.append({"seed": seed, "stream": stream, "runs": runs, "detection": det,
@@ -211,8 +218,9 @@ def run_stream_bench(out: Path, families: list[str], seeds: int = 3, n: int = 20
     bundles = bundles or out / "bundles"
     results = []
     for family in families:
-        its = iterations or {"sinusoid": 6000, "hyperplane": 3000}[family]
-        bundle = ensure_bundle(family, bundles, its)
+        base = family.removesuffix("-recurring")
+        its = iterations or {"sinusoid": 6000, "hyperplane": 3000}[base]
+        bundle = ensure_bundle(base, bundles, its)
         result = run_family(family, bundle, list(range(seeds)), n, hazard, noise, steps, support,
                             holdout)
         result["bundle"] = str(bundle)

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-FAMILIES = ("sinusoid", "hyperplane")
+FAMILIES = ("sinusoid", "hyperplane", "sinusoid-recurring", "hyperplane-recurring")
 DEFAULT_NOISE = {"sinusoid": 0.1, "hyperplane": 0.05}
 
 

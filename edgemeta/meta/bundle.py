@@ -56,7 +56,15 @@ class Bundle:
         lrs = {n[len(LR_PREFIX):]: w for n, w in self.weights.items() if n.startswith(LR_PREFIX)}
         return lrs or float(self.meta["inner"]["lr"])
 
+    def to_user_units(self, out: np.ndarray) -> np.ndarray:
+        """The network's raw output as ``model.onnx`` gives it: regression targets scaled back
+        from the standardized ones it was trained on (identity without a scaling)."""
+        scaling = self.meta["output"].get("scaling")
+        return out * scaling["std"] + scaling["mean"] if scaling else out
+
     def build_model(self) -> torch.nn.Module:
+        """The network in torch, whose outputs are standardized targets for a bundle with a
+        target scaling (:meth:`to_user_units`)."""
         model = build_model(self.meta["model"])
         state = {n: torch.from_numpy(w.copy()) for n, w in self.network_weights().items()}
         model.load_state_dict(state, strict=True)
