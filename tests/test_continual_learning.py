@@ -48,9 +48,11 @@ def test_a_continual_episode_records_its_fit_and_stays_within_the_time_budget(tm
     for r in fits:
         assert r["fit"]["start"] in ("meta-init", "current")
         assert len(r["holdout"]["y"]) >= 20
-        # The worker may spend 1 ms per labelled row since the last fit (at least 50 rows);
-        # allow for one evaluation round past the deadline.
-        assert r["worker_seconds"] <= 1e-3 * len(r["support"]["y"]) + 0.25
+        # The worker may spend 1 ms per labelled row since the last fit; it checks the clock
+        # after every step, so it overshoots by a step and one validation at most (the slack
+        # covers a loaded CI machine).
+        assert r["fit"]["budget_s"] <= 1e-3 * (len(r["support"]["y"]) + len(r["holdout"]["y"]))
+        assert r["worker_seconds"] <= r["fit"]["budget_s"] + 0.25
 
 
 def test_a_bare_meta_initialization_is_challenged_until_a_fit_replaces_it(tmp_path,

@@ -217,8 +217,9 @@ class Streams:
             state = self.states[job.stream]
             if outcome.ok:
                 job.outcome = outcome
+                fit = {"fit": {**outcome.info, "budget_s": job.fit["max_seconds"]}} if job.fit else {}
                 job.figures.update(support_losses=outcome.losses, worker_seconds=outcome.seconds,
-                                   **({"fit": outcome.info} if job.fit is not None else {}))
+                                   **fit)
                 self._event(state, lc.WeightsReady(job.job))
             else:
                 job.figures["error"] = outcome.error

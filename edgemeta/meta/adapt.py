@@ -191,7 +191,8 @@ class Adapter:
             out = torch.func.functional_call(self.model_, leaves, (bx,))
             output_loss(self.kind_, out, by).backward()
             opt.step()
-            if step % every and step != steps:
+            late = time.perf_counter() > stop_at
+            if step % every and step != steps and not late:
                 continue
             val = self.loss(leaves, vx, vy)
             losses.append(val)
@@ -201,7 +202,7 @@ class Adapter:
                 best, worse = (val, step, {n: p.detach().clone() for n, p in leaves.items()}), 0
             else:
                 worse += 1
-            if worse >= patience or time.perf_counter() > stop_at:
+            if worse >= patience or late:
                 break
         return best[0], best[1], best[2], losses
 
