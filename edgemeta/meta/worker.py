@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     warm_y = [0.0, 0.0] if adapter.kind_ == "regression" else [0, 0]
     with contextlib.suppress(AdaptationFailed):
         adapter.adapt([[0.0] * features, [1.0] * features], warm_y)
+    with contextlib.suppress(AdaptationFailed):  # and the continued fit (Adam's first step)
+        adapter.fit([[float(i % 2)] * features for i in range(12)], warm_y * 6, max_steps=2,
+                    max_seconds=1.0)
     name = torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu"
     write_frame(proto_out, {"type": "ready", "device": device, "device_name": name,
                             "pid": os.getpid()})
