@@ -37,7 +37,7 @@ class TorchNet:
             out = torch.func.functional_call(a.model_, {k: torch.as_tensor(v) for k, v in
                                                         weights.items()}, (xt,)).numpy()
         if self.kind == "regression":
-            return out[:, 0] * a.target_std_ + a.target_mean_
+            return a.bundle.to_user_units(out[:, 0])
         return out.argmax(axis=1)
 
     def adapt(self, x, y, steps: int | None, init=None) -> dict[str, np.ndarray] | None:

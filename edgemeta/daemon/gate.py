@@ -52,11 +52,6 @@ def row_losses(kind: str, outputs: np.ndarray, y: np.ndarray) -> np.ndarray:
     return -logp[np.arange(len(y)), np.asarray(y).astype(np.int64)]
 
 
-def holdout_loss(kind: str, outputs: np.ndarray, y: np.ndarray) -> float:
-    """Mean MSE, or for classification the cross-entropy (smoother than 0/1 on small holdouts)."""
-    return float(row_losses(kind, outputs, y).mean())
-
-
 EXACT_ROWS = 12      # up to this many rows every sign pattern is enumerated (4,096)
 RANDOM_FLIPS = 4000  # beyond it, this many seeded random patterns
 

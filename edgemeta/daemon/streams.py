@@ -336,16 +336,19 @@ class Streams:
             return
         xn = self.bundle.normalize(x)
         current = row_losses(self.kind, run(served.predictor.live, xn), y)
-        scored = [(row_losses(self.kind, run(c.live, xn), y), c) for c in concepts
-                  if c.version != served.version]
+        scored = []
+        for concept in concepts:
+            if concept.version != served.version:
+                out = run(concept.live, xn)
+                scored.append((row_losses(self.kind, out, y), out, concept))
         if not scored:
             return
-        rows, best = min(scored, key=lambda item: float(np.mean(item[0])))
+        rows, out, best = min(scored, key=lambda item: float(np.mean(item[0])))
         g = self.settings.gate
         decision = decide(current, rows, g.alpha, g.min_gain)
         if not decision.accepted:
             return
-        expected = float(per_sample_loss(self.kind, run(best.live, xn), y).mean())
+        expected = float(per_sample_loss(self.kind, out, y).mean())
         try:
             manifest, replaced = self.models.promote(
                 state.name, best.model, best.live, best.weights, source="recall",

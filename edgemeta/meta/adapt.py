@@ -126,7 +126,6 @@ class Adapter:
                    for n, p in self.learner_.network(fast).items()}
         return AdaptResult(weights, losses, steps)
 
-
     def fit(self, x: np.ndarray, y: np.ndarray, init: Mapping[str, np.ndarray] | None = None,
             max_steps: int = 300, lr: float = 3e-3, max_seconds: float = 5.0, batch: int = 256,
             seed: int = 0) -> AdaptResult:
