@@ -248,6 +248,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
         else:
             run_soak(Path(args.out), minutes=args.minutes, rate=args.rate,
                      warmup_min=args.warmup)
+    elif args.bench == "devices":
+        from edgemeta.bench.devices import run_devices_bench
+
+        devices = [d.strip() for d in args.devices.split(",")] if args.devices else None
+        for device in devices or []:
+            if device != "cpu" and not device.startswith("cuda"):
+                raise CliError(f"--devices: use cpu or cuda[:N], got {device!r}")
+            if device.startswith("cuda"):
+                from edgemeta.bench.devices import cuda_available
+
+                if not cuda_available():
+                    raise CliError(f"--devices: {device} asked for but CUDA is not available here")
+        run_devices_bench(Path(args.out), Path(args.bundle) if args.bundle else None,
+                          quick=args.quick, devices=devices)
     elif args.bench == "stream":
         from edgemeta.bench.stream import FAMILIES, run_stream_bench
 
@@ -386,6 +400,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="minutes left out of the slope (default: %(default)s)")
     k.add_argument("--quick", action="store_true", help="1 minute at 200 rows/s, a smoke test")
     k.set_defaults(func=cmd_bench)
+
+    v = bsub.add_parser("devices", help="CPU vs CUDA: meta-training, adaptation, drift-to-serving")
+    v.add_argument("--out", default="bench-out/devices", help="output folder (default: %(default)s)")
+    v.add_argument("--bundle", default=None,
+                   help="bundle for the adaptation figures (default: train a small one, 30 s)")
+    v.add_argument("--devices", default=None,
+                   help="comma-separated, e.g. cpu,cuda (default: cpu, and cuda when available)")
+    v.add_argument("--quick", action="store_true", help="seconds instead of minutes, a smoke test")
+    v.set_defaults(func=cmd_bench)
 
     s = bsub.add_parser("stream", help="continual adaptation vs an oracle, river and baselines")
     s.add_argument("--out", default="bench-out/stream")

@@ -29,13 +29,13 @@ def rss_mb(pid: int | str = "self") -> float:
     return float("nan")
 
 
-def _daemon(bundle: Path, state: Path) -> Daemon:
+def _daemon(bundle: Path, state: Path, device: str = "auto") -> Daemon:
     settings = parse_config({
         "bundle": {"path": str(bundle)}, "state": {"dir": str(state)},
         "streams": [{"name": "sine", "features": ["x"], "label": "y", "id": "id"}],
         # One manual episode at a time: no start-up adaptation, no refinement after a swap.
         "adaptation": {"support_size": 10, "holdout_size": 20, "adapt_on_start": False,
-                       "refine": []},
+                       "refine": [], "device": device},
         "metrics": {"enabled": False}, "ingest": {"max_file_bytes": 1 << 30},
         "retention": {"keep_models": 5, "keep_episodes": 50}})
     daemon = Daemon(settings, metrics=Metrics())
