@@ -19,6 +19,16 @@ class CliError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from exc
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
 def _positive_int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -93,7 +103,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         bundle = read_bundle(args.bundle)
         results = evaluate(bundle, shots=args.shots, steps=args.steps, n_tasks=args.tasks,
-                           seed=args.seed, baselines=not args.no_baselines,
+                           seed=args.seed, seeds=args.seeds, baselines=not args.no_baselines,
                            pretrain_iterations=args.pretrain_iterations, target=args.target)
     except (BundleError, TaskDataError) as exc:
         raise CliError(str(exc)) from exc
@@ -348,15 +358,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="few-shot evaluation with baselines")
-    e.add_argument("bundle")
-    e.add_argument("--shots", type=int)
-    e.add_argument("--steps", type=_positive_int_list, default=[0, 1, 5, 10])
-    e.add_argument("--tasks", type=int, default=600)
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("bundle", help="the bundle folder to evaluate")
+    e.add_argument("--shots", type=_positive_int,
+                   help="support rows per task (default: the shots the bundle was trained with)")
+    e.add_argument("--steps", type=_positive_int_list, default=[0, 1, 5, 10],
+                   help="comma-separated inner-step counts to report (default: 0,1,5,10)")
+    e.add_argument("--tasks", type=_positive_int, default=600,
+                   help="meta-test tasks per evaluation seed (default: %(default)s)")
+    e.add_argument("--seeds", type=_positive_int, default=5,
+                   help="evaluation seeds; the figure pools their tasks (default: %(default)s)")
+    e.add_argument("--seed", type=int, default=0,
+                   help="first evaluation seed, also the baselines' seed (default: %(default)s)")
     e.add_argument("--target", type=float, help="report steps and shots needed to reach this loss")
-    e.add_argument("--pretrain-iterations", type=int, default=2000)
-    e.add_argument("--no-baselines", action="store_true")
-    e.add_argument("--json", action="store_true")
+    e.add_argument("--pretrain-iterations", type=_positive_int, default=2000,
+                   help="training steps of the pretrain-finetune baseline (default: %(default)s)")
+    e.add_argument("--no-baselines", action="store_true",
+                   help="evaluate the bundle alone (no random-init, pretrain or no-adaptation rows)")
+    e.add_argument("--json", action="store_true", help="print the results as JSON")
     e.set_defaults(func=cmd_eval)
 
     b = sub.add_parser("bench", help="reproducible benchmarks")
