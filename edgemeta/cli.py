@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -501,3 +502,12 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as exc:
         print(f"edgemeta {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"edgemeta {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # `edgemeta status | head`: the reader left. Point stdout at /dev/null so the interpreter's
+        # final flush does not raise again, and exit like a program killed by SIGPIPE would.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141

@@ -292,7 +292,7 @@ def run_demo(workdir: Path | None = None, iterations: int = 3000, rows_per_task:
     config = write_config(state_dir, bundle, port)
     log = (state_dir / "daemon.log").open("ab")
     print(f"starting the daemon: edgemeta run --config {config}")
-    proc = subprocess.Popen([sys.executable, "-m", "edgemeta", "run", "--config", str(config)],
+    proc = subprocess.Popen([sys.executable, "-P", "-m", "edgemeta", "run", "--config", str(config)],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     run = DemoRun(state_dir, f"http://127.0.0.1:{port}/metrics")
     stop = True

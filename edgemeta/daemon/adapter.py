@@ -66,7 +66,8 @@ class AdapterClient:
     def start(self) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "edgemeta.meta.worker", "--bundle", str(self.bundle),
+            # -P: the working directory (a checkout named edgemeta, say) never shadows the package.
+            [sys.executable, "-P", "-m", "edgemeta.meta.worker", "--bundle", str(self.bundle),
              "--device", self.device], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         self._ready = False
         self._started_at = time.monotonic()

@@ -105,11 +105,17 @@ class Daemon:
             self.degraded, s)
         self.commands = Commands(s.state_dir / "triggers", s.state_dir, self.inbox, self.streams,
                                  self.metrics, self.degraded, self.reload)
+        if s.metrics.enabled:  # before the worker: a taken port must not leave a worker behind
+            try:
+                self._http = serve_http(self.metrics, s.metrics.address, s.metrics.port)
+            except OSError as exc:
+                raise StartupError(
+                    f"metrics.port: cannot listen on {s.metrics.address}:{s.metrics.port}: "
+                    f"{exc.strerror or exc} (another process holds it? choose another port, or "
+                    "set metrics.enabled = false)") from exc
+            log.info("metrics on http://%s:%d/metrics", s.metrics.address, s.metrics.port)
         self.streams.start()
         self.adapter.start()
-        if s.metrics.enabled:
-            self._http = serve_http(self.metrics, s.metrics.address, s.metrics.port)
-            log.info("metrics on http://%s:%d/metrics", s.metrics.address, s.metrics.port)
         self.watcher = InboxWatcher(self.layout, self.streams.states, self.events)
         self.watcher.start()
         self.rescan()

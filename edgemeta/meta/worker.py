@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
 import time
 import traceback
@@ -22,6 +23,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle", required=True)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
+    # Ctrl-C in a terminal reaches the whole process group: the daemon stops the worker itself
+    # (a stop frame, or closing the pipe), so the worker ignores SIGINT instead of dying mid-write
+    # with a KeyboardInterrupt traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return serve(args)
+    except BrokenPipeError:  # the daemon went away while we answered: nothing left to tell
+        return 0
+
+
+def serve(args: argparse.Namespace) -> int:
     proto_out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints land in the journal
     proto_in = sys.stdin.buffer

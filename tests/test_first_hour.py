@@ -1,0 +1,85 @@
+"""What a new user meets in the first hour: child processes, Ctrl-C, pipes, a taken port."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from edgemeta.daemon.adapter import AdapterClient
+from tests.conftest import write_config
+
+
+def test_a_folder_holding_a_checkout_named_edgemeta_does_not_shadow_the_worker(
+        tmp_path, sinusoid_bundle, monkeypatch):
+    fake = tmp_path / "edgemeta"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('the wrong edgemeta was imported')\n")
+    monkeypatch.chdir(tmp_path)
+    client = AdapterClient(sinusoid_bundle.path, device="cpu")
+    client.start()
+    try:
+        assert client.wait_ready(120), "the worker imported the folder's edgemeta"
+    finally:
+        client.stop()
+
+
+def _wait_for_worker(state: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        try:
+            status = json.loads((state / "status.json").read_text())
+        except (OSError, ValueError):
+            status = {}
+        if status.get("pid") == proc.pid and (status.get("worker") or {}).get("ready"):
+            return
+        time.sleep(0.1)
+    raise AssertionError("the daemon's worker never came up")
+
+
+def test_ctrl_c_on_run_stops_the_daemon_and_its_worker_without_a_traceback(tmp_path, sinusoid_bundle):
+    cfg = write_config(tmp_path, sinusoid_bundle.path, metrics={"enabled": False})
+    proc = subprocess.Popen([sys.executable, "-P", "-m", "edgemeta", "run", "--config", str(cfg)],
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _wait_for_worker(tmp_path / "state", proc)
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole group
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+
+
+def test_a_metrics_port_in_use_refuses_to_start_naming_the_key_and_the_port(tmp_path, sinusoid_bundle):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = write_config(tmp_path, sinusoid_bundle.path,
+                           metrics={"port": port, "address": "127.0.0.1"})
+        out = subprocess.run([sys.executable, "-P", "-m", "edgemeta", "run", "--config", str(cfg)],
+                             capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert f"metrics.port: cannot listen on 127.0.0.1:{port}" in out.stderr
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path, sinusoid_bundle):
+    cfg = write_config(tmp_path, sinusoid_bundle.path)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # `| head` that has already gone
+    try:
+        out = subprocess.run([sys.executable, "-P", "-m", "edgemeta", "config", "check", str(cfg)],
+                             stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert out.returncode == 141
+    assert out.stderr == ""
