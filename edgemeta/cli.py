@@ -177,8 +177,18 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_config(args: argparse.Namespace) -> int:
     settings = _config(args.file)
+    checked = ""
+    if not args.skip_bundle:  # the same check `run` makes, so a config that passes here starts
+        from edgemeta.daemon.runtime import StartupError, open_bundle
+
+        try:
+            bundle, _ = open_bundle(settings)
+        except StartupError as exc:
+            raise CliError(f"{args.file}: {exc} (--skip-bundle checks the rest when the bundle "
+                           "is installed later)") from exc
+        checked = f" (bundle {settings.bundle}: {bundle.features} feature(s), checksums verified)"
     print(json.dumps(settings.as_dict(), indent=2, default=str))
-    print(f"{args.file}: OK", file=sys.stderr)
+    print(f"{args.file}: OK{checked}", file=sys.stderr)
     return 0
 
 
@@ -465,7 +475,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("config", help="configuration tools")
     csub = c.add_subparsers(dest="config_command", required=True)
     cc = csub.add_parser("check", help="validate a config and print the effective settings")
-    cc.add_argument("file")
+    cc.add_argument("file", help="the daemon's TOML config")
+    cc.add_argument("--skip-bundle", action="store_true",
+                    help="do not open the bundle (for a config written before its bundle is "
+                         "installed); by default it is checked as `run` checks it")
     cc.set_defaults(func=cmd_config)
 
     m = sub.add_parser("models", help="list the model registry or roll back")

@@ -56,8 +56,8 @@ def test_missing_sections_and_bad_toml(tmp_path):
 
 def test_config_check_prints_the_effective_settings(tmp_path):
     path = write(tmp_path, BASE)
-    out = subprocess.run([sys.executable, "-m", "edgemeta", "config", "check", str(path)],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "edgemeta", "config", "check", "--skip-bundle",
+                          str(path)], capture_output=True, text=True, check=True)
     effective = json.loads(out.stdout)
     assert effective["drift"]["detector"] == "adwin"
     assert effective["metrics"] == {"address": "127.0.0.1", "port": 9781, "enabled": True}
@@ -81,3 +81,24 @@ def test_the_shipped_example_config_is_accepted_and_sets_every_key():
                          ("retention", cfg.RetentionSettings)):
         for f in fields(cls):
             assert f.name in raw[section] or f"# {f.name} =" in commented, f"{section}.{f.name}"
+
+
+def test_config_check_opens_the_bundle_as_run_does(tmp_path, sinusoid_bundle):
+    def check(text: str) -> subprocess.CompletedProcess:
+        path = write(tmp_path, text)
+        return subprocess.run([sys.executable, "-m", "edgemeta", "config", "check", str(path)],
+                              capture_output=True, text=True, timeout=60)
+
+    missing = check(BASE)
+    assert missing.returncode == 2
+    assert "c.toml: bundle.path:" in missing.stderr and "--skip-bundle" in missing.stderr
+    real = BASE.replace('path = "b"', f'path = "{sinusoid_bundle.path}"')
+    assert real != BASE
+    ok = check(real)
+    assert ok.returncode == 0, ok.stderr
+    assert "OK (bundle" in ok.stderr and "checksums verified" in ok.stderr
+    two_columns = real.replace('features = ["x"]', 'features = ["x", "z"]')
+    assert two_columns != real
+    wrong = check(two_columns)
+    assert wrong.returncode == 2
+    assert "streams[0].features: 2 columns, the bundle expects 1" in wrong.stderr

@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from edgemeta.bundle_format import BundleFormatError, read_bundle_info
+from edgemeta.bundle_format import BundleFormatError, BundleInfo, read_bundle_info
 from edgemeta.config import ConfigError, Settings, load_config
 from edgemeta.daemon.adapter import AdapterClient
 from edgemeta.daemon.commands import Commands
@@ -42,6 +42,21 @@ class StartupError(RuntimeError):
     """The daemon cannot start serving; the message says what to fix."""
 
 
+def open_bundle(settings: Settings) -> tuple[BundleInfo, OnnxTemplate]:
+    """The bundle the config names, checked as the daemon needs it (also by `config check`)."""
+    try:
+        bundle = read_bundle_info(settings.bundle)
+        template = OnnxTemplate((settings.bundle / "model.onnx").read_bytes(),
+                                bundle.parameter_names)
+    except (BundleFormatError, WeightPatchError, OSError) as exc:
+        raise StartupError(f"bundle.path: {exc}") from exc
+    for i, stream in enumerate(settings.streams):
+        if len(stream.features) != bundle.features:
+            raise StartupError(f"streams[{i}].features: {len(stream.features)} columns, the "
+                               f"bundle expects {bundle.features}")
+    return bundle, template
+
+
 class Daemon:
     def __init__(self, settings: Settings, metrics: Metrics | None = None,
                  notifier: Notifier | None = None):
@@ -61,16 +76,7 @@ class Daemon:
     # -- start-up --------------------------------------------------------------------------------
     def setup(self) -> None:
         s = self.settings
-        try:
-            self.bundle = read_bundle_info(s.bundle)
-            self.template = OnnxTemplate((s.bundle / "model.onnx").read_bytes(),
-                                         self.bundle.parameter_names)
-        except (BundleFormatError, WeightPatchError, OSError) as exc:
-            raise StartupError(f"bundle.path: {exc}") from exc
-        for i, stream in enumerate(s.streams):
-            if len(stream.features) != self.bundle.features:
-                raise StartupError(f"streams[{i}].features: {len(stream.features)} columns, the "
-                                   f"bundle expects {self.bundle.features}")
+        self.bundle, self.template = open_bundle(s)
         try:
             self.layout.ensure(st.name for st in s.streams)
             (s.state_dir / "episodes").mkdir(parents=True, exist_ok=True)
