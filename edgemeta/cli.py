@@ -81,10 +81,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         for w in caught:
             print(f"warning: {w.message}", file=sys.stderr)
         tasks = build_tasks(settings.tasks)
-        bar = None if args.quiet else ProgressBar(settings.iterations)
+        bar = None if args.quiet else ProgressBar(settings.iterations, settings.time_budget)
         result = train(settings, tasks, progress=bar)
         if bar:
             bar.close()
+        if result.untrained and not args.allow_untrained:
+            raise CliError(
+                f"no validation after {result.iterations_done} iterations "
+                f"({result.seconds:.1f} s) beat the untrained initialization "
+                f"(validation loss {result.best_val:.4f}); not writing {args.out}. Train longer "
+                "(--time-budget, --iterations), check --inner-lr/--outer-lr, or pass "
+                "--allow-untrained to write it anyway")
         if result.interrupted:
             print(f"interrupted at iteration {result.iterations_done}; writing the best bundle so far",
                   file=sys.stderr)
@@ -339,33 +346,54 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="meta-train a bundle")
     t.add_argument("--out", required=True, help="bundle directory to write")
     t.add_argument("--tasks", choices=["sinusoid", "hyperplane", "array", "folder"],
-                   default="sinusoid")
-    t.add_argument("--data", help="labelled array (.npz/.csv) or task folder")
+                   default="sinusoid", help="task distribution (default: %(default)s)")
+    t.add_argument("--data", help="labelled array (.npz/.csv) or task folder (for array, folder)")
     t.add_argument("--kind", choices=["regression", "classification"], default="regression",
-                   help="task kind of a task folder")
-    t.add_argument("--label-column", default="label")
-    t.add_argument("--ways", type=int, default=5, help="N of N-way classification")
-    t.add_argument("--shots", type=int, default=5)
-    t.add_argument("--queries", type=int, default=10)
-    t.add_argument("--split-seed", type=int, default=0)
-    t.add_argument("--val-fraction", type=float)
-    t.add_argument("--test-fraction", type=float)
+                   help="task kind of a task folder (default: %(default)s)")
+    t.add_argument("--label-column", default="label",
+                   help="label column of a CSV array (default: %(default)s)")
+    t.add_argument("--ways", type=int, default=5,
+                   help="N of N-way classification (default: %(default)s)")
+    t.add_argument("--shots", type=int, default=5,
+                   help="support rows per task (per class when classifying) (default: %(default)s)")
+    t.add_argument("--queries", type=int, default=10,
+                   help="query rows per task (per class when classifying) (default: %(default)s)")
+    t.add_argument("--split-seed", type=int, default=0,
+                   help="seed of the meta-train/val/test split (default: %(default)s)")
+    t.add_argument("--val-fraction", type=float,
+                   help="share of classes (array) or task files (folder) kept for validation")
+    t.add_argument("--test-fraction", type=float,
+                   help="share of classes (array) or task files (folder) kept for meta-test")
     t.add_argument("--algorithm", default="maml",
-                   help="maml, fomaml, reptile, metasgd, anil or protonet")
-    t.add_argument("--hidden", type=_positive_int_list, default=[40, 40], help="e.g. 40,40")
+                   help="maml, fomaml, reptile, metasgd, anil or protonet (default: %(default)s)")
+    t.add_argument("--hidden", type=_positive_int_list, default=[40, 40],
+                   help="hidden layer widths of the MLP, e.g. 40,40 (default: 40,40)")
     t.add_argument("--model-factory", help="package.module:function returning an nn.Module")
-    t.add_argument("--model-kwargs", default="{}", help="JSON keyword arguments for the factory")
-    t.add_argument("--inner-steps", type=int, default=1)
-    t.add_argument("--inner-lr", type=float, default=0.01)
-    t.add_argument("--outer-lr", type=float, default=0.001)
-    t.add_argument("--meta-batch", type=int, default=25)
-    t.add_argument("--iterations", type=int, default=10000)
-    t.add_argument("--time-budget", type=float, help="stop after this many seconds")
-    t.add_argument("--val-every", type=int, default=500)
-    t.add_argument("--val-tasks", type=int, default=100)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    t.add_argument("--quiet", action="store_true")
+    t.add_argument("--model-kwargs", default="{}",
+                   help="JSON keyword arguments for the factory (default: {})")
+    t.add_argument("--inner-steps", type=int, default=1,
+                   help="inner-loop steps per task (default: %(default)s)")
+    t.add_argument("--inner-lr", type=float, default=0.01,
+                   help="inner-loop learning rate (default: %(default)s)")
+    t.add_argument("--outer-lr", type=float, default=0.001,
+                   help="Adam learning rate of the meta-update (default: %(default)s)")
+    t.add_argument("--meta-batch", type=int, default=25,
+                   help="tasks per meta-update (default: %(default)s)")
+    t.add_argument("--iterations", type=int, default=10000,
+                   help="meta-updates at most (default: %(default)s)")
+    t.add_argument("--time-budget", type=float,
+                   help="stop after this many seconds, whichever limit comes first (default: none)")
+    t.add_argument("--val-every", type=int, default=500,
+                   help="validate every N iterations (default: %(default)s); also every tenth of "
+                        "the time budget (at most 30 s) and always at the end")
+    t.add_argument("--val-tasks", type=int, default=100,
+                   help="validation tasks (default: %(default)s)")
+    t.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    t.add_argument("--device", default="auto",
+                   help="auto, cpu or cuda[:N] (default: auto: CUDA when available)")
+    t.add_argument("--allow-untrained", action="store_true",
+                   help="write the bundle even when no validation beat the initialization")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="few-shot evaluation with baselines")

@@ -75,7 +75,7 @@ def test_nonsense_settings_fail_fast_with_the_setting_named(tmp_path, args, mess
 
 def test_inner_rate_not_above_outer_rate_warns_naming_both(tmp_path):
     proc = edgemeta("train", "--out", str(tmp_path / "b"), "--inner-lr", "0.001", "--outer-lr",
-                    "0.01", "--iterations", "2", "--val-every", "1", "--quiet")
+                    "0.01", "--iterations", "2", "--val-every", "1", "--quiet", "--allow-untrained")
     assert proc.returncode == 0, proc.stderr
     assert "inner_lr=0.001 is not above outer_lr=0.01" in proc.stderr
 
@@ -109,3 +109,24 @@ def test_ctrl_c_writes_the_best_bundle_so_far(tmp_path):
     assert (out / "bundle.json").is_file()
     meta = json.loads((out / "bundle.json").read_text())
     assert meta["training"]["interrupted"] is True
+
+
+def test_a_short_time_budget_still_validates_and_writes_trained_weights(tmp_path):
+    # val-every far beyond what 4 s can reach: only the time schedule and the final check validate
+    proc = edgemeta("train", "--out", str(tmp_path / "b"), "--iterations", "1000000",
+                    "--val-every", "1000000", "--time-budget", "4", "--seed", "1")
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((tmp_path / "b" / "bundle.json").read_text())
+    assert meta["training"]["best_iteration"] > 0
+    assert re.search(r"\d+/4s, \d+ it", proc.stderr), proc.stderr[-500:]  # time binds, not 1e6 it
+
+
+def test_a_run_that_never_beats_its_initialization_writes_no_bundle(tmp_path):
+    args = ["--iterations", "3", "--outer-lr", "1.0", "--inner-lr", "2", "--val-every", "1",
+            "--quiet", "--seed", "0"]
+    proc = edgemeta("train", "--out", str(tmp_path / "b"), *args)
+    assert proc.returncode == 2
+    assert "beat the untrained initialization" in proc.stderr and "--allow-untrained" in proc.stderr
+    assert not (tmp_path / "b").exists()
+    proc = edgemeta("train", "--out", str(tmp_path / "b"), *args, "--allow-untrained")
+    assert proc.returncode == 0 and (tmp_path / "b" / "bundle.json").is_file()

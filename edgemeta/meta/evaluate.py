@@ -28,7 +28,6 @@ from edgemeta.meta.tasks import (
     build_tasks,
 )
 
-
 #: A task whose query loss after adaptation is this many times its loss before has diverged: it is
 #: counted and left out of the mean, so one exploding task cannot print 6e16 as "the" loss.
 DIVERGED_RATIO = 100.0

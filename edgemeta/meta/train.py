@@ -6,6 +6,7 @@ under a seed on CPU (task sampling uses a numpy Generator, weights a seeded torc
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -40,6 +41,9 @@ class TrainSettings:
     time_budget: float | None = None
     val_every: int = 100
     val_tasks: int = 100
+    #: Also validate when this many seconds passed since the last validation (default: a tenth
+    #: of the time budget, at most 30 s), so a short time budget cannot end before the first one.
+    val_seconds: float | None = None
     seed: int = 0
     device: str = "auto"
 
@@ -55,6 +59,8 @@ class TrainSettings:
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise SettingsError(f"{name}: must be a positive number, got {value!r}")
+        if self.val_seconds is not None and not self.val_seconds > 0:
+            raise SettingsError(f"val_seconds: must be positive seconds, got {self.val_seconds!r}")
         if self.time_budget is not None and not self.time_budget > 0:
             raise SettingsError(f"time_budget: must be positive seconds, got {self.time_budget!r}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
@@ -69,6 +75,11 @@ class TrainSettings:
             warnings.warn(
                 f"inner_lr={self.inner_lr} is not above outer_lr={self.outer_lr}; the inner rate is "
                 "normally about 10x the outer one", stacklevel=2)
+
+    def validation_interval(self) -> float:
+        if self.val_seconds is not None:
+            return self.val_seconds
+        return min(30.0, self.time_budget / 10) if self.time_budget else 30.0
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -89,6 +100,11 @@ class TrainResult:
     tasks: Any
     head: list[str]
     settings: TrainSettings
+
+    @property
+    def untrained(self) -> bool:
+        """No validation beat the random initialization: the bundle would hold iteration 0."""
+        return self.best_iteration == 0
 
     def summary(self) -> dict[str, Any]:
         return {"best_val_loss": self.best_val, "best_iteration": self.best_iteration,
@@ -139,9 +155,21 @@ def train(settings: TrainSettings, tasks,
     best_val, best_it = meta_validate(learner, params, tasks, settings.val_tasks,
                                       settings.seed + 1, device), 0
     history: list[dict[str, float]] = []
-    start = time.perf_counter()
+    start = last_val = time.perf_counter()
+    interval = settings.validation_interval()
     interrupted = False
-    it = 0
+    it, validated, loss = 0, 0, None
+
+    def validate() -> float:
+        nonlocal best_val, best_it, best, validated, last_val
+        val = meta_validate(learner, params, tasks, settings.val_tasks, settings.seed + 1, device)
+        history.append({"iteration": it, "meta_loss": loss.item(), "val_loss": val})
+        if val < best_val:
+            best_val, best_it = val, it
+            best = {n: p.detach().clone() for n, p in params.items()}
+        validated, last_val = it, time.perf_counter()
+        return val
+
     try:
         while it < settings.iterations:
             if settings.time_budget and time.perf_counter() - start > settings.time_budget:
@@ -157,42 +185,59 @@ def train(settings: TrainSettings, tasks,
             optimizer.step()
             it += 1
             val = None
-            if it % settings.val_every == 0 or it == settings.iterations:
-                val = meta_validate(learner, params, tasks, settings.val_tasks,
-                                    settings.seed + 1, device)
-                history.append({"iteration": it, "meta_loss": loss.item(), "val_loss": val})
-                if val < best_val:
-                    best_val, best_it = val, it
-                    best = {n: p.detach().clone() for n, p in params.items()}
+            if (it % settings.val_every == 0 or it == settings.iterations
+                    or time.perf_counter() - last_val >= interval):
+                val = validate()
             if progress:
                 progress(it, loss.item(), val)
     except KeyboardInterrupt:
         interrupted = True
+    if it > validated and loss is not None:
+        # Always judge the last weights too: a budget or Ctrl-C between validations must not
+        # throw away everything learned since the last one.
+        with contextlib.suppress(KeyboardInterrupt):
+            val = validate()
+            if progress:
+                progress(it, loss.item(), val)
     return TrainResult({n: p.cpu() for n, p in best.items()}, best_val, best_it, it,
                        time.perf_counter() - start, interrupted, history, model.cpu(), tasks,
                        head, settings)
 
 
 class ProgressBar:
-    """A one-line progress bar on stderr with the meta-loss and the latest validation loss."""
+    """A one-line progress bar on stderr with the meta-loss and the latest validation loss.
 
-    def __init__(self, total: int, stream=sys.stderr, every: int = 10):
+    The bar follows whichever limit binds: the iteration count, or the time budget when that
+    will end the run first (a 120 s budget must not show 2% of 10,000 iterations at the end).
+    """
+
+    def __init__(self, total: int, time_budget: float | None = None, stream=sys.stderr,
+                 every: int = 10):
         self.total = total
+        self.time_budget = time_budget
         self.stream = stream
         self.every = every
         self._val: float | None = None
-        self._start = time.perf_counter()
+        self._start: float | None = None
 
     def __call__(self, it: int, loss: float, val: float | None) -> None:
+        if self._start is None:  # the first iteration: the budget's clock started just before it
+            self._start = time.perf_counter()
         if val is not None:
             self._val = val
         if it % self.every and val is None and it != self.total:
             return
-        done = int(30 * it / self.total)
+        elapsed = time.perf_counter() - self._start
+        by_iterations = it / self.total
+        by_time = elapsed / self.time_budget if self.time_budget else 0.0
+        if by_time > by_iterations:
+            fraction, where = by_time, f"{elapsed:.0f}/{self.time_budget:.0f}s, {it} it"
+        else:
+            fraction, where = by_iterations, f"{it}/{self.total} it, {elapsed:.0f}s"
+        done = int(30 * min(1.0, fraction))
         val_text = f"{self._val:.4f}" if self._val is not None else "-"
-        self.stream.write(f"\r[{'#' * done}{'.' * (30 - done)}] {it}/{self.total} "
-                          f"meta-loss {loss:.4f} val {val_text} "
-                          f"{time.perf_counter() - self._start:.0f}s")
+        self.stream.write(f"\r[{'#' * done}{'.' * (30 - done)}] {where} "
+                          f"meta-loss {loss:.4f} val {val_text}   ")
         self.stream.flush()
 
     def close(self) -> None:
