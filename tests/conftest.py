@@ -12,6 +12,24 @@ from edgemeta.meta.tasks import SinusoidTasks
 from edgemeta.meta.train import TrainSettings, save_bundle, train
 
 
+#: Prefix of the skip reason of a test that needs a real tool this machine lacks; the summary at
+#: the end of the run lists them, so "passed with 3 skipped" never hides what was not checked.
+MISSING_TOOL = "missing tool: "
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    missing: dict[str, int] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if MISSING_TOOL in reason:
+            what = reason.split(MISSING_TOOL, 1)[1]
+            missing[what] = missing.get(what, 0) + 1
+    if missing:
+        terminalreporter.write_sep("=", "real tools missing here: these tests did not run")
+        for what, count in sorted(missing.items()):
+            terminalreporter.write_line(f"{count} test(s): {what}")
+
+
 @pytest.fixture(scope="session")
 def sinusoid_bundle(tmp_path_factory):
     """A small MAML sinusoid bundle shared by the tests that only read bundles."""

@@ -20,7 +20,7 @@ from edgemeta.daemon.runtime import Daemon
 from edgemeta.daemon.triggers import write_trigger
 from edgemeta.serve.onnx_weights import OnnxTemplate
 from edgemeta.serve.registry import Registry
-from tests.conftest import counter, feed, inbox, run_until, write_config
+from tests.conftest import MISSING_TOOL, counter, feed, inbox, run_until, write_config
 
 
 def start(tmp_path, bundle, **sections) -> Daemon:
@@ -196,7 +196,7 @@ def small_disk(tmp_path):
     proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
                           capture_output=True)
     if proc.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root): " + proc.stderr.decode().strip())
+        pytest.skip(f"{MISSING_TOOL}tmpfs mount (needs root): " + proc.stderr.decode().strip())
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=False)
 

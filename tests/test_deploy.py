@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import drop_drifting_stream, free_port, sine_file, write_config
+from tests.conftest import MISSING_TOOL, drop_drifting_stream, free_port, sine_file, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PROM = ROOT / "deploy" / "prometheus"
@@ -25,7 +25,8 @@ UNITS = ROOT / "systemd"
 def need(tool: str) -> str:
     path = shutil.which(tool)
     if path is None:
-        pytest.skip(f"{tool} is not installed (.ci/run installs it: apt-get install prometheus)")
+        pytest.skip(f"{MISSING_TOOL}{tool} is not installed (.ci/run installs it: "
+                    "apt-get install prometheus)")
     return path
 
 
