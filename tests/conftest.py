@@ -11,7 +11,6 @@ from edgemeta.meta.bundle import read_bundle
 from edgemeta.meta.tasks import SinusoidTasks
 from edgemeta.meta.train import TrainSettings, save_bundle, train
 
-
 #: Prefix of the skip reason of a test that needs a real tool this machine lacks; the summary at
 #: the end of the run lists them, so "passed with 3 skipped" never hides what was not checked.
 MISSING_TOOL = "missing tool: "

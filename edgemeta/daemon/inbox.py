@@ -181,6 +181,7 @@ class Inbox:
         if len(x) == 0:
             return
         if y is not None:
+            self.metrics.labels.labels(stream, "inline").inc(len(y))
             self.streams.learn(stream, x, y, per_sample_loss(self.kind, outputs, y))
             return
         for i, row_id in enumerate(ids if ids is not None else range(len(x))):

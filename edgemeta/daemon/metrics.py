@@ -103,7 +103,7 @@ class Metrics:
                 self.rows_refused.labels(stream, reason)
             self.samples.labels(stream)
             self.predictions.labels(stream)
-            for result in ("matched", "unknown", "refused"):
+            for result in ("inline", "matched", "unknown", "refused"):
                 self.labels.labels(stream, result)
             for result in ("processed", "quarantined"):
                 self.files.labels(stream, result)
@@ -114,6 +114,12 @@ class Metrics:
             self.drift_active.labels(stream).set(0)
             for result in ("accepted", "rejected", "failed", "timeout"):
                 self.adaptations.labels(stream, result)
+            self.recalls.labels(stream)
+            # NaN until the first gate: "no figure yet", not a loss of 0.
+            self.holdout_current.labels(stream).set(float("nan"))
+            self.holdout_candidate.labels(stream).set(float("nan"))
+        for stage in ("adapt", "patch", "gate", "commit", "swap"):
+            self.stage_duration.labels(stage)
         from edgemeta.daemon.triggers import REASONS as TRIGGER_REASONS
 
         for result, reason in (("ok", ""), ("failed", "error"), ("failed", "internal_error"),
