@@ -178,7 +178,7 @@ def _report(run: DemoRun, seen: set[str], drifts_seen: float, sample: int) -> fl
     drifts = scrape(run.metrics_url).get("edgemeta_drift_detections_total", 0.0)
     if drifts > drifts_seen:
         run.drifts.append(sample)
-        print(f"   sample {sample}: drift detected (labels arrive late, so this is a little "
+        print(f"   by sample {sample}: drift detected (labels arrive late, so this is a little "
               f"after the switch)")
     for path in sorted((run.state_dir / "episodes").glob("*.json")):
         if path.name in seen:
@@ -189,9 +189,15 @@ def _report(run: DemoRun, seen: set[str], drifts_seen: float, sample: int) -> fl
         run.episodes.append(episode)
         ms = episode["timings_ms"]
         stages = ", ".join(f"{k} {v:.1f}" for k, v in ms.items() if k != "total")
-        verdict = (f"accepted -> serving v{episode['version']}" if episode["result"] == "accepted"
-                   else f"{episode['result']} ({episode['reason']})")
-        print(f"   sample {sample}: adaptation ({episode['trigger']}) {verdict}; holdout MSE "
+        verdict = f"{episode['result']} ({episode['reason']})"
+        if episode["result"] == "accepted":
+            # The swap happened between files: name the first sample the new version answered,
+            # the same figure the summary table shows, not the sample at which we looked.
+            first = next((f["start"] for f in run.files if f["version"] == episode["version"]),
+                         None)
+            verdict = f"accepted -> v{episode['version']}" + (
+                f" serving from sample {first}" if first is not None else " serving next")
+        print(f"   by sample {sample}: adaptation ({episode['trigger']}) {verdict}; holdout MSE "
               f"{episode.get('holdout_current', float('nan')):.3f} -> "
               f"{episode.get('holdout_candidate', float('nan')):.3f}; ms: {stages}"
               + (f"; total {ms['total']:.1f}" if "total" in ms else ""))
@@ -201,7 +207,9 @@ def _report(run: DemoRun, seen: set[str], drifts_seen: float, sample: int) -> fl
 def summarize(run: DemoRun) -> dict[str, Any]:
     """Stream error before and after each swap, drift-to-serving latency, versions served.
 
-    "Before" is the four files before the new version's first file, "after" every file it served.
+    "Before" is the four files before the new version's first file; "after" the files it served
+    on the same task as its first file (rows after the next task switch say nothing about how well
+    it adapted), with the sample range they cover.
     """
     files = run.files
     rows = []
@@ -211,16 +219,21 @@ def summarize(run: DemoRun) -> dict[str, Any]:
             continue
         task = files[first]["task"]
         before = [f["mse"] for f in files[max(0, first - 4):first]]
-        after = [f["mse"] for f in files[first:] if f["version"] == e["version"]]
+        after = [f for f in files[first:] if f["version"] == e["version"] and f["task"] == task]
         task_start = run.switches[task - 1] if task else 0
         rows.append({"version": e["version"], "trigger": e["trigger"],
-                     "drift_to_serving_ms": e["timings_ms"].get("total"),
+                     # Only a drift's episode measures detection-to-serving; the others
+                     # (initial, refine, manual...) have no drift to measure from.
+                     "drift_to_serving_ms": (e["timings_ms"].get("total")
+                                             if e["trigger"] == "drift" else None),
                      "samples_after_switch": files[first]["start"] - task_start,
                      "mse_before": float(np.mean(before)) if before else None,
-                     "mse_after": float(np.mean(after)) if after else None})
+                     "mse_after": float(np.mean([f["mse"] for f in after])) if after else None,
+                     "after_samples": ([after[0]["start"], after[-1]["start"] + after[-1]["rows"]]
+                                       if after else None)})
     return {"state_dir": str(run.state_dir), "metrics": run.metrics_url,
             "samples": sum(f["rows"] for f in files), "switches": run.switches,
-            "drifts_detected": len(run.drifts),
+            "drifts_detected": len(run.drifts), "drift_detections_at": list(run.drifts),
             "adaptations": {r: sum(e["result"] == r for e in run.episodes)
                             for r in ("accepted", "rejected", "failed", "timeout")},
             "versions_served": sorted({f["version"] for f in files}),
@@ -229,13 +242,16 @@ def summarize(run: DemoRun) -> dict[str, Any]:
 
 def format_summary(summary: dict[str, Any]) -> str:
     lines = [f"{'version':>7} {'trigger':>8} {'drift->serving':>15} {'samples after switch':>21} "
-             f"{'MSE before':>11} {'MSE after':>10}"]
+             f"{'MSE before':>11} {'MSE after':>10} {'after: samples':>15}"]
     for r in summary["swaps"]:
         ms = f"{r['drift_to_serving_ms']:.1f} ms" if r["drift_to_serving_ms"] is not None else "-"
         before = f"{r['mse_before']:.3f}" if r["mse_before"] is not None else "-"
         after = f"{r['mse_after']:.3f}" if r["mse_after"] is not None else "-"
+        span = "{}-{}".format(*r["after_samples"]) if r["after_samples"] else "-"
         lines.append(f"{r['version']:>7} {r['trigger']:>8} {ms:>15} "
-                     f"{r['samples_after_switch']:>21} {before:>11} {after:>10}")
+                     f"{r['samples_after_switch']:>21} {before:>11} {after:>10} {span:>15}")
+    lines.append("MSE before: the 4 files before the swap; MSE after: the files the version served "
+                 "on the same task (samples shown); drift->serving for drift episodes only")
     a = summary["adaptations"]
     lines.append(f"drifts detected: {summary['drifts_detected']} for {len(summary['switches'])} "
                  f"task switches; adaptations: {a['accepted']} accepted, {a['rejected']} rejected, "
@@ -257,8 +273,6 @@ def plot(run: DemoRun, path: Path) -> None:
                 label="stream MSE per file")
     for i, s in enumerate(run.switches):
         ax.axvline(s, color="grey", ls="--", lw=1, label="task switch" if i == 0 else None)
-    for i, d in enumerate(run.drifts):
-        ax.axvline(d, color="tab:red", lw=1, alpha=0.7, label="drift detected" if i == 0 else None)
     swaps = [f["start"] for a, f in zip(run.files, run.files[1:], strict=False)
              if f["version"] != a["version"]]
     for i, s in enumerate(swaps):
@@ -266,7 +280,14 @@ def plot(run: DemoRun, path: Path) -> None:
     ax.set_ylabel("MSE (log)")
     ax.set_title("edgemeta demo: switching sinusoid stream, delayed labels")
     ax.legend(fontsize=8, loc="upper right")
-    bx.step(starts, [f["version"] for f in run.files], where="post")
+    bx.step(starts, [f["version"] for f in run.files], where="post", label="served version")
+    # Detections get their own markers below the version line: drawn as lines on the MSE panel
+    # they fell on the swap lines (detection and swap are a file apart) and vanished.
+    low = min(f["version"] for f in run.files) - 0.6
+    bx.plot(run.drifts, [low] * len(run.drifts), "v", color="tab:red", ms=8, ls="none",
+            label="drift detected")
+    bx.set_ylim(low - 0.5, max(f["version"] for f in run.files) + 0.5)
+    bx.legend(fontsize=8, loc="upper left")
     bx.set_ylabel("served version")
     bx.set_xlabel("sample")
     fig.tight_layout()

@@ -100,6 +100,9 @@ def test_the_demo_runs_end_to_end_and_reuses_its_bundle(tmp_path):
     assert summary["adaptations"]["accepted"] >= 2 and len(summary["versions_served"]) >= 3
     assert any(s["mse_after"] < s["mse_before"] / 3 for s in summary["swaps"]
                if s["trigger"] == "drift")
+    assert len(summary["drift_detections_at"]) == summary["drifts_detected"]
+    for swap in summary["swaps"]:
+        assert (swap["drift_to_serving_ms"] is not None) == (swap["trigger"] == "drift")
     assert (tmp_path / "state" / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "drift->serving" in out.stdout and "demo.png" in out.stdout
     assert not list((tmp_path / "state" / "inbox" / "sine").iterdir())  # everything was handled
@@ -108,3 +111,25 @@ def test_the_demo_runs_end_to_end_and_reuses_its_bundle(tmp_path):
                            text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "reusing the cached bundle" in again.stdout
+
+
+def test_the_demo_table_scores_a_version_on_its_own_task_only(tmp_path):
+    from edgemeta.demo import DemoRun, format_summary, summarize
+
+    run = DemoRun(tmp_path, "http://unused", switches=[100])
+    # v2 serves from sample 50 on task 0, and goes on serving after the switch to task 1 at 100
+    for start, task, version, mse in [(0, 0, 1, 4.0), (25, 0, 1, 4.0), (50, 0, 2, 0.5),
+                                      (75, 0, 2, 0.3), (100, 1, 2, 9.0), (125, 1, 2, 9.0)]:
+        run.files.append({"name": f"f{start}", "start": start, "rows": 25, "task": task,
+                          "version": version, "mse": mse})
+    run.drifts.append(110)
+    run.episodes.append({"result": "accepted", "version": 2, "trigger": "initial",
+                         "timings_ms": {"total": 12.0}})
+    summary = summarize(run)
+    swap = summary["swaps"][0]
+    assert swap["mse_after"] == pytest.approx(0.4)  # not 4.7: the rows of task 1 are left out
+    assert swap["after_samples"] == [50, 100]
+    assert swap["drift_to_serving_ms"] is None  # an initial adaptation has no drift
+    assert summary["drift_detections_at"] == [110]
+    table = format_summary(summary)
+    assert "50-100" in table and "same task" in table
