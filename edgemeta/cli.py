@@ -81,6 +81,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         for w in caught:
             print(f"warning: {w.message}", file=sys.stderr)
         tasks = build_tasks(settings.tasks)
+        for line in split_report(tasks):
+            print(line, file=sys.stderr)
         bar = None if args.quiet else ProgressBar(settings.iterations, settings.time_budget)
         result = train(settings, tasks, progress=bar)
         if bar:
@@ -101,6 +103,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"bundle written to {path} (best meta-validation loss {result.best_val:.4f} at iteration "
           f"{result.best_iteration}, {result.iterations_done} iterations in {result.seconds:.1f}s)")
     return 130 if result.interrupted else 0
+
+
+def split_report(tasks) -> list[str]:
+    """What a task folder's split did with its files, and a warning when whole files are held out
+    of meta-training from a folder too small for that to be harmless."""
+    files = getattr(tasks, "split_files", None)
+    if not files:
+        return []
+    val_files = files["val"] if tasks.fractions[1] else []
+    held = val_files + files["test"]
+    lines = [f"task folder: {len(files['train']) + len(held)} files; meta-train "
+             f"{len(files['train'])}; validation: {', '.join(files['val']) or '-'}; "
+             f"meta-test: {', '.join(files['test'])}"]
+    if len(files["train"]) < 10:
+        lines.append(
+            f"warning: the split is by file and only {len(files['train'])} file(s) are "
+            f"meta-trained on; {', '.join(held)} never reach meta-training. If a file holds a "
+            "whole family of tasks rather than one task, split it into one file per task")
+    return lines
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -165,8 +186,15 @@ def cmd_trigger(args: argparse.Namespace) -> int:
         if args.stream:
             body["stream"] = args.stream
     path = write_trigger(settings.state_dir / "triggers", args.action, body)
-    print(f"trigger written: {path}")
-    return 0
+    print(f"trigger written: {path}", flush=True)
+    wait = sys.stdout.isatty() if args.wait is None else args.wait
+    if not wait:
+        return 0
+    from edgemeta.daemon.trigger_wait import wait_for_trigger
+
+    stream = args.stream or (settings.streams[0].name if len(settings.streams) == 1 else None)
+    return wait_for_trigger(settings.state_dir, path, args.action, stream, args.timeout,
+                            say=lambda line: print(line, flush=True))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -493,6 +521,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "stream whose model rolls back (default: every stream's)")
     tr.add_argument("--support", help="adapt: a labelled file, relative to <state>/inbox")
     tr.add_argument("--version", type=int, help="rollback: the version to serve")
+    tr.add_argument("--wait", action=argparse.BooleanOptionalAction, default=None,
+                    help="follow the trigger to its outcome: the daemon's answer, an adaptation's "
+                         "collection and its accepted/rejected verdict (default: on when output "
+                         "goes to a terminal); exit 0 done, 1 refused/rejected, 3 timed out")
+    tr.add_argument("--timeout", type=float, default=300.0,
+                    help="seconds --wait waits (default: %(default)s)")
     tr.set_defaults(func=cmd_trigger)
 
     st = sub.add_parser("status", help="what the daemon is doing (from status.json)")

@@ -130,3 +130,42 @@ def test_a_run_that_never_beats_its_initialization_writes_no_bundle(tmp_path):
     assert not (tmp_path / "b").exists()
     proc = edgemeta("train", "--out", str(tmp_path / "b"), *args, "--allow-untrained")
     assert proc.returncode == 0 and (tmp_path / "b" / "bundle.json").is_file()
+
+
+def _task_folder(path: Path, files: int, rows: int = 60) -> Path:
+    import numpy as np
+
+    path.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(files):
+        x = rng.uniform(-5, 5, rows)
+        y = (1 + i) * np.sin(x - i / 3)
+        (path / f"task{i:02d}.csv").write_text(
+            "x,label\n" + "".join(f"{a:.5f},{b:.5f}\n" for a, b in zip(x, y, strict=True)))
+    return path
+
+
+def test_a_task_folder_split_says_what_went_where_and_warns_when_files_are_few(tmp_path):
+    folder = _task_folder(tmp_path / "tasks", 5)
+    proc = edgemeta("train", "--out", str(tmp_path / "b"), "--tasks", "folder", "--data",
+                    str(folder), "--iterations", "30", "--val-every", "10", "--quiet",
+                    "--allow-untrained")
+    assert proc.returncode == 0, proc.stderr
+    line = next(x for x in proc.stderr.splitlines() if x.startswith("task folder: 5 files"))
+    assert "meta-train 3" in line and "meta-test: task" in line
+    assert "never reach meta-training" in proc.stderr and "one file per task" in proc.stderr
+
+
+def test_val_fraction_zero_validates_a_task_folder_on_held_out_rows(tmp_path):
+    folder = _task_folder(tmp_path / "tasks", 16)
+    proc = edgemeta("train", "--out", str(tmp_path / "b"), "--tasks", "folder", "--data",
+                    str(folder), "--val-fraction", "0", "--test-fraction", "0.25",
+                    "--iterations", "30", "--val-every", "10", "--quiet", "--allow-untrained")
+    assert proc.returncode == 0, proc.stderr
+    assert "task folder: 16 files; meta-train 12; validation: held-out rows of the training " \
+           "tasks" in proc.stderr
+    assert "warning" not in proc.stderr
+    short = _task_folder(tmp_path / "short", 4, rows=20)  # 20 rows: no room for held-out rows
+    proc = edgemeta("train", "--out", str(tmp_path / "c"), "--tasks", "folder", "--data",
+                    str(short), "--val-fraction", "0", "--test-fraction", "0.25", "--quiet")
+    assert proc.returncode == 2 and "--val-fraction 0 validates on held-out rows" in proc.stderr

@@ -334,14 +334,46 @@ class TaskFolderTasks:
                     raise TaskDataError(f"{f}: a class has {counts.min()} rows, fewer than {need}")
         parts = _split_indices(len(files), self.fractions, split_seed)
         for split, idx in parts.items():
-            if len(idx) == 0:
-                raise TaskDataError(f"{root}: the {split} split is empty; add task files")
+            if len(idx) == 0 and not (split == "val" and self.fractions[1] == 0):
+                raise TaskDataError(
+                    f"{root}: the {split} split is empty ({len(files)} task files, fractions "
+                    f"{list(self.fractions)}); add task files")
         self._splits = {s: [tasks[i] for i in np.sort(idx)] for s, idx in parts.items()}
+        #: Which file went to which split, so `train` can say so (the split is by file: a file
+        #: that holds a whole family keeps that family out of meta-training).
+        self.split_files = {s: [files[i].name for i in np.sort(idx)] for s, idx in parts.items()}
+        if self.fractions[1] == 0:
+            self._hold_out_validation_rows(root, split_seed)
         train_x = np.concatenate([x for x, _ in self._splits["train"]])
         mean, std = train_x.mean(axis=0), train_x.std(axis=0)
         std[std < 1e-8] = 1.0
         self.normalization = {"mean": mean.tolist(), "std": std.tolist()}
         self._mean, self._std = mean, std
+
+    def _hold_out_validation_rows(self, root: Path, split_seed: int) -> None:
+        """``--val-fraction 0``: validate on held-out rows of the training tasks (a fifth of
+        each task's rows, and at least shots+queries), as class-split arrays do."""
+        need = self.shots + self.queries
+        rng = np.random.default_rng(split_seed)
+        train, val = [], []
+        for x, y in self._splits["train"]:
+            if self.kind == "classification":
+                train.append((x, y))  # rows per class are few: classes need all of theirs
+                continue
+            order = rng.permutation(len(x))
+            cut = max(need, len(x) // 5)
+            if len(x) - cut >= need:
+                val.append((x[order[:cut]], y[order[:cut]]))
+                train.append((x[order[cut:]], y[order[cut:]]))
+            else:
+                train.append((x, y))
+        if not val:
+            raise TaskDataError(
+                f"{root}: --val-fraction 0 validates on held-out rows of the training tasks, but "
+                f"no regression training task has 2 x (shots+queries) = {2 * need} rows; give a "
+                "validation fraction instead")
+        self._splits["train"], self._splits["val"] = train, val
+        self.split_files["val"] = ["held-out rows of the training tasks"]
 
     def sample(self, n_tasks: int, rng: np.random.Generator, split: str = "train",
                shots: int | None = None, queries: int | None = None) -> TaskBatch:
