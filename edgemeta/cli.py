@@ -192,8 +192,7 @@ def cmd_trigger(args: argparse.Namespace) -> int:
         return 0
     from edgemeta.daemon.trigger_wait import wait_for_trigger
 
-    stream = args.stream or (settings.streams[0].name if len(settings.streams) == 1 else None)
-    return wait_for_trigger(settings.state_dir, path, args.action, stream, args.timeout,
+    return wait_for_trigger(settings.state_dir, path, args.action, args.timeout,
                             say=lambda line: print(line, flush=True))
 
 

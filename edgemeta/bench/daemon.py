@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from edgemeta.config import parse_config
-from edgemeta.daemon.metrics import Metrics
+from edgemeta.daemon.metrics import STAGES, Metrics
 from edgemeta.daemon.runtime import Daemon
 
 
@@ -48,7 +48,7 @@ def _daemon(bundle: Path, state: Path, device: str = "auto") -> Daemon:
 def latency(daemon: Daemon, episodes: int, seed: int = 0) -> dict[str, Any]:
     """From a complete support+holdout set to the first answer from the new version."""
     rng = np.random.default_rng(seed)
-    totals, stages, results = [], {s: [] for s in ("adapt", "patch", "gate", "commit", "swap")}, []
+    totals, stages, results = [], {s: [] for s in STAGES}, []
     probe = np.zeros((1, 1), np.float32)
     for _ in range(episodes):
         amp, phase = rng.uniform(0.1, 5.0), rng.uniform(0, np.pi)

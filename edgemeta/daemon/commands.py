@@ -74,11 +74,15 @@ class Commands:
             return self._finish(path, "failed", "internal_error",
                                 f"{type(exc).__name__}: {exc}"[:2000])
         log.info("trigger %s: %s", path.name, message)
-        return self._finish(path, "ok", "", message)
+        # The stream it acted on, so `trigger --wait` can follow it without parsing the message.
+        stream = trigger.args.get("stream")
+        return self._finish(path, "ok", "", message, {"stream": stream} if stream else None)
 
-    def _finish(self, path: Path, result: str, reason: str, message: str) -> None:
+    def _finish(self, path: Path, result: str, reason: str, message: str,
+                extra: dict | None = None) -> None:
         try:
-            finish(path, result, message, {"reason": reason} if reason else None)
+            finish(path, result, message, {**({"reason": reason} if reason else {}),
+                                           **(extra or {})} or None)
         except OSError as exc:
             # Not even done/ takes it: remember it so it is not acted on again every turn.
             log.error("cannot move trigger %s to done/: %s", path.name, exc)

@@ -20,6 +20,9 @@ LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
 DEGRADED_REASONS = ("disk_full", "io_error")
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
+#: The stages of an adaptation, in order, as timed in each episode's ``timings_ms``.
+STAGES = ("adapt", "patch", "gate", "commit", "swap")
+
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
@@ -118,7 +121,7 @@ class Metrics:
             # NaN until the first gate: "no figure yet", not a loss of 0.
             self.holdout_current.labels(stream).set(float("nan"))
             self.holdout_candidate.labels(stream).set(float("nan"))
-        for stage in ("adapt", "patch", "gate", "commit", "swap"):
+        for stage in STAGES:
             self.stage_duration.labels(stage)
         from edgemeta.daemon.triggers import REASONS as TRIGGER_REASONS
 

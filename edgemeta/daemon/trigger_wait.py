@@ -50,9 +50,8 @@ def describe_episode(e: dict[str, Any]) -> str:
            f"{figures}"
 
 
-def wait_for_trigger(state_dir: Path, trigger: Path, action: str, stream: str | None,
-                     timeout: float, say: Callable[[str], None] = print,
-                     poll: float = 0.2) -> int:
+def wait_for_trigger(state_dir: Path, trigger: Path, action: str, timeout: float,
+                     say: Callable[[str], None] = print, poll: float = 0.2) -> int:
     """Report the trigger's outcome; 0 when it did what was asked, 1 when not, 3 on timeout."""
     written = time.time()
     deadline = time.monotonic() + timeout
@@ -67,9 +66,9 @@ def wait_for_trigger(state_dir: Path, trigger: Path, action: str, stream: str | 
     say(f"daemon: {result['result']}: {result.get('message', '')}")
     if result["result"] != "ok":
         return 1
-    if action != "adapt" or not (result.get("message", "").startswith(("collecting", "support"))):
+    if action != "adapt":
         return 0
-    stream = stream or result["message"].rsplit("stream ", 1)[-1]
+    stream = result["stream"]  # the daemon names the stream it resolved the trigger to
     last = ""
     while True:
         episode = manual_episode(state_dir, stream, written)
