@@ -56,7 +56,13 @@ def task_spec(args: argparse.Namespace) -> dict:
     return {"name": "folder", "kind": args.kind, **common}
 
 
+def _require_runtime() -> None:
+    """Fail before minutes of training when the bundle's ONNX check could not run at the end."""
+    import onnxruntime  # noqa: F401 - main() turns its absence into the install advice
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    _require_runtime()
     from edgemeta.meta.bundle import BundleError
     from edgemeta.meta.models import ModelSpecError
     from edgemeta.meta.tasks import TaskDataError, build_tasks
@@ -156,12 +162,21 @@ def _config(path: str):
         raise CliError(str(exc)) from exc
 
 
+def _warn_runtime_conflict() -> None:
+    from edgemeta.ort_install import conflict
+
+    warning = conflict()
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from edgemeta.daemon.runtime import Daemon, StartupError
     from edgemeta.serve.providers import ProviderError
 
     _setup_logging(args.verbose)
     settings = _config(args.config)
+    _warn_runtime_conflict()
     daemon = Daemon(settings)
     daemon.install_signal_handlers()
     try:
@@ -223,6 +238,7 @@ def cmd_config(args: argparse.Namespace) -> int:
         checked = f" (bundle {settings.bundle}: {bundle.features} feature(s), checksums verified)"
     print(json.dumps(settings.as_dict(), indent=2, default=str))
     print(f"{args.file}: OK{checked}", file=sys.stderr)
+    _warn_runtime_conflict()
     return 0
 
 
@@ -352,6 +368,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    _require_runtime()
     from edgemeta.demo import TASKS, run_demo
 
     if args.iterations < 1 or args.rows_per_task < 25:
@@ -575,6 +592,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except CliError as exc:
         print(f"edgemeta {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        from edgemeta.ort_install import MISSING, is_missing
+
+        if not is_missing(exc):
+            raise
+        print(f"edgemeta {args.command}: error: {MISSING}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"edgemeta {args.command}: interrupted", file=sys.stderr)

@@ -302,7 +302,7 @@ def run_demo(workdir: Path | None = None, iterations: int = 3000, rows_per_task:
         import matplotlib  # noqa: F401 - checked before minutes of work, not after
     except ImportError:
         print("edgemeta demo: error: the plot needs matplotlib: "
-              "pip install -c constraints.txt -e '.[demo]'", file=sys.stderr)
+              "pip install -c constraints.txt -e '.[cpu,demo]'", file=sys.stderr)
         return 2
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgemeta" / "demo"
     workdir = workdir or cache
