@@ -46,6 +46,12 @@ class BundleInfo:
     parameter_names: tuple[str, ...]
 
     @property
+    def shots(self) -> int | None:
+        """The K the bundle was meta-trained for (per class for classification), if recorded."""
+        shots = ((self.meta.get("task") or {}).get("distribution") or {}).get("shots")
+        return int(shots) if isinstance(shots, int) and shots > 0 else None
+
+    @property
     def classes(self) -> int | None:
         return self.outputs if self.kind == "classification" else None
 

@@ -381,6 +381,65 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     state_dir=Path(args.state_dir) if args.state_dir else None)
 
 
+def cmd_tasks_harvest(args: argparse.Namespace) -> int:
+    from edgemeta.bundle_format import BundleFormatError, read_verified_meta
+    from edgemeta.fleet.harvest import HarvestError, TaskShape, harvest, write_task_folder
+
+    try:
+        meta = read_verified_meta(Path(args.bundle))
+        shape = TaskShape.of_bundle(meta)
+    except (BundleFormatError, KeyError, TypeError, ValueError) as exc:
+        raise CliError(f"--bundle: {exc}") from exc
+    results = ("accepted", "rejected") if args.include_rejected else ("accepted",)
+    try:
+        result, rows = harvest([Path(s) for s in args.sources], shape, args.per_stream_cap,
+                               args.overlap, results)
+        bundle = {"path": str(args.bundle),
+                  "weights_sha256": (meta.get("sha256") or {}).get("weights.safetensors")}
+        out = write_task_folder(Path(args.out), result, rows, shape, bundle)
+    except HarvestError as exc:
+        raise CliError(str(exc)) from exc
+    print(f"{out}: {len(result.tasks)} task(s) of at least {shape.min_rows} rows "
+          f"(K={shape.shots} + {shape.queries} queries"
+          f"{' per class' if shape.classes else ''}) from {len({t['source'] for t in result.tasks})} "
+          "source(s)")
+    for reason, n in sorted(result.skipped.items()):
+        print(f"  skipped {n}: {reason} (e.g. {result.examples[reason]})")
+    return 0
+
+
+def cmd_tasks_report(args: argparse.Namespace) -> int:
+    from edgemeta.fleet.report import describe_tasks, format_report
+    from edgemeta.meta.tasks import TaskDataError, load_labelled_array
+
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        raise CliError(f"{folder}: not a task folder")
+    manifest = {}
+    if (folder / "manifest.json").is_file():
+        try:
+            manifest = json.loads((folder / "manifest.json").read_text())
+        except ValueError as exc:
+            raise CliError(f"{folder / 'manifest.json'}: not valid JSON: {exc}") from exc
+    kind = args.kind or manifest.get("kind") or "regression"
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".npz", ".csv"))
+    try:
+        tasks = [load_labelled_array(f, args.label_column) for f in files]
+        report = describe_tasks(tasks, kind)
+    except TaskDataError as exc:
+        raise CliError(str(exc)) from exc
+    except ValueError as exc:
+        raise CliError(f"{folder}: {exc}") from exc
+    listed = manifest.get("tasks") or []
+    if listed:
+        sources = {t.get("source") for t in listed}
+        streams = {(t.get("source"), t.get("stream")) for t in listed}
+        report["provenance"] = [f"from {len(sources)} source(s), {len(streams)} stream(s); "
+                                f"skipped at harvest: {manifest.get('skipped') or 'none'}"]
+    print(json.dumps(report, indent=2) if args.json else format_report(report, f"{folder}: "))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgemeta", description="meta-learned few-shot adaptation for edge devices")
@@ -524,6 +583,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--holdout", type=int, default=20)
     s.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
     s.set_defaults(func=cmd_bench)
+
+    ta = sub.add_parser("tasks", help="task folders from a fleet's episodes")
+    tasub = ta.add_subparsers(dest="tasks_command", required=True)
+    th = tasub.add_parser("harvest", help="archived adaptation episodes -> a task folder for "
+                          "`train --tasks folder`")
+    th.add_argument("sources", nargs="+", metavar="STATE_DIR_OR_TARBALL",
+                    help="daemon state directories (or their episodes/ folders) and tarballs of them")
+    th.add_argument("--out", required=True, help="the task folder to write (must be new or empty)")
+    th.add_argument("--bundle", required=True,
+                    help="the bundle the tasks are for: its kind, feature count and K + queries")
+    th.add_argument("--per-stream-cap", type=_positive_int, default=200,
+                    help="most tasks kept per device stream, spread over time (default: %(default)s)")
+    th.add_argument("--overlap", type=float, default=0.5,
+                    help="share of shared rows above which two episodes are one regime "
+                         "(default: %(default)s)")
+    th.add_argument("--include-rejected", action="store_true",
+                    help="also harvest episodes whose candidate the gate rejected (their rows are "
+                         "real labels; default: accepted only)")
+    th.set_defaults(func=cmd_tasks_harvest)
+    tr_ = tasub.add_parser("report", help="sizes, label ranges and diversity of a task folder")
+    tr_.add_argument("folder", help="a task folder (harvested or hand-made)")
+    tr_.add_argument("--kind", choices=["regression", "classification"],
+                     help="task kind (default: the harvest manifest's, else regression)")
+    tr_.add_argument("--label-column", default="label",
+                     help="label column of CSV tasks (default: %(default)s)")
+    tr_.add_argument("--json", action="store_true", help="the report as JSON")
+    tr_.set_defaults(func=cmd_tasks_report)
 
     r = sub.add_parser("run", help="the daemon")
     r.add_argument("--config", required=True)

@@ -127,6 +127,9 @@ class IngestSettings:
 class RetentionSettings:
     keep_models: int = 10
     keep_episodes: int = 1000
+    # Labelled rows kept with an accepted episode after its swap, so `tasks harvest` can make a
+    # task of it: None means the bundle's K (support + holdout + K rows). 0 keeps none.
+    episode_after_rows: int | None = None
 
 
 @dataclass
@@ -304,6 +307,9 @@ def parse_config(raw: dict[str, Any], source: Path | None = None) -> Settings:
     _positive("ingest.rescan_interval_s", settings.ingest.rescan_interval_s)
     _positive("ingest.label_cache", settings.ingest.label_cache)
     _positive("retention.keep_models", settings.retention.keep_models)
+    if settings.retention.episode_after_rows is not None:
+        _positive("retention.episode_after_rows", settings.retention.episode_after_rows,
+                  allow_zero=True)
     _positive("serving.intra_op_threads", settings.serving.intra_op_threads, allow_zero=True)
     return settings
 

@@ -1,7 +1,10 @@
 """Episode records and ``status.json``: the one place that knows their formats.
 
 An episode record (``<state>/episodes/<time>-<stream>.json``) keeps an adaptation's support and
-holdout rows with its outcome, for audit and for re-meta-training later; ``status.json`` is what
+holdout rows with its outcome and the bundle it adapted, for audit and for re-meta-training later
+(``edgemeta tasks harvest`` reads them back through :func:`read_episode`). An accepted episode
+also gets the next labelled rows of its stream (``after``), so a harvested task has query rows
+the adaptation never saw. ``status.json`` is what
 ``edgemeta status`` prints, rewritten atomically. The daemon hands over plain values; the CLI reads
 the status back through :func:`read_status` and :func:`render_status`, so the format lives here
 only.
@@ -20,7 +23,7 @@ import json
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +53,33 @@ class StreamView:
     meta_init: bool = False  # served by the bundle's bare meta-initialization
 
 
+EPISODE_FORMAT = 1
+
+
+class EpisodeError(ValueError):
+    """An episode file that cannot be read back (truncated, foreign, malformed)."""
+
+
+@dataclass
+class _Following:
+    """The labelled rows still wanted after an accepted episode."""
+
+    name: str
+    wanted: int
+    x: list = field(default_factory=list)
+    y: list = field(default_factory=list)
+
+
 class Journal:
-    def __init__(self, state_dir: Path, keep_episodes: int, recent: int = 20):
+    def __init__(self, state_dir: Path, keep_episodes: int, recent: int = 20,
+                 bundle: dict[str, Any] | None = None, after_rows: int = 0):
         self.directory = Path(state_dir) / "episodes"
         self.status_path = Path(state_dir) / "status.json"
         self.keep_episodes = keep_episodes
         self.recent: deque[dict[str, Any]] = deque(maxlen=recent)
+        self.bundle = bundle or {}  # which meta-initialization the episodes adapted
+        self.after_rows = after_rows
+        self._following: dict[str, _Following] = {}
 
     def record(self, stream: str, reason: str, result: str, why: str, serving_version: int,
                support: tuple[np.ndarray, np.ndarray], holdout: tuple[np.ndarray, np.ndarray],
@@ -65,15 +89,45 @@ class Journal:
                  "reason": why, "serving_version": serving_version,
                  "timings_ms": {k: round(v * 1e3, 3) for k, v in timings.items()}, **figures}
         self.recent.append(entry)
-        body = {**entry, "support": {"x": support[0].tolist(), "y": support[1].tolist()},
+        body = {"format": EPISODE_FORMAT, **entry, "bundle": self.bundle,
+                "support": {"x": support[0].tolist(), "y": support[1].tolist()},
                 "holdout": {"x": holdout[0].tolist(), "y": holdout[1].tolist()}}
         name = f"{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9:09d}-{stream}.json"
+        self.stop_following(stream)  # an older episode keeps what it has
         try:
             atomic_write(self.directory / name, json.dumps(body, default=float).encode())
             self._prune()
         except OSError as exc:
             log.error("cannot write the episode record %s: %s", name, exc)
+            return entry
+        if result == "accepted" and self.after_rows > 0:
+            self._following[stream] = _Following(name, self.after_rows)
         return entry
+
+    def labelled(self, stream: str, x: np.ndarray, y: Any) -> None:
+        """A labelled row of ``stream``: kept with its last accepted episode while wanted."""
+        following = self._following.get(stream)
+        if following is None:
+            return
+        following.x.append(np.asarray(x).tolist())
+        following.y.append(y.item() if hasattr(y, "item") else y)
+        if len(following.y) >= following.wanted:
+            self.stop_following(stream)
+
+    def stop_following(self, stream: str) -> None:
+        """The regime ended (a drift, a new episode): write the rows kept so far."""
+        following = self._following.pop(stream, None)
+        if following is None or not following.y:
+            return
+        path = self.directory / following.name
+        try:
+            body = json.loads(path.read_text())
+            body["after"] = {"x": following.x, "y": following.y}
+            atomic_write(path, json.dumps(body, default=float).encode())
+        except FileNotFoundError:
+            pass  # pruned meanwhile
+        except (OSError, ValueError) as exc:
+            log.error("cannot add the rows after episode %s: %s", following.name, exc)
 
     def note(self, entry: dict[str, Any]) -> None:
         """An event without rows (an automatic rollback) that ``status`` should still show."""
@@ -91,6 +145,62 @@ class Journal:
                   "streams": {n: v.__dict__ for n, v in streams.items()},
                   "last_adaptations": list(self.recent)[-10:], "degraded": degraded}
         atomic_write(self.status_path, json.dumps(status, indent=2, default=float).encode())
+
+
+def _rows(body: dict, key: str, required: bool = True) -> tuple[np.ndarray, np.ndarray] | None:
+    part = body.get(key)
+    if part is None and not required:
+        return None
+    if not isinstance(part, dict) or "x" not in part or "y" not in part:
+        raise EpisodeError(f"'{key}' is missing or has no x/y")
+    try:
+        x = np.asarray(part["x"], dtype=np.float64)
+        y = np.asarray(part["y"], dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise EpisodeError(f"'{key}' rows are not numbers: {exc}") from exc
+    if x.ndim == 1 and len(x) == 0:
+        x = x.reshape(0, 0)
+    if x.ndim != 2 or y.ndim != 1 or len(x) != len(y):
+        raise EpisodeError(f"'{key}': x has shape {x.shape}, y has {y.shape}")
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise EpisodeError(f"'{key}' holds a non-finite value")
+    return x, y
+
+
+def read_episode(path: Path) -> dict[str, Any]:
+    """The episode record in ``path``; see :func:`parse_episode`."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise EpisodeError(f"cannot read: {exc}") from exc
+    return parse_episode(data)
+
+
+def parse_episode(data: bytes) -> dict[str, Any]:
+    """An episode record with its rows as arrays (``support``, ``holdout``, ``after`` or None).
+
+    Raises :class:`EpisodeError` naming what is wrong; files written before the ``format`` field
+    existed are read too (they have no ``bundle`` and no ``after``).
+    """
+    try:
+        body = json.loads(data)
+    except ValueError as exc:
+        raise EpisodeError(f"not a readable JSON episode: {exc}") from exc
+    if not isinstance(body, dict):
+        raise EpisodeError("not an episode record (not a JSON object)")
+    if body.get("format", EPISODE_FORMAT) != EPISODE_FORMAT:
+        raise EpisodeError(f"episode format {body.get('format')!r}, this edgemeta reads {EPISODE_FORMAT}")
+    for key in ("stream", "result", "time"):
+        if key not in body:
+            raise EpisodeError(f"not an episode record (no '{key}')")
+    body["support"] = _rows(body, "support")
+    body["holdout"] = _rows(body, "holdout")
+    body["after"] = _rows(body, "after", required=False)
+    widths = {part[0].shape[1] for part in (body["support"], body["holdout"], body["after"])
+              if part is not None and len(part[0])}
+    if len(widths) > 1:
+        raise EpisodeError(f"rows disagree on the number of features: {sorted(widths)}")
+    return body
 
 
 def read_status(state_dir: Path) -> dict[str, Any]:

@@ -98,7 +98,8 @@ class Daemon:
             self.models.start()
         except ModelsError as exc:
             raise StartupError(str(exc)) from exc
-        self.journal = Journal(s.state_dir, s.retention.keep_episodes)
+        self.journal = Journal(s.state_dir, s.retention.keep_episodes,
+                               bundle=self._bundle_identity(), after_rows=self._after_rows(s))
         self.adapter = AdapterClient(s.bundle, s.adaptation.device, s.adaptation.timeout_s,
                                      on_restart=self.metrics.worker_restarts.inc)
         self.metrics.init_streams([st.name for st in s.streams], s.drift.detector,
@@ -125,6 +126,18 @@ class Daemon:
         self.watcher = InboxWatcher(self.layout, self.streams.states, self.events)
         self.watcher.start()
         self.rescan()
+
+    def _bundle_identity(self) -> dict:
+        """What an episode records of the bundle it adapted, so a harvest can say which base
+        each task was met under."""
+        sums = self.bundle.meta.get("sha256") or {}
+        return {"path": str(self.settings.bundle), "weights_sha256": sums.get("weights.safetensors"),
+                "algorithm": self.bundle.meta.get("algorithm")}
+
+    def _after_rows(self, s: Settings) -> int:
+        if s.retention.episode_after_rows is not None:
+            return s.retention.episode_after_rows
+        return int((self.bundle.shots or s.adaptation.support_size) * (self.bundle.classes or 1))
 
     # -- the loop --------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -233,6 +246,8 @@ class Daemon:
             self.settings = self.inbox.settings = new
             self.adapter.timeout_s = new.adaptation.timeout_s
             self.pending.settle_s = new.ingest.settle_s
+            self.journal.keep_episodes = new.retention.keep_episodes
+            self.journal.after_rows = self._after_rows(new)
             self.streams.reload(new)
         try:
             self.models.load(self.models.lineages())

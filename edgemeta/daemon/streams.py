@@ -150,6 +150,7 @@ class Streams:
 
     def stopping(self) -> None:
         for state in self.states.values():
+            self.journal.stop_following(state.name)  # keep what the episode has so far
             self._event(state, lc.Stopping())
 
     def learn(self, stream: str, x: np.ndarray, y: np.ndarray, losses: np.ndarray,
@@ -173,6 +174,7 @@ class Streams:
                 self.drift(state, self.settings.drift.detector)
                 continue  # the row is in the backfill already
             state.regime.add(x[i], y[i])
+            self.journal.labelled(stream, x[i], y[i])
             if m.collecting:
                 episode = state.collector.offer(x[i], y[i])
                 if episode is not None:
@@ -194,6 +196,7 @@ class Streams:
     def drift(self, state: StreamState, detector: str) -> None:
         # A new regime: only the rows since the estimated change point describe it.
         backfill = detector != "feature" and self.settings.adaptation.backfill
+        self.journal.stop_following(state.name)  # the rows from here on are another regime's
         self._remember(state)
         rows = state.monitor.rows_since_change() if backfill else []
         state.regime.restart(rows)
