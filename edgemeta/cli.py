@@ -63,7 +63,7 @@ def _require_runtime() -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     _require_runtime()
-    from edgemeta.meta.bundle import BundleError
+    from edgemeta.meta.bundle import BundleError, read_bundle
     from edgemeta.meta.models import ModelSpecError
     from edgemeta.meta.tasks import TaskDataError, build_tasks
     from edgemeta.meta.train import ProgressBar, SettingsError, TrainSettings, save_bundle, train
@@ -80,35 +80,67 @@ def cmd_train(args: argparse.Namespace) -> int:
         inner_steps=args.inner_steps, inner_lr=args.inner_lr, outer_lr=args.outer_lr,
         meta_batch=args.meta_batch, iterations=args.iterations, time_budget=args.time_budget,
         val_every=args.val_every, val_tasks=args.val_tasks, seed=args.seed, device=args.device)
+    parent = init = lineage = None
     try:
+        if args.init:
+            from edgemeta.meta import warmstart
+
+            if not 0 <= args.replay < 1:
+                raise CliError(f"--replay: must be in [0, 1), got {args.replay}")
+            parent = read_bundle(args.init)
+            _inherit(settings, parent.meta)
+            print(f"continuing from {args.init}: {settings.algorithm}, {settings.inner_steps} inner "
+                  f"step(s) at {settings.inner_lr}, K={settings.tasks['shots']} as it was trained; "
+                  f"{args.replay:.0%} of each meta-batch replays its own tasks", file=sys.stderr)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
             settings.validate()
         for w in caught:
             print(f"warning: {w.message}", file=sys.stderr)
-        tasks = build_tasks(settings.tasks)
-        for line in split_report(tasks):
+        if parent is not None:
+            tasks = warmstart.warm_start_tasks(parent, settings.tasks, args.replay)
+            init = warmstart.initial_params(parent)
+            lineage = warmstart.lineage(parent, settings.tasks, args.replay)
+        else:
+            tasks = build_tasks(settings.tasks)
+        for line in split_report(getattr(tasks, "new", tasks)):
             print(line, file=sys.stderr)
         bar = None if args.quiet else ProgressBar(settings.iterations, settings.time_budget)
-        result = train(settings, tasks, progress=bar)
+        result = train(settings, tasks, progress=bar, init=init)
         if bar:
             bar.close()
         if result.untrained and not args.allow_untrained:
+            start = f"the parent bundle {args.init}" if parent else "the untrained initialization"
             raise CliError(
                 f"no validation after {result.iterations_done} iterations "
-                f"({result.seconds:.1f} s) beat the untrained initialization "
+                f"({result.seconds:.1f} s) beat {start} "
                 f"(validation loss {result.best_val:.4f}); not writing {args.out}. Train longer "
                 "(--time-budget, --iterations), check --inner-lr/--outer-lr, or pass "
                 "--allow-untrained to write it anyway")
         if result.interrupted:
             print(f"interrupted at iteration {result.iterations_done}; writing the best bundle so far",
                   file=sys.stderr)
-        path = save_bundle(result, args.out)
+        path = save_bundle(result, args.out, lineage=lineage)
     except (SettingsError, TaskDataError, ModelSpecError, BundleError, FloatingPointError) as exc:
         raise CliError(str(exc)) from exc
     print(f"bundle written to {path} (best meta-validation loss {result.best_val:.4f} at iteration "
           f"{result.best_iteration}, {result.iterations_done} iterations in {result.seconds:.1f}s)")
     return 130 if result.interrupted else 0
+
+
+def _inherit(settings, meta: dict) -> None:
+    """``--init``: the model, algorithm, inner loop and K are the parent's; the weights would
+    mean nothing under other ones, and the devices adapt with the bundle's K."""
+    settings.algorithm = meta["algorithm"]
+    settings.model = dict(meta["model"])
+    settings.inner_steps = int(meta["inner"]["steps"])
+    settings.inner_lr = float(meta["inner"]["lr"])
+    dist = meta["task"]["distribution"]
+    for key in ("shots", "queries"):
+        if key in dist:
+            settings.tasks[key] = int(dist[key])
+    if settings.tasks.get("name") == "folder":
+        settings.tasks["kind"] = meta["task"]["kind"]
 
 
 def split_report(tasks) -> list[str]:
@@ -135,15 +167,44 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from edgemeta.meta.evaluate import evaluate, format_table
     from edgemeta.meta.tasks import TaskDataError
 
-    try:
-        bundle = read_bundle(args.bundle)
-        results = evaluate(bundle, shots=args.shots, steps=args.steps, n_tasks=args.tasks,
-                           seed=args.seed, seeds=args.seeds, baselines=not args.no_baselines,
-                           pretrain_iterations=args.pretrain_iterations, target=args.target)
-    except (BundleError, TaskDataError) as exc:
-        raise CliError(str(exc)) from exc
-    print(json.dumps(results, indent=2) if args.json else format_table(results))
+    if len(args.bundle) > 1 and not args.tasks_folder:
+        raise CliError("several bundles are compared on one task folder: add --tasks-folder DIR")
+    outputs = []
+    for path in args.bundle:
+        try:
+            bundle = read_bundle(path)
+            tasks = _folder_tasks(bundle, args) if args.tasks_folder else None
+            results = evaluate(bundle, shots=args.shots, steps=args.steps, n_tasks=args.tasks,
+                               seed=args.seed, seeds=args.seeds, baselines=not args.no_baselines,
+                               pretrain_iterations=args.pretrain_iterations, target=args.target,
+                               tasks=tasks)
+        except (BundleError, TaskDataError) as exc:
+            raise CliError(str(exc)) from exc
+        if args.tasks_folder:
+            results["tasks_folder"] = str(args.tasks_folder)
+        outputs.append(results)
+    if args.json:
+        print(json.dumps(outputs[0] if len(outputs) == 1 else outputs, indent=2))
+    else:
+        print("\n\n".join(format_table(r) for r in outputs))
     return 0
+
+
+def _folder_tasks(bundle, args: argparse.Namespace):
+    """The meta-test files of a task folder, in ``bundle``'s feature scale, so two bundles are
+    judged on the same tasks (``--test-fraction 1`` uses every file)."""
+    from edgemeta.meta.tasks import build_tasks
+    from edgemeta.meta.warmstart import new_tasks_spec
+
+    dist = bundle.meta["task"]["distribution"]
+    test = args.test_fraction
+    spec = {"name": "folder", "path": str(Path(args.tasks_folder).resolve()),
+            "kind": bundle.meta["task"]["kind"], "shots": int(dist.get("shots", 5)),
+            "queries": int(dist.get("queries", 10)), "split_seed": args.split_seed,
+            "fractions": [1 - 0.2 - test, 0.2, test] if test < 0.8 else [0.0, 0.0, test]}
+    if not 0 < test <= 1:
+        raise CliError(f"--test-fraction: must be in (0, 1], got {test}")
+    return build_tasks(new_tasks_spec(bundle, spec))
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -494,13 +555,28 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     t.add_argument("--device", default="auto",
                    help="auto, cpu or cuda[:N] (default: auto: CUDA when available)")
+    t.add_argument("--init", metavar="BUNDLE",
+                   help="continue from this bundle's weights (and learned rates), with its model, "
+                        "algorithm, inner loop and K; the new bundle records it as its parent")
+    t.add_argument("--replay", type=float, default=0.5,
+                   help="with --init: share of each meta-batch drawn from the parent's own task "
+                        "distribution, so it is not forgotten (default: %(default)s)")
     t.add_argument("--allow-untrained", action="store_true",
                    help="write the bundle even when no validation beat the initialization")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="few-shot evaluation with baselines")
-    e.add_argument("bundle", help="the bundle folder to evaluate")
+    e.add_argument("bundle", nargs="+", help="the bundle folder(s) to evaluate (several: compared on "
+                   "the same --tasks-folder tasks)")
+    e.add_argument("--tasks-folder", metavar="DIR",
+                   help="evaluate on this task folder's meta-test files instead of the bundle's own "
+                        "distribution (e.g. harvested tasks)")
+    e.add_argument("--test-fraction", type=float, default=0.2,
+                   help="with --tasks-folder: share of its files that are meta-test, split as "
+                        "`train` splits it (1 = every file) (default: %(default)s)")
+    e.add_argument("--split-seed", type=int, default=0,
+                   help="with --tasks-folder: the split's seed, as given to train (default: %(default)s)")
     e.add_argument("--shots", type=_positive_int,
                    help="support rows per task (default: the shots the bundle was trained with)")
     e.add_argument("--steps", type=_positive_int_list, default=[0, 1, 5, 10],

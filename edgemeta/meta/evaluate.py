@@ -130,13 +130,16 @@ def pretrain(bundle: Bundle, tasks, iterations: int, seed: int) -> dict[str, tor
 def evaluate(bundle: Bundle, shots: int | None = None, steps: Sequence[int] = (0, 1, 5, 10),
              n_tasks: int = 600, seed: int = 0, seeds: int = 5, baselines: bool = True,
              pretrain_iterations: int = 2000, target: float | None = None,
-             shot_grid: Sequence[int] = (1, 2, 5, 10, 20)) -> dict[str, Any]:
+             shot_grid: Sequence[int] = (1, 2, 5, 10, 20), tasks=None) -> dict[str, Any]:
     """Query loss (and accuracy) after each step count, for the bundle and the baselines, on
-    ``n_tasks`` meta-test tasks from each of ``seeds`` evaluation seeds (``seed``, ``seed + 1``...)."""
+    ``n_tasks`` meta-test tasks from each of ``seeds`` evaluation seeds (``seed``, ``seed + 1``...).
+
+    ``tasks`` replaces the bundle's own distribution (a task folder in the bundle's feature scale),
+    so different bundles can be judged on the same tasks."""
     if seeds < 1 or n_tasks < 1:
         raise ValueError(f"seeds and n_tasks must be >= 1, got {seeds} and {n_tasks}")
     meta = bundle.meta
-    tasks = build_tasks(meta["task"]["distribution"])
+    tasks = tasks if tasks is not None else build_tasks(meta["task"]["distribution"])
     scaling = meta["output"].get("scaling")
     if scaling:
         tasks = StandardizedTargets(tasks, scaling["mean"], scaling["std"])
@@ -157,7 +160,8 @@ def evaluate(bundle: Bundle, shots: int | None = None, steps: Sequence[int] = (0
         torch.manual_seed(seed)
         random_init = {n: p.detach() for n, p in build_model(meta["model"]).named_parameters()}
         methods["random-init"] = (plain, random_init)
-        methods["pretrain-finetune"] = (plain, pretrain(bundle, tasks, pretrain_iterations, seed))
+        if getattr(tasks, "has", lambda split: True)("train"):  # not for an evaluation-only folder
+            methods["pretrain-finetune"] = (plain, pretrain(bundle, tasks, pretrain_iterations, seed))
     results: dict[str, Any] = {"bundle": str(bundle.path), "algorithm": meta["algorithm"],
                                "kind": kind, "shots": shots, "tasks": n_tasks * seeds,
                                "seeds": list(range(seed, seed + seeds)), "methods": {}}

@@ -296,7 +296,7 @@ class TaskFolderTasks:
 
     def __init__(self, path: str | Path, kind: str = "regression", shots: int = 5,
                  queries: int = 10, fractions=(0.6, 0.2, 0.2), split_seed: int = 0,
-                 label_column: str = "label"):
+                 label_column: str = "label", normalization: dict[str, list[float]] | None = None):
         if kind not in ("regression", "classification"):
             raise TaskDataError(f"task folder kind must be regression or classification, not {kind!r}")
         self.path = str(path)
@@ -334,7 +334,10 @@ class TaskFolderTasks:
                     raise TaskDataError(f"{f}: a class has {counts.min()} rows, fewer than {need}")
         parts = _split_indices(len(files), self.fractions, split_seed)
         for split, idx in parts.items():
-            if len(idx) == 0 and not (split == "val" and self.fractions[1] == 0):
+            # An evaluation-only folder (all of it meta-test, in a given bundle's scale) needs no
+            # training files.
+            evaluation_only = normalization is not None and split in ("train", "val")
+            if len(idx) == 0 and not evaluation_only and not (split == "val" and self.fractions[1] == 0):
                 raise TaskDataError(
                     f"{root}: the {split} split is empty ({len(files)} task files, fractions "
                     f"{list(self.fractions)}); add task files")
@@ -342,11 +345,22 @@ class TaskFolderTasks:
         #: Which file went to which split, so `train` can say so (the split is by file: a file
         #: that holds a whole family keeps that family out of meta-training).
         self.split_files = {s: [files[i].name for i in np.sort(idx)] for s, idx in parts.items()}
-        if self.fractions[1] == 0:
+        if self.fractions[1] == 0 and self._splits["train"]:
             self._hold_out_validation_rows(root, split_seed)
-        train_x = np.concatenate([x for x, _ in self._splits["train"]])
-        mean, std = train_x.mean(axis=0), train_x.std(axis=0)
-        std[std < 1e-8] = 1.0
+        #: Given (not fitted) when the tasks continue an existing bundle: its weights only mean
+        #: something in the feature scale they were meta-trained in (``train --init``).
+        self.given_normalization = normalization
+        if normalization is not None:
+            mean = np.asarray(normalization["mean"], dtype=np.float64).reshape(-1)
+            std = np.asarray(normalization["std"], dtype=np.float64).reshape(-1)
+            if mean.size not in (1, self.in_features) or std.size not in (1, self.in_features):
+                raise TaskDataError(f"{root}: the given normalization has {mean.size} feature(s), "
+                                    f"the tasks {self.in_features}")
+            mean, std = np.broadcast_to(mean, self.in_features), np.broadcast_to(std, self.in_features)
+        else:
+            train_x = np.concatenate([x for x, _ in self._splits["train"]])
+            mean, std = train_x.mean(axis=0), train_x.std(axis=0)
+            std[std < 1e-8] = 1.0
         self.normalization = {"mean": mean.tolist(), "std": std.tolist()}
         self._mean, self._std = mean, std
 
@@ -375,6 +389,10 @@ class TaskFolderTasks:
         self._splits["train"], self._splits["val"] = train, val
         self.split_files["val"] = ["held-out rows of the training tasks"]
 
+    def has(self, split: str) -> bool:
+        """Whether ``split`` holds any task (an evaluation-only folder has no training files)."""
+        return bool(self._splits.get(split))
+
     def sample(self, n_tasks: int, rng: np.random.Generator, split: str = "train",
                shots: int | None = None, queries: int | None = None) -> TaskBatch:
         shots = self.shots if shots is None else shots
@@ -400,9 +418,12 @@ class TaskFolderTasks:
         return _split_batch(x, np.stack(ys), n_support, y_dtype)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": "folder", "path": self.path, "kind": self.kind, "shots": self.shots,
+        spec = {"name": "folder", "path": self.path, "kind": self.kind, "shots": self.shots,
                 "queries": self.queries, "fractions": list(self.fractions),
                 "split_seed": self.split_seed, "label_column": self.label_column}
+        if self.given_normalization is not None:
+            spec["normalization"] = self.given_normalization
+        return spec
 
 
 class StandardizedTargets:
@@ -440,6 +461,53 @@ class StandardizedTargets:
                          (b.query_y - self.mean) / self.std)
 
 
+def same_scale(a: dict | None, b: dict | None, features: int) -> bool:
+    """Two feature normalizations (None: the identity) that map features alike."""
+    def arrays(n):
+        n = n or {"mean": 0.0, "std": 1.0}
+        return (np.broadcast_to(np.asarray(n["mean"], dtype=np.float64).reshape(-1), features),
+                np.broadcast_to(np.asarray(n["std"], dtype=np.float64).reshape(-1), features))
+    (ma, sa), (mb, sb) = arrays(a), arrays(b)
+    return bool(np.allclose(ma, mb, rtol=1e-6, atol=1e-9) and np.allclose(sa, sb, rtol=1e-6))
+
+
+class MixedTasks:
+    """New tasks with a share of the original distribution replayed in every batch.
+
+    Why: re-meta-training a base only on what the fleet met lately makes it forget the tasks it
+    was good at; drawing ``replay_ratio`` of each meta-batch (and of validation) from the old
+    distribution keeps both in the objective. Both parts must already share the feature scale.
+    """
+
+    def __init__(self, new, replay, replay_ratio: float):
+        if not 0 <= replay_ratio < 1:
+            raise TaskDataError(f"replay ratio must be in [0, 1), got {replay_ratio!r}")
+        for attr in ("kind", "in_features", "out_features"):
+            if getattr(new, attr) != getattr(replay, attr):
+                raise TaskDataError(f"the new tasks and the replayed ones differ in {attr}: "
+                                    f"{getattr(new, attr)!r} vs {getattr(replay, attr)!r}")
+        if not same_scale(new.normalization, replay.normalization, new.in_features):
+            raise TaskDataError("the new tasks are not in the replayed distribution's feature scale")
+        self.new, self.replay, self.replay_ratio = new, replay, float(replay_ratio)
+        self.kind, self.in_features, self.out_features = new.kind, new.in_features, new.out_features
+        self.shots, self.queries = new.shots, new.queries
+        self.normalization = new.normalization
+
+    def sample(self, n_tasks: int, rng: np.random.Generator, split: str = "train",
+               shots: int | None = None, queries: int | None = None) -> TaskBatch:
+        n_old = int(round(n_tasks * self.replay_ratio))
+        parts = [d.sample(n, rng, split=split, shots=shots, queries=queries)
+                 for d, n in ((self.new, n_tasks - n_old), (self.replay, n_old)) if n > 0]
+        if len(parts) == 1:
+            return parts[0]
+        return TaskBatch(*(torch.cat([getattr(p, f) for p in parts])
+                           for f in ("support_x", "support_y", "query_x", "query_y")))
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": "mixed", "new": self.new.describe(), "replay": self.replay.describe(),
+                "replay_ratio": self.replay_ratio}
+
+
 def build_tasks(spec: dict[str, Any]):
     """Recreate a task distribution from its ``describe()`` dict (stored in bundle.json)."""
     spec = dict(spec)
@@ -452,4 +520,6 @@ def build_tasks(spec: dict[str, Any]):
         return ArrayClassificationTasks(**spec)
     if name == "folder":
         return TaskFolderTasks(**spec)
+    if name == "mixed":
+        return MixedTasks(build_tasks(spec["new"]), build_tasks(spec["replay"]), spec["replay_ratio"])
     raise TaskDataError(f"unknown task distribution {name!r}; use sinusoid, hyperplane, array or folder")

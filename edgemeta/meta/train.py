@@ -134,8 +134,13 @@ def meta_validate(learner, params, tasks, n_tasks: int, seed: int, device, split
 
 
 def train(settings: TrainSettings, tasks,
-          progress: Callable[[int, float, float | None], None] | None = None) -> TrainResult:
-    """Meta-train; Ctrl-C (KeyboardInterrupt) stops early and still returns the best so far."""
+          progress: Callable[[int, float, float | None], None] | None = None,
+          init: dict[str, torch.Tensor] | None = None) -> TrainResult:
+    """Meta-train; Ctrl-C (KeyboardInterrupt) stops early and still returns the best so far.
+
+    ``init`` continues from an existing meta-initialization (``train --init``): iteration 0 is
+    those weights, so the run can only keep or improve on them.
+    """
     settings.validate()
     if tasks.kind == "regression" and not isinstance(tasks, StandardizedTargets):
         tasks = StandardizedTargets.fit(tasks, seed=settings.seed + 11)
@@ -148,13 +153,23 @@ def train(settings: TrainSettings, tasks,
                            settings.inner_lr, head)
     net = {n: p.detach().clone() for n, p in model.named_parameters()}
     params = {**net, **learner.extra_params(net)}
+    if init is not None:
+        missing, unexpected = sorted(set(params) - set(init)), sorted(set(init) - set(params))
+        if missing or unexpected:
+            raise SettingsError(f"init: the weights do not fit the model (missing {missing}, "
+                                f"unexpected {unexpected})")
+        for n, value in init.items():
+            if tuple(value.shape) != tuple(params[n].shape):
+                raise SettingsError(f"init: {n} has shape {tuple(value.shape)}, the model "
+                                    f"{tuple(params[n].shape)}")
+            params[n] = value.detach().clone().to(device=device, dtype=params[n].dtype)
     for p in params.values():
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(params.values(), lr=settings.outer_lr)
     best = {n: p.detach().clone() for n, p in params.items()}
     best_val, best_it = meta_validate(learner, params, tasks, settings.val_tasks,
                                       settings.seed + 1, device), 0
-    history: list[dict[str, float]] = []
+    history: list[dict[str, float]] = [{"iteration": 0, "val_loss": best_val}]
     start = last_val = time.perf_counter()
     interval = settings.validation_interval()
     interrupted = False
@@ -273,9 +288,13 @@ def bundle_meta(result: TrainResult) -> dict[str, Any]:
     }
 
 
-def save_bundle(result: TrainResult, path) -> Any:
+def save_bundle(result: TrainResult, path, lineage: dict[str, Any] | None = None) -> Any:
+    """Write the bundle; ``lineage`` (``train --init``) records the parent and the task sources."""
     from edgemeta.meta.bundle import write_bundle
 
     probe = result.tasks.sample(4, np.random.default_rng(result.settings.seed + 7), split="test")
     probe_x = probe.query_x.reshape(-1, result.tasks.in_features).numpy()
-    return write_bundle(path, bundle_meta(result), result.params, probe_x)
+    meta = bundle_meta(result)
+    if lineage is not None:
+        meta["lineage"] = lineage
+    return write_bundle(path, meta, result.params, probe_x)

@@ -1,0 +1,111 @@
+"""`train --init`: continue a bundle on new (harvested) tasks with replay; eval compares bundles."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from edgemeta.meta.algorithms import make_learner
+from edgemeta.meta.bundle import read_bundle
+from edgemeta.meta.models import head_names
+from edgemeta.meta.tasks import MixedTasks, SinusoidTasks, TaskFolderTasks
+from edgemeta.meta.train import TrainSettings, meta_validate, train
+from edgemeta.meta.warmstart import initial_params, warm_start_tasks
+
+from .test_fleet_harvest import _journal_episodes
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-P", "-m", "edgemeta", *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def harvested(tmp_path_factory, sinusoid_bundle):
+    """Tasks a fleet met: 20 sinusoid episodes, harvested by the CLI into a task folder."""
+    root = tmp_path_factory.mktemp("fleet")
+    state = _journal_episodes(root / "device", 20, seed=3)
+    out = root / "tasks"
+    done = _cli("tasks", "harvest", str(state), "--out", str(out), "--bundle", str(sinusoid_bundle.path))
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_iteration_zero_of_a_warm_start_is_the_parent_bundle(sinusoid_bundle, harvested):
+    parent = read_bundle(sinusoid_bundle.path)
+    tasks = warm_start_tasks(parent, {"name": "folder", "path": str(harvested), "shots": 5,
+                                      "queries": 10}, replay_ratio=0.5)
+    meta = parent.meta
+    settings = TrainSettings(algorithm=meta["algorithm"], model=dict(meta["model"]),
+                             inner_steps=meta["inner"]["steps"], inner_lr=meta["inner"]["lr"],
+                             iterations=1, val_tasks=50, seed=0, device="cpu")
+    result = train(settings, tasks, init=initial_params(parent))
+    # The parent's own weights, judged by the same validation: what the run starts from.
+    model = parent.build_model()
+    learner = make_learner(meta["algorithm"], model, "regression", meta["inner"]["steps"],
+                           meta["inner"]["lr"], head_names(model, meta["model"]))
+    expected = meta_validate(learner, initial_params(parent), tasks, 50, settings.seed + 1, "cpu")
+    assert result.history[0] == {"iteration": 0, "val_loss": pytest.approx(expected, rel=1e-6)}
+    if result.best_iteration == 0:
+        for name, w in parent.weights.items():
+            assert torch.equal(result.params[name], torch.from_numpy(w))
+
+
+def test_replay_puts_the_parents_tasks_into_every_meta_batch(sinusoid_bundle, tmp_path):
+    # New tasks whose inputs lie where the parent's sinusoids never go (x in 20..30).
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        x = rng.uniform(20, 30, (40, 1))
+        np.savez(tmp_path / f"t{i}.npz", X=x, y=np.sin(x[:, 0]))
+    new = TaskFolderTasks(tmp_path, shots=5, queries=10,
+                          normalization={"mean": [0.0], "std": [1.0]})
+    mixed = MixedTasks(new, SinusoidTasks(shots=5, queries=10), replay_ratio=0.4)
+    batch = mixed.sample(25, np.random.default_rng(1))
+    from_parent = (batch.support_x.abs().amax(dim=(1, 2)) <= 5).sum().item()
+    assert batch.support_x.shape[0] == 25 and from_parent == 10
+
+
+def test_train_init_writes_a_child_bundle_in_the_parents_scale_and_eval_compares_both(
+        sinusoid_bundle, harvested, tmp_path):
+    child = tmp_path / "child"
+    done = _cli("train", "--tasks", "folder", "--data", str(harvested), "--init",
+                str(sinusoid_bundle.path), "--replay", "0.5", "--iterations", "300",
+                "--val-every", "50", "--outer-lr", "0.0005", "--out", str(child), "--quiet",
+                "--device", "cpu", "--allow-untrained")
+    assert done.returncode == 0, done.stderr
+    assert "continuing from" in done.stderr
+    parent_meta = json.loads((sinusoid_bundle.path / "bundle.json").read_text())
+    meta = json.loads((child / "bundle.json").read_text())
+    lineage = meta["lineage"]
+    assert lineage["parent"]["weights_sha256"] == parent_meta["sha256"]["weights.safetensors"]
+    assert lineage["replay_ratio"] == 0.5 and lineage["harvest"]["tasks"] == 20
+    assert meta["output"]["scaling"] == parent_meta["output"]["scaling"]
+    assert meta["model"] == parent_meta["model"] and meta["algorithm"] == parent_meta["algorithm"]
+    assert meta["task"]["distribution"]["name"] == "mixed"
+    both = _cli("eval", str(sinusoid_bundle.path), str(child), "--tasks-folder", str(harvested),
+                "--test-fraction", "1", "--tasks", "50", "--seeds", "2", "--steps", "0,1",
+                "--no-baselines", "--json")
+    assert both.returncode == 0, both.stderr
+    results = json.loads(both.stdout)
+    assert [r["bundle"] for r in results] == [str(sinusoid_bundle.path), str(child)]
+    assert all(r["tasks_folder"] == str(harvested) and r["tasks"] == 100 for r in results)
+    assert read_bundle(child)  # checksums of the child verify
+
+
+def test_a_warm_start_that_cannot_fit_is_refused_with_the_reason(sinusoid_bundle, harvested, tmp_path):
+    bad_ratio = _cli("train", "--tasks", "folder", "--data", str(harvested), "--init",
+                     str(sinusoid_bundle.path), "--replay", "1.5", "--out", str(tmp_path / "x"))
+    assert bad_ratio.returncode == 2 and "--replay: must be in [0, 1)" in bad_ratio.stderr
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    for i in range(4):
+        np.savez(wide / f"t{i}.npz", X=np.random.default_rng(i).normal(size=(30, 3)), y=np.ones(30))
+    done = _cli("train", "--tasks", "folder", "--data", str(wide), "--init",
+                str(sinusoid_bundle.path), "--out", str(tmp_path / "y"))
+    assert done.returncode == 2 and "in_features=3, the bundle 1" in done.stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
