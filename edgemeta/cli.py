@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -80,6 +81,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         inner_steps=args.inner_steps, inner_lr=args.inner_lr, outer_lr=args.outer_lr,
         meta_batch=args.meta_batch, iterations=args.iterations, time_budget=args.time_budget,
         val_every=args.val_every, val_tasks=args.val_tasks, seed=args.seed, device=args.device)
+    from edgemeta.meta import distributed
+
     parent = init = lineage = None
     try:
         if args.init:
@@ -103,12 +106,31 @@ def cmd_train(args: argparse.Namespace) -> int:
             lineage = warmstart.lineage(parent, settings.tasks, args.replay)
         else:
             tasks = build_tasks(settings.tasks)
-        for line in split_report(getattr(tasks, "new", tasks)):
-            print(line, file=sys.stderr)
-        bar = None if args.quiet else ProgressBar(settings.iterations, settings.time_budget)
-        result = train(settings, tasks, progress=bar, init=init)
+        ctx = distributed.context(settings.device)
+        settings.device = distributed.device_for(ctx, settings.device)
+        if ctx.writer:
+            for line in split_report(getattr(tasks, "new", tasks)):
+                print(line, file=sys.stderr)
+        if ctx.world > 1:
+            print(f"rank {ctx.rank} of {ctx.world}: {ctx.share(settings.meta_batch)} of "
+                  f"{settings.meta_batch} tasks per meta-batch on {settings.device}", file=sys.stderr)
+            # torchrun stops the survivors of a dead rank with SIGTERM: end like Ctrl-C, with
+            # the best bundle so far.
+            signal.signal(signal.SIGTERM, _interrupt)
+        quiet = args.quiet or not ctx.writer
+        bar = None if quiet else ProgressBar(settings.iterations, settings.time_budget)
+        try:
+            result = train(settings, tasks, progress=bar, init=init, ctx=ctx)
+        finally:
+            if ctx.world > 1:
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the bundle be written
+                distributed.finish(ctx)
         if bar:
             bar.close()
+        if not ctx.writer:
+            print(f"rank {ctx.rank}: {result.iterations_done} iterations; rank 0 writes the bundle",
+                  file=sys.stderr)
+            return 0
         if result.untrained and not args.allow_untrained:
             start = f"the parent bundle {args.init}" if parent else "the untrained initialization"
             raise CliError(
@@ -126,6 +148,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"bundle written to {path} (best meta-validation loss {result.best_val:.4f} at iteration "
           f"{result.best_iteration}, {result.iterations_done} iterations in {result.seconds:.1f}s)")
     return 130 if result.interrupted else 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _inherit(settings, meta: dict) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from edgemeta.meta.algorithms import ALGORITHMS, make_learner
+from edgemeta.meta.distributed import Context, PeerLost
 from edgemeta.meta.inner import batch_loss
 from edgemeta.meta.models import build_model, head_names
 from edgemeta.meta.tasks import StandardizedTargets
@@ -135,18 +136,25 @@ def meta_validate(learner, params, tasks, n_tasks: int, seed: int, device, split
 
 def train(settings: TrainSettings, tasks,
           progress: Callable[[int, float, float | None], None] | None = None,
-          init: dict[str, torch.Tensor] | None = None) -> TrainResult:
+          init: dict[str, torch.Tensor] | None = None, ctx: Context | None = None) -> TrainResult:
     """Meta-train; Ctrl-C (KeyboardInterrupt) stops early and still returns the best so far.
 
     ``init`` continues from an existing meta-initialization (``train --init``): iteration 0 is
-    those weights, so the run can only keep or improve on them.
+    those weights, so the run can only keep or improve on them. ``ctx`` is the torchrun process
+    group (``meta.distributed``): each rank meta-trains on its share of every meta-batch with its
+    own task sampler, gradients are all-reduced, and only rank 0 validates and keeps the best.
     """
     settings.validate()
+    ctx = ctx or Context()
+    if settings.meta_batch < ctx.world:
+        raise SettingsError(f"meta_batch: {settings.meta_batch} tasks cannot be split over "
+                            f"{ctx.world} processes; use at least {ctx.world}")
     if tasks.kind == "regression" and not isinstance(tasks, StandardizedTargets):
         tasks = StandardizedTargets.fit(tasks, seed=settings.seed + 11)
     device = settings.resolved_device()
-    torch.manual_seed(settings.seed)
-    rng = np.random.default_rng(settings.seed)
+    torch.manual_seed(settings.seed)  # the same initial weights on every rank
+    rng = np.random.default_rng(settings.seed if ctx.world == 1 else [settings.seed, ctx.rank])
+    local_batch = ctx.share(settings.meta_batch)
     model, head = build_for(settings, tasks)
     model.to(device)
     learner = make_learner(settings.algorithm, model, tasks.kind, settings.inner_steps,
@@ -167,8 +175,9 @@ def train(settings: TrainSettings, tasks,
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(params.values(), lr=settings.outer_lr)
     best = {n: p.detach().clone() for n, p in params.items()}
-    best_val, best_it = meta_validate(learner, params, tasks, settings.val_tasks,
-                                      settings.seed + 1, device), 0
+    best_val = (meta_validate(learner, params, tasks, settings.val_tasks, settings.seed + 1, device)
+                if ctx.writer else math.inf)
+    best_it = 0
     history: list[dict[str, float]] = [{"iteration": 0, "val_loss": best_val}]
     start = last_val = time.perf_counter()
     interval = settings.validation_interval()
@@ -185,29 +194,52 @@ def train(settings: TrainSettings, tasks,
         validated, last_val = it, time.perf_counter()
         return val
 
+    def nonfinite(value: torch.Tensor) -> FloatingPointError:
+        return FloatingPointError(
+            f"meta-loss became {float(value)} at iteration {it + 1}; lower outer_lr "
+            f"({settings.outer_lr}) or inner_lr ({settings.inner_lr})")
+
+    stop_asked = False
     try:
-        while it < settings.iterations:
-            if settings.time_budget and time.perf_counter() - start > settings.time_budget:
+        while True:
+            stop = stop_asked or it >= settings.iterations or bool(
+                settings.time_budget and time.perf_counter() - start > settings.time_budget)
+            if stop and ctx.world == 1:
                 break
-            batch = tasks.sample(settings.meta_batch, rng).to(device)
-            loss = learner.outer_loss(params, batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"meta-loss became {float(loss)} at iteration {it + 1}; lower outer_lr "
-                    f"({settings.outer_lr}) or inner_lr ({settings.inner_lr})")
-            optimizer.zero_grad()
-            loss.backward()
+            batch = tasks.sample(local_batch, rng).to(device)
+            try:
+                loss = learner.outer_loss(params, batch)
+                optimizer.zero_grad()
+                if torch.isfinite(loss):
+                    loss.backward()
+            except KeyboardInterrupt:
+                if ctx.world == 1:
+                    raise
+                stop_asked = stop = True  # tell the other ranks through the next all-reduce
+            if ctx.world > 1:
+                any_stop, any_bad = ctx.reduce(params.values(), local_batch / settings.meta_batch,
+                                               stop, not torch.isfinite(loss))
+                if any_bad:
+                    raise nonfinite(loss)
+                if any_stop:
+                    interrupted = stop_asked
+                    break
+            elif not torch.isfinite(loss):
+                raise nonfinite(loss)
             optimizer.step()
             it += 1
             val = None
-            if (it % settings.val_every == 0 or it == settings.iterations
-                    or time.perf_counter() - last_val >= interval):
+            if ctx.writer and (it % settings.val_every == 0 or it == settings.iterations
+                               or time.perf_counter() - last_val >= interval):
                 val = validate()
-            if progress:
+            if progress and ctx.writer:
                 progress(it, loss.item(), val)
     except KeyboardInterrupt:
         interrupted = True
-    if it > validated and loss is not None:
+    except PeerLost as exc:
+        warnings.warn(f"{exc}; keeping the best weights so far", stacklevel=2)
+        interrupted = True
+    if ctx.writer and it > validated and loss is not None and torch.isfinite(loss):
         # Always judge the last weights too: a budget or Ctrl-C between validations must not
         # throw away everything learned since the last one.
         with contextlib.suppress(KeyboardInterrupt):
