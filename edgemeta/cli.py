@@ -406,6 +406,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         else:
             run_soak(Path(args.out), minutes=args.minutes, rate=args.rate,
                      warmup_min=args.warmup)
+    elif args.bench == "fleet":
+        from edgemeta.bench.fleet import format_fleet, run_fleet_bench
+
+        results = run_fleet_bench(Path(args.out), seeds=args.seeds, devices=args.devices,
+                                  rows=args.rows, base_budget=args.base_budget,
+                                  retrain_budget=args.retrain_budget, replay=args.replay,
+                                  eval_tasks=args.eval_tasks, stream_rows=args.stream_rows,
+                                  log=lambda m: print(m, file=sys.stderr))
+        print(format_fleet(results), end="")
     elif args.bench == "devices":
         from edgemeta.bench.devices import run_devices_bench
 
@@ -477,10 +486,9 @@ def cmd_tasks_harvest(args: argparse.Namespace) -> int:
         shape = TaskShape.of_bundle(meta)
     except (BundleFormatError, KeyError, TypeError, ValueError) as exc:
         raise CliError(f"--bundle: {exc}") from exc
-    results = ("accepted", "rejected") if args.include_rejected else ("accepted",)
     try:
         result, rows = harvest([Path(s) for s in args.sources], shape, args.per_stream_cap,
-                               args.overlap, results)
+                               args.overlap, args.accepted_only, args.include_suspect)
         bundle = {"path": str(args.bundle),
                   "weights_sha256": (meta.get("sha256") or {}).get("weights.safetensors")}
         out = write_task_folder(Path(args.out), result, rows, shape, bundle)
@@ -663,6 +671,26 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--quick", action="store_true", help="1 minute at 200 rows/s, a smoke test")
     k.set_defaults(func=cmd_bench)
 
+    fl = bsub.add_parser("fleet", help="harvest a simulated fleet's episodes, re-meta-train with "
+                         "--init, compare old and new bundle; 1 vs 2 torchrun processes")
+    fl.add_argument("--out", default="bench-out/fleet", help="output folder (default: %(default)s)")
+    fl.add_argument("--seeds", type=_positive_int, default=3,
+                    help="fleet seeds (devices' streams, re-training) (default: %(default)s)")
+    fl.add_argument("--devices", type=_positive_int, default=8,
+                    help="simulated devices (default: %(default)s)")
+    fl.add_argument("--rows", type=_positive_int, default=2400,
+                    help="labelled rows each device meets (default: %(default)s)")
+    fl.add_argument("--base-budget", type=float, default=60.0,
+                    help="seconds of meta-training for the base bundle (default: %(default)s)")
+    fl.add_argument("--retrain-budget", type=float, default=60.0,
+                    help="seconds of re-meta-training from the base (default: %(default)s)")
+    fl.add_argument("--replay", type=float, default=0.5,
+                    help="share of each meta-batch replaying the base's family (default: %(default)s)")
+    fl.add_argument("--eval-tasks", type=_positive_int, default=600,
+                    help="held-out tasks per evaluation seed, 5 seeds (default: %(default)s)")
+    fl.add_argument("--stream-rows", type=_positive_int, default=6000,
+                    help="rows of the fresh shifted switching stream (default: %(default)s)")
+    fl.set_defaults(func=cmd_bench)
     v = bsub.add_parser("devices", help="CPU vs CUDA: meta-training, adaptation, drift-to-serving")
     v.add_argument("--out", default="bench-out/devices", help="output folder (default: %(default)s)")
     v.add_argument("--bundle", default=None,
@@ -700,9 +728,13 @@ def build_parser() -> argparse.ArgumentParser:
     th.add_argument("--overlap", type=float, default=0.5,
                     help="share of shared rows above which two episodes are one regime "
                          "(default: %(default)s)")
-    th.add_argument("--include-rejected", action="store_true",
-                    help="also harvest episodes whose candidate the gate rejected (their rows are "
-                         "real labels; default: accepted only)")
+    th.add_argument("--accepted-only", action="store_true",
+                    help="only episodes whose adaptation was accepted (default: also those the gate "
+                         "rejected or that diverged: their labels are real, and they are the tasks "
+                         "the base handled worst)")
+    th.add_argument("--include-suspect", action="store_true",
+                    help="also episodes the daemon refused as suspect labels (constant, collapsed "
+                         "variance, out of the bundle's target range; default: left out)")
     th.set_defaults(func=cmd_tasks_harvest)
     tr_ = tasub.add_parser("report", help="sizes, label ranges and diversity of a task folder")
     tr_.add_argument("folder", help="a task folder (harvested or hand-made)")

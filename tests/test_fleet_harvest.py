@@ -86,7 +86,9 @@ def test_harvest_of_real_episodes_skips_hostile_files_and_duplicate_devices(daem
     daemon_state = shutil.copytree(daemon_state, tmp_path / "device")
     folder = daemon_state / "episodes"
     real = sorted(folder.glob("*.json"))
-    n_accepted = sum(read_episode(p)["result"] == "accepted" for p in real)
+    alone, _ = harvest([daemon_state], SINE)
+    n_tasks = len(alone.tasks)
+    assert n_tasks >= 2 and not alone.skipped.get("malformed")
     (folder / "zz-truncated.json").write_bytes(real[0].read_bytes()[:100])
     (folder / "zz-foreign.json").write_text('{"hello": "world"}')
     (folder / "zz-binary.json").write_bytes(os.urandom(300))
@@ -104,11 +106,11 @@ def test_harvest_of_real_episodes_skips_hostile_files_and_duplicate_devices(daem
 
     result, rows = harvest([daemon_state, copy, tarball, broken], SINE)
 
-    assert len(result.tasks) == n_accepted  # one task per regime, whatever the copies
+    assert len(result.tasks) == n_tasks  # copies of a device add nothing
     s = result.skipped
     assert s["malformed"] >= 3 * 3  # truncated, foreign, binary in each full copy
     assert s["empty"] >= 3 and s["not_regular"] >= 2 and s["not_an_episode_file"] >= 2
-    assert s["duplicate"] >= 2 * n_accepted  # the copy, the tarball (and what the broken one held)
+    assert s["duplicate"] >= 2 * n_tasks  # the copy, the tarball (and what the broken one held)
     assert s["truncated_source"] == 1 or s["unreadable_source"] == 1
     assert all(len(y) >= SINE.min_rows for _, y in rows)
 
@@ -127,6 +129,22 @@ def test_a_harvested_folder_trains_and_its_manifest_says_where_each_task_came_fr
     assert batch.support_x.shape == (4, 5, 1) and batch.query_y.shape == (4, 10, 1)
     x, y = np.load(out / first["file"])["X"], np.load(out / first["file"])["y"]
     assert x.shape == (35, 1) and np.isfinite(y).all()
+
+
+def test_suspect_labels_stay_out_unless_asked_and_accepted_only_is_stricter(tmp_path):
+    state = tmp_path / "dev"
+    (state / "episodes").mkdir(parents=True)
+    journal = Journal(state, keep_episodes=100)
+    rng = np.random.default_rng(0)
+    rows = lambda: (rng.uniform(-5, 5, (20, 1)), rng.normal(size=20))  # noqa: E731
+    journal.record("s", "drift", "rejected", "out_of_range", 1, rows(), rows(), {}, {})
+    journal.record("s", "drift", "rejected", "not_better", 1, rows(), rows(), {}, {})
+    journal.record("s", "drift", "failed", "diverged", 1, rows(), rows(), {}, {})
+    result, _ = harvest([state], SINE)
+    assert len(result.tasks) == 2 and result.skipped["suspect_out_of_range"] == 1
+    assert len(harvest([state], SINE, include_suspect=True)[0].tasks) == 3
+    strict, _ = harvest([state], SINE, accepted_only=True)
+    assert strict.tasks == [] and strict.skipped["result_rejected"] == 2
 
 
 def test_tasks_too_small_for_the_bundle_are_refused_with_a_count(tmp_path):

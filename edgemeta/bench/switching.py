@@ -40,7 +40,7 @@ def family_tasks(family: str):
 
 def switching_stream(family: str, n: int = 20_000, hazard: float = 1 / 300,
                      noise: float | None = None, seed: int = 0,
-                     min_segment: int = 30) -> SwitchingStream:
+                     min_segment: int = 30, tasks=None) -> SwitchingStream:
     """Draw a stream whose task switches after geometric waits (at least ``min_segment`` rows).
 
     ``noise`` is the standard deviation of Gaussian label noise (regression) or the probability of
@@ -49,8 +49,10 @@ def switching_stream(family: str, n: int = 20_000, hazard: float = 1 / 300,
     >>> s = switching_stream("sinusoid", n=2000, hazard=1 / 300, seed=0)
     >>> len(s.y), len(s.switches) > 0, s.switches == sorted(s.switches)
     (2000, True, True)
+
+    ``tasks`` replaces the family's distribution (e.g. a shifted sinusoid family, ``bench fleet``).
     """
-    tasks = family_tasks(family)
+    tasks = tasks if tasks is not None else family_tasks(family)
     noise = DEFAULT_NOISE[family] if noise is None else noise
     rng = np.random.default_rng(seed)
     switches: list[int] = []

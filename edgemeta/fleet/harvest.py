@@ -27,6 +27,11 @@ from edgemeta.daemon.journal import EpisodeError, parse_episode
 from edgemeta.fsio import atomic_write
 
 MAX_EPISODE_BYTES = 64 * 1024 * 1024
+#: Episodes the daemon's sanity checks stopped before adapting: the labels themselves looked
+#: wrong (poisoned, stuck, mis-scaled). Left out unless asked for; every other episode holds
+#: real labels, whatever the gate decided about the candidate adapted from them. A base that
+#: diverged or lost to the serving model on a task is exactly what re-meta-training should fix.
+SUSPECT = frozenset({"constant_labels", "collapsed_variance", "out_of_range"})
 
 
 class HarvestError(ValueError):
@@ -134,7 +139,8 @@ def _fits(x: np.ndarray, y: np.ndarray, shape: TaskShape) -> str | None:
 
 
 def harvest(sources: list[Path], shape: TaskShape, per_stream_cap: int = 200,
-            overlap: float = 0.5, results: tuple[str, ...] = ("accepted",)) -> tuple[Harvest, list]:
+            overlap: float = 0.5, accepted_only: bool = False,
+            include_suspect: bool = False) -> tuple[Harvest, list]:
     """Read every episode, keep one task per regime, and cap each device's stream.
 
     Two episodes whose rows overlap by more than ``overlap`` (of the smaller one) are the same
@@ -159,8 +165,11 @@ def harvest(sources: list[Path], shape: TaskShape, per_stream_cap: int = 200,
             except EpisodeError as exc:
                 out.skip("malformed", f"{where}: {exc}")
                 continue
-            if episode["result"] not in results:
+            if accepted_only and episode["result"] != "accepted":
                 out.skip(f"result_{episode['result']}", where)
+                continue
+            if episode.get("reason") in SUSPECT and not include_suspect:
+                out.skip(f"suspect_{episode['reason']}", where)
                 continue
             x, y = _task_rows(episode)
             why = _fits(x, y, shape)
