@@ -193,3 +193,11 @@ def test_the_report_warns_about_near_identical_tasks(tmp_path):
     report = describe_tasks(same)
     assert report["diversity"]["near_identical_pairs"] > report["diversity"]["pairs"] / 2
     assert any("near-identical" in a for a in report["advice"])
+
+
+def test_a_negative_episode_after_rows_is_refused_naming_the_key(tmp_path, sinusoid_bundle):
+    from edgemeta.config import ConfigError
+
+    cfg = write_config(tmp_path, sinusoid_bundle.path, retention={"episode_after_rows": -1})
+    with pytest.raises(ConfigError, match=r"retention.episode_after_rows: must be >= 0, got -1"):
+        load_config(cfg)

@@ -112,7 +112,7 @@ def run_fleet_bench(out: Path, seeds: int = 3, devices: int = 8, rows: int = 240
     from edgemeta.meta.tasks import SinusoidTasks
     from edgemeta.meta.train import TrainSettings
 
-    out = Path(out)
+    out = Path(out).resolve()  # the daemon resolves a relative state dir against its config
     out.mkdir(parents=True, exist_ok=True)
     settings = TrainSettings(algorithm="maml", iterations=10**9, time_budget=base_budget,
                              val_every=500, seed=0, device="cpu")
