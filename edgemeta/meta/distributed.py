@@ -95,6 +95,10 @@ def device_for(ctx: Context, device: str) -> str:
 
 
 def finish(ctx: Context) -> None:
+    """Leave the group together: a rank that tears gloo down while a peer is still in it can
+    abort at exit ("terminate called without an active exception")."""
     if ctx.world > 1 and torch.distributed.is_initialized():
-        with contextlib.suppress(RuntimeError):  # a peer is gone already
+        with contextlib.suppress(RuntimeError, ValueError):  # a peer is gone already
+            torch.distributed.barrier()
+        with contextlib.suppress(RuntimeError, ValueError):
             torch.distributed.destroy_process_group()
