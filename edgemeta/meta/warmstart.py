@@ -33,6 +33,10 @@ def warm_start_tasks(parent: Bundle, spec: dict[str, Any], replay_ratio: float):
     """The distribution to continue on: the new tasks (and the parent's, replayed), standardized
     with the parent's target scaling."""
     new = build_tasks(new_tasks_spec(parent, spec))
+    for split in ("train", "val"):
+        if not getattr(new, "has", lambda _: True)(split):
+            raise TaskDataError(f"{spec.get('path')}: the {split} split of the new tasks is empty; "
+                                "add task files or change --val-fraction/--test-fraction")
     meta = parent.meta
     if new.kind != meta["task"]["kind"]:
         raise TaskDataError(f"--init: the bundle is {meta['task']['kind']}, the new tasks {new.kind}")
