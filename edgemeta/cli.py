@@ -222,14 +222,14 @@ def _folder_tasks(bundle, args: argparse.Namespace):
     from edgemeta.meta.tasks import build_tasks
     from edgemeta.meta.warmstart import new_tasks_spec
 
-    dist = bundle.meta["task"]["distribution"]
     test = args.test_fraction
+    if not 0 < test <= 1:
+        raise CliError(f"--test-fraction: must be in (0, 1], got {test}")
+    dist = bundle.meta["task"]["distribution"]
     spec = {"name": "folder", "path": str(Path(args.tasks_folder).resolve()),
             "kind": bundle.meta["task"]["kind"], "shots": int(dist.get("shots", 5)),
             "queries": int(dist.get("queries", 10)), "split_seed": args.split_seed,
             "fractions": [1 - 0.2 - test, 0.2, test] if test < 0.8 else [0.0, 0.0, test]}
-    if not 0 < test <= 1:
-        raise CliError(f"--test-fraction: must be in (0, 1], got {test}")
     return build_tasks(new_tasks_spec(bundle, spec))
 
 

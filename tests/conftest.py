@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +17,15 @@ from edgemeta.meta.train import TrainSettings, save_bundle, train
 #: Prefix of the skip reason of a test that needs a real tool this machine lacks; the summary at
 #: the end of the run lists them, so "passed with 3 skipped" never hides what was not checked.
 MISSING_TOOL = "missing tool: "
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_edgemeta(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """The `edgemeta` command as a user runs it (``-P``: the checkout never shadows the package)."""
+    return subprocess.run([sys.executable, "-P", "-m", "edgemeta", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

@@ -13,22 +13,19 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import run_edgemeta
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def edgemeta(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edgemeta", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
 
 
 def test_train_then_eval_json(tmp_path):
     out = tmp_path / "b"
-    proc = edgemeta("train", "--out", str(out), "--iterations", "60", "--val-every", "20",
+    proc = run_edgemeta("train", "--out", str(out), "--iterations", "60", "--val-every", "20",
                     "--seed", "3")
     assert proc.returncode == 0, proc.stderr
     assert "bundle written to" in proc.stdout and "meta-loss" in proc.stderr
     assert (out / "bundle.json").is_file() and (out / "model.onnx").is_file()
-    proc = edgemeta("eval", str(out), "--tasks", "40", "--steps", "0,1", "--json",
+    proc = run_edgemeta("eval", str(out), "--tasks", "40", "--steps", "0,1", "--json",
                     "--pretrain-iterations", "20", "--target", "100")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
@@ -46,12 +43,12 @@ def test_classification_from_a_csv_file(tmp_path, digits_npz):
     header = ",".join([f"p{i}" for i in range(x.shape[1])] + ["label"])
     rows = [",".join(map(str, list(r) + [int(c)])) for r, c in zip(x, y, strict=True)]
     csv.write_text(header + "\n" + "\n".join(rows) + "\n")
-    proc = edgemeta("train", "--out", str(tmp_path / "b"), "--tasks", "array", "--data", str(csv),
+    proc = run_edgemeta("train", "--out", str(tmp_path / "b"), "--tasks", "array", "--data", str(csv),
                     "--ways", "3", "--shots", "1", "--queries", "5", "--algorithm", "protonet",
                     "--val-fraction", "0", "--test-fraction", "0.4", "--iterations", "20",
                     "--val-every", "10", "--quiet")
     assert proc.returncode == 0, proc.stderr
-    proc = edgemeta("eval", str(tmp_path / "b"), "--tasks", "20", "--no-baselines")
+    proc = run_edgemeta("eval", str(tmp_path / "b"), "--tasks", "20", "--no-baselines")
     assert proc.returncode == 0, proc.stderr
     assert "protonet" in proc.stdout and "accuracy" in proc.stdout
 
@@ -66,7 +63,7 @@ def test_classification_from_a_csv_file(tmp_path, digits_npz):
 ])
 def test_nonsense_settings_fail_fast_with_the_setting_named(tmp_path, args, message):
     started = time.monotonic()
-    proc = edgemeta("train", "--out", str(tmp_path / "b"), *args)
+    proc = run_edgemeta("train", "--out", str(tmp_path / "b"), *args)
     assert proc.returncode == 2
     assert message in proc.stderr
     assert not (tmp_path / "b").exists()
@@ -74,7 +71,7 @@ def test_nonsense_settings_fail_fast_with_the_setting_named(tmp_path, args, mess
 
 
 def test_inner_rate_not_above_outer_rate_warns_naming_both(tmp_path):
-    proc = edgemeta("train", "--out", str(tmp_path / "b"), "--inner-lr", "0.001", "--outer-lr",
+    proc = run_edgemeta("train", "--out", str(tmp_path / "b"), "--inner-lr", "0.001", "--outer-lr",
                     "0.01", "--iterations", "2", "--val-every", "1", "--quiet", "--allow-untrained")
     assert proc.returncode == 0, proc.stderr
     assert "inner_lr=0.001 is not above outer_lr=0.01" in proc.stderr
@@ -87,7 +84,7 @@ def test_eval_refuses_a_tampered_bundle(sinusoid_bundle, tmp_path):
     shutil.copytree(sinusoid_bundle.path, copy)
     with (copy / "model.onnx").open("ab") as fh:
         fh.write(b"x")
-    proc = edgemeta("eval", str(copy))
+    proc = run_edgemeta("eval", str(copy))
     assert proc.returncode == 2 and "model.onnx: checksum mismatch" in proc.stderr
 
 
@@ -113,7 +110,7 @@ def test_ctrl_c_writes_the_best_bundle_so_far(tmp_path):
 
 def test_a_short_time_budget_still_validates_and_writes_trained_weights(tmp_path):
     # val-every far beyond what 4 s can reach: only the time schedule and the final check validate
-    proc = edgemeta("train", "--out", str(tmp_path / "b"), "--iterations", "1000000",
+    proc = run_edgemeta("train", "--out", str(tmp_path / "b"), "--iterations", "1000000",
                     "--val-every", "1000000", "--time-budget", "4", "--seed", "1")
     assert proc.returncode == 0, proc.stderr
     meta = json.loads((tmp_path / "b" / "bundle.json").read_text())
@@ -124,11 +121,11 @@ def test_a_short_time_budget_still_validates_and_writes_trained_weights(tmp_path
 def test_a_run_that_never_beats_its_initialization_writes_no_bundle(tmp_path):
     args = ["--iterations", "3", "--outer-lr", "1.0", "--inner-lr", "2", "--val-every", "1",
             "--quiet", "--seed", "0"]
-    proc = edgemeta("train", "--out", str(tmp_path / "b"), *args)
+    proc = run_edgemeta("train", "--out", str(tmp_path / "b"), *args)
     assert proc.returncode == 2
     assert "beat the untrained initialization" in proc.stderr and "--allow-untrained" in proc.stderr
     assert not (tmp_path / "b").exists()
-    proc = edgemeta("train", "--out", str(tmp_path / "b"), *args, "--allow-untrained")
+    proc = run_edgemeta("train", "--out", str(tmp_path / "b"), *args, "--allow-untrained")
     assert proc.returncode == 0 and (tmp_path / "b" / "bundle.json").is_file()
 
 
@@ -147,7 +144,7 @@ def _task_folder(path: Path, files: int, rows: int = 60) -> Path:
 
 def test_a_task_folder_split_says_what_went_where_and_warns_when_files_are_few(tmp_path):
     folder = _task_folder(tmp_path / "tasks", 5)
-    proc = edgemeta("train", "--out", str(tmp_path / "b"), "--tasks", "folder", "--data",
+    proc = run_edgemeta("train", "--out", str(tmp_path / "b"), "--tasks", "folder", "--data",
                     str(folder), "--iterations", "30", "--val-every", "10", "--quiet",
                     "--allow-untrained")
     assert proc.returncode == 0, proc.stderr
@@ -158,7 +155,7 @@ def test_a_task_folder_split_says_what_went_where_and_warns_when_files_are_few(t
 
 def test_val_fraction_zero_validates_a_task_folder_on_held_out_rows(tmp_path):
     folder = _task_folder(tmp_path / "tasks", 16)
-    proc = edgemeta("train", "--out", str(tmp_path / "b"), "--tasks", "folder", "--data",
+    proc = run_edgemeta("train", "--out", str(tmp_path / "b"), "--tasks", "folder", "--data",
                     str(folder), "--val-fraction", "0", "--test-fraction", "0.25",
                     "--iterations", "30", "--val-every", "10", "--quiet", "--allow-untrained")
     assert proc.returncode == 0, proc.stderr
@@ -166,6 +163,6 @@ def test_val_fraction_zero_validates_a_task_folder_on_held_out_rows(tmp_path):
            "tasks" in proc.stderr
     assert "warning" not in proc.stderr
     short = _task_folder(tmp_path / "short", 4, rows=20)  # 20 rows: no room for held-out rows
-    proc = edgemeta("train", "--out", str(tmp_path / "c"), "--tasks", "folder", "--data",
+    proc = run_edgemeta("train", "--out", str(tmp_path / "c"), "--tasks", "folder", "--data",
                     str(short), "--val-fraction", "0", "--test-fraction", "0.25", "--quiet")
     assert proc.returncode == 2 and "--val-fraction 0 validates on held-out rows" in proc.stderr

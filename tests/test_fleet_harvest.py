@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tarfile
 
 import numpy as np
@@ -19,7 +17,7 @@ from edgemeta.daemon.runtime import Daemon
 from edgemeta.fleet.harvest import HarvestError, TaskShape, harvest, write_task_folder
 from edgemeta.meta.tasks import TaskFolderTasks
 
-from .conftest import counter, feed, run_until, write_config
+from .conftest import counter, feed, run_edgemeta, run_until, write_config
 
 SINE = TaskShape("regression", features=1, shots=5, queries=10)
 
@@ -43,10 +41,6 @@ def _journal_episodes(state, n_tasks, stream="sine", seed=0, after=5, support=10
             journal.labelled(stream, x, y)
     return state
 
-
-def _cli(*args):
-    return subprocess.run([sys.executable, "-P", "-m", "edgemeta", *args], capture_output=True,
-                          text=True, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -169,18 +163,18 @@ def test_one_chatty_stream_is_capped_and_its_kept_tasks_span_its_time(tmp_path):
 
 def test_the_cli_harvests_and_reports_and_names_what_is_wrong(tmp_path, sinusoid_bundle):
     state = _journal_episodes(tmp_path / "dev", 12)
-    done = _cli("tasks", "harvest", str(state), "--out", str(tmp_path / "tasks"),
+    done = run_edgemeta("tasks", "harvest", str(state), "--out", str(tmp_path / "tasks"),
                 "--bundle", str(sinusoid_bundle.path))
     assert done.returncode == 0, done.stderr
     assert "12 task(s) of at least 15 rows" in done.stdout
-    report = _cli("tasks", "report", str(tmp_path / "tasks"), "--json")
+    report = run_edgemeta("tasks", "report", str(tmp_path / "tasks"), "--json")
     assert report.returncode == 0, report.stderr
     r = json.loads(report.stdout)
     assert r["tasks"] == 12 and r["rows"]["min"] == 35 and r["diversity"]["mean_pairwise"] > 0.1
-    again = _cli("tasks", "harvest", str(state), "--out", str(tmp_path / "tasks"),
+    again = run_edgemeta("tasks", "harvest", str(state), "--out", str(tmp_path / "tasks"),
                  "--bundle", str(sinusoid_bundle.path))
     assert again.returncode == 2 and "not empty" in again.stderr
-    missing = _cli("tasks", "harvest", str(tmp_path / "nowhere"), "--out", str(tmp_path / "t2"),
+    missing = run_edgemeta("tasks", "harvest", str(tmp_path / "nowhere"), "--out", str(tmp_path / "t2"),
                    "--bundle", str(sinusoid_bundle.path))
     assert missing.returncode == 2 and "nowhere: no such state directory" in missing.stderr
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,12 +15,8 @@ from edgemeta.meta.tasks import MixedTasks, SinusoidTasks, TaskFolderTasks
 from edgemeta.meta.train import TrainSettings, meta_validate, train
 from edgemeta.meta.warmstart import initial_params, warm_start_tasks
 
+from .conftest import run_edgemeta
 from .test_fleet_harvest import _journal_episodes
-
-
-def _cli(*args):
-    return subprocess.run([sys.executable, "-P", "-m", "edgemeta", *args], capture_output=True,
-                          text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +25,8 @@ def harvested(tmp_path_factory, sinusoid_bundle):
     root = tmp_path_factory.mktemp("fleet")
     state = _journal_episodes(root / "device", 20, seed=3)
     out = root / "tasks"
-    done = _cli("tasks", "harvest", str(state), "--out", str(out), "--bundle", str(sinusoid_bundle.path))
+    done = run_edgemeta("tasks", "harvest", str(state), "--out", str(out), "--bundle",
+                        str(sinusoid_bundle.path))
     assert done.returncode == 0, done.stderr
     return out
 
@@ -73,7 +68,7 @@ def test_replay_puts_the_parents_tasks_into_every_meta_batch(sinusoid_bundle, tm
 def test_train_init_writes_a_child_bundle_in_the_parents_scale_and_eval_compares_both(
         sinusoid_bundle, harvested, tmp_path):
     child = tmp_path / "child"
-    done = _cli("train", "--tasks", "folder", "--data", str(harvested), "--init",
+    done = run_edgemeta("train", "--tasks", "folder", "--data", str(harvested), "--init",
                 str(sinusoid_bundle.path), "--replay", "0.5", "--iterations", "300",
                 "--val-every", "50", "--outer-lr", "0.0005", "--out", str(child), "--quiet",
                 "--device", "cpu", "--allow-untrained")
@@ -87,7 +82,7 @@ def test_train_init_writes_a_child_bundle_in_the_parents_scale_and_eval_compares
     assert meta["output"]["scaling"] == parent_meta["output"]["scaling"]
     assert meta["model"] == parent_meta["model"] and meta["algorithm"] == parent_meta["algorithm"]
     assert meta["task"]["distribution"]["name"] == "mixed"
-    both = _cli("eval", str(sinusoid_bundle.path), str(child), "--tasks-folder", str(harvested),
+    both = run_edgemeta("eval", str(sinusoid_bundle.path), str(child), "--tasks-folder", str(harvested),
                 "--test-fraction", "1", "--tasks", "50", "--seeds", "2", "--steps", "0,1",
                 "--no-baselines", "--json")
     assert both.returncode == 0, both.stderr
@@ -98,14 +93,14 @@ def test_train_init_writes_a_child_bundle_in_the_parents_scale_and_eval_compares
 
 
 def test_a_warm_start_that_cannot_fit_is_refused_with_the_reason(sinusoid_bundle, harvested, tmp_path):
-    bad_ratio = _cli("train", "--tasks", "folder", "--data", str(harvested), "--init",
+    bad_ratio = run_edgemeta("train", "--tasks", "folder", "--data", str(harvested), "--init",
                      str(sinusoid_bundle.path), "--replay", "1.5", "--out", str(tmp_path / "x"))
     assert bad_ratio.returncode == 2 and "--replay: must be in [0, 1)" in bad_ratio.stderr
     wide = tmp_path / "wide"
     wide.mkdir()
     for i in range(4):
         np.savez(wide / f"t{i}.npz", X=np.random.default_rng(i).normal(size=(30, 3)), y=np.ones(30))
-    done = _cli("train", "--tasks", "folder", "--data", str(wide), "--init",
+    done = run_edgemeta("train", "--tasks", "folder", "--data", str(wide), "--init",
                 str(sinusoid_bundle.path), "--out", str(tmp_path / "y"))
     assert done.returncode == 2 and "in_features=3, the bundle 1" in done.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
