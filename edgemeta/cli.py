@@ -430,13 +430,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         run_devices_bench(Path(args.out), Path(args.bundle) if args.bundle else None,
                           quick=args.quick, devices=devices)
     elif args.bench == "stream":
-        from edgemeta.bench.stream import FAMILIES, run_stream_bench
+        from edgemeta.bench.stream import ALL_FAMILIES, run_stream_bench
 
         families = [f.strip() for f in args.families.split(",") if f.strip()]
-        unknown = sorted(set(families) - set(FAMILIES))
+        unknown = sorted(set(families) - set(ALL_FAMILIES))
         if unknown or not families:
             raise CliError(f"--families: unknown {', '.join(unknown) or '(none)'}; "
-                           f"use {','.join(FAMILIES)}")
+                           f"use {','.join(ALL_FAMILIES)}")
         if not 0 < args.hazard < 1:
             raise CliError(f"--hazard: must be in (0, 1), got {args.hazard}")
         for name in ("seeds", "samples", "steps", "support", "holdout"):
@@ -455,7 +455,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.bench == "drift":
             from edgemeta.bench.drift import run_drift
 
-            run_drift(Path(args.out), bundle, seeds=3 if args.quick else 10)
+            run_drift(Path(args.out), bundle, seeds=3 if args.quick else 20)
         else:
             from edgemeta.bench.daemon import run_daemon_bench
 
@@ -702,12 +702,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = bsub.add_parser("stream", help="continual adaptation vs an oracle, river and baselines")
     s.add_argument("--out", default="bench-out/stream")
-    s.add_argument("--families", default="sinusoid,hyperplane")
+    s.add_argument("--families", default="sinusoid,hyperplane",
+                   help="comma-separated; also sinusoid-recurring, hyperplane-recurring and "
+                   "river's generators: river-hyperplane, river-rbf, river-sea, river-friedman")
     s.add_argument("--seeds", type=int, default=3)
     s.add_argument("--samples", type=int, default=20_000)
     s.add_argument("--hazard", type=float, default=1 / 300, help="switch probability per sample")
     s.add_argument("--noise", type=float, default=None,
-                   help="label noise: std (sinusoid, default 0.1) or flip rate (hyperplane, 0.05)")
+                   help="label noise: std (sinusoid, default 0.1) or flip rate (hyperplane, 0.05); "
+                   "river families keep their generator's noise")
     s.add_argument("--steps", type=int, default=30, help="inner steps per adaptation")
     s.add_argument("--support", type=int, default=10)
     s.add_argument("--holdout", type=int, default=20)

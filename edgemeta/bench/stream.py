@@ -37,6 +37,12 @@ from edgemeta.bench.baselines import (
     run_river,
 )
 from edgemeta.bench.report import detection_figures, format_results, plot_family, summarize
+from edgemeta.bench.river_families import (
+    KINDS,
+    RIVER_FAMILIES,
+    river_stream,
+    write_related_tasks,
+)
 from edgemeta.bench.switching import (
     FAMILIES,
     Run,
@@ -47,7 +53,10 @@ from edgemeta.bench.switching import (
     switching_stream,
 )
 
-__all__ = ["FAMILIES", "run_stream_bench", "run_edgemeta", "run_daemon", "daemon_config",
+# The project's own families, then river's generators (``river_families``).
+ALL_FAMILIES = (*FAMILIES, *RIVER_FAMILIES)
+
+__all__ = ["ALL_FAMILIES", "FAMILIES", "run_stream_bench", "run_edgemeta", "run_daemon", "daemon_config",
            "switching_stream"]
 
 # -- edgemeta: the daemon's own path ----------------------------------------------------------------
@@ -157,6 +166,32 @@ BUNDLE_SETTINGS = {
 }
 
 
+# A new user's settings for a family of their own: MAML, 5 inner steps (the README's `train`).
+RIVER_BUNDLE_SETTINGS = {"algorithm": "maml", "inner_steps": 5, "inner_lr": 0.1,
+                         "outer_lr": 0.001}
+
+
+def ensure_river_bundle(family: str, directory: Path, iterations: int) -> Path:
+    """Meta-train on the family's related tasks (``river_families``), read from a task folder
+    as a user's own tasks would be; later runs reuse the bundle."""
+    from edgemeta.bench.harness import read_or_train
+    from edgemeta.meta.tasks import TaskFolderTasks
+    from edgemeta.meta.train import TrainSettings
+
+    folder = directory / f"{family}-tasks"
+    if not (folder / "task-00399.npz").is_file():
+        write_related_tasks(family, folder)
+    kind = KINDS[family]
+    tasks = TaskFolderTasks(folder, kind=kind, shots=5 if kind == "classification" else 10,
+                            queries=10)
+    settings = TrainSettings(iterations=iterations, val_every=max(1, iterations // 10), seed=0,
+                             device="cpu", tasks=tasks.describe(), **RIVER_BUNDLE_SETTINGS)
+    return read_or_train(directory / f"{family}-maml-{iterations}", settings, tasks,
+                         before_training=lambda: print(f"meta-training the {family} bundle on "
+                                                       f"{folder} ({iterations} iterations)",
+                                                       flush=True))
+
+
 def ensure_bundle(family: str, directory: Path, iterations: int) -> Path:
     """Meta-train the family's bundle once; later runs reuse it."""
     from edgemeta.bench.harness import read_or_train
@@ -170,15 +205,23 @@ def ensure_bundle(family: str, directory: Path, iterations: int) -> Path:
                                                        f"({iterations} iterations)", flush=True))
 
 
+def make_stream(family: str, n: int, hazard: float, noise: float | None,
+                seed: int) -> SwitchingStream:
+    if family in RIVER_FAMILIES:
+        return river_stream(family, n=n, hazard=hazard, seed=seed)
+    base = family.removesuffix("-recurring")
+    if family.endswith("-recurring"):
+        return recurring_stream(base, n=n, concepts=3, segment=int(round(1 / hazard)),
+                                noise=noise, seed=seed)
+    return switching_stream(family, n=n, hazard=hazard, noise=noise, seed=seed)
+
+
 def run_family(family: str, bundle: Path, seeds: list[int], n: int, hazard: float,
                noise: float | None, steps: int, support: int, holdout: int) -> dict[str, Any]:
     net = TorchNet(bundle)
     per_seed = []
-    base, recurring = family.removesuffix("-recurring"), family.endswith("-recurring")
     for seed in seeds:
-        stream = (recurring_stream(base, n=n, concepts=3, segment=int(round(1 / hazard)),
-                                   noise=noise, seed=seed) if recurring else
-                  switching_stream(family, n=n, hazard=hazard, noise=noise, seed=seed))
+        stream = make_stream(family, n, hazard, noise, seed)
         with tempfile.TemporaryDirectory() as tmp:
             runs = [run_edgemeta(stream, bundle, Path(tmp), steps=steps, support_size=support,
                                  holdout_size=holdout)]
@@ -189,11 +232,13 @@ def run_family(family: str, bundle: Path, seeds: list[int], n: int, hazard: floa
             runs.append(run_river(name, make, stream))
         edge = runs[0]
         det = detection_figures(stream.switches, edge.info["detections"], n)
-        pair = interleaved(stream, switching_stream(base, n=n, hazard=hazard, noise=noise,
-                                                    seed=seed + 1000),
-                           bundle, edge, steps=steps, support_size=support, holdout_size=holdout)
-        per_seed.append({"seed": seed, "stream": stream, "runs": runs, "detection": det,
-                         "interleaved": pair})
+        record = {"seed": seed, "stream": stream, "runs": runs, "detection": det}
+        if family in ("sinusoid", "hyperplane"):
+            # Two streams of the family interleaved in one daemon, each with its own lineage.
+            record["interleaved"] = interleaved(
+                stream, make_stream(family, n, hazard, noise, seed + 1000), bundle, edge,
+                steps=steps, support_size=support, holdout_size=holdout)
+        per_seed.append(record)
         print(f"  {family} seed {seed}: " + ", ".join(
             f"{r.name} {r.loss.mean():.4g}" for r in runs), flush=True)
     return summarize(family, per_seed, n, hazard, noise, steps, support, holdout)
@@ -219,8 +264,11 @@ def run_stream_bench(out: Path, families: list[str], seeds: int = 3, n: int = 20
     results = []
     for family in families:
         base = family.removesuffix("-recurring")
-        its = iterations or {"sinusoid": 6000, "hyperplane": 3000}[base]
-        bundle = ensure_bundle(base, bundles, its)
+        if family in RIVER_FAMILIES:
+            bundle = ensure_river_bundle(family, bundles, iterations or 3000)
+        else:
+            its = iterations or {"sinusoid": 6000, "hyperplane": 3000}[base]
+            bundle = ensure_bundle(base, bundles, its)
         result = run_family(family, bundle, list(range(seeds)), n, hazard, noise, steps, support,
                             holdout)
         result["bundle"] = str(bundle)

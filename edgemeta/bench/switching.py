@@ -38,6 +38,17 @@ def family_tasks(family: str):
     raise ValueError(f"unknown family {family!r}; use {', '.join(FAMILIES)}")
 
 
+def switch_points(n: int, hazard: float, min_segment: int, rng: np.random.Generator) -> list[int]:
+    """The rows where a new task begins: geometric waits of at least ``min_segment`` rows."""
+    switches: list[int] = []
+    t = 0
+    while True:
+        t += max(min_segment, int(rng.geometric(hazard)))
+        if t >= n:
+            return switches
+        switches.append(t)
+
+
 def switching_stream(family: str, n: int = 20_000, hazard: float = 1 / 300,
                      noise: float | None = None, seed: int = 0,
                      min_segment: int = 30, tasks=None) -> SwitchingStream:
@@ -55,13 +66,7 @@ def switching_stream(family: str, n: int = 20_000, hazard: float = 1 / 300,
     tasks = tasks if tasks is not None else family_tasks(family)
     noise = DEFAULT_NOISE[family] if noise is None else noise
     rng = np.random.default_rng(seed)
-    switches: list[int] = []
-    t = 0
-    while True:
-        t += max(min_segment, int(rng.geometric(hazard)))
-        if t >= n:
-            break
-        switches.append(t)
+    switches = switch_points(n, hazard, min_segment, rng)
     params = tasks.sample_functions(len(switches) + 1, rng)
     task = np.searchsorted(np.asarray(switches, dtype=np.int64), np.arange(n), side="right")
     if family == "sinusoid":

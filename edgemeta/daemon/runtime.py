@@ -33,6 +33,7 @@ from edgemeta.daemon.systemd import Notifier
 from edgemeta.fsio import is_storage_error
 from edgemeta.serve.onnx_weights import OnnxTemplate, WeightPatchError
 from edgemeta.serve.registry import Registry, RegistryError
+from edgemeta.stream.drift import resolve_detector
 from edgemeta.stream.ingest import InboxWatcher, LabelCache, PendingFiles, StateLayout
 
 log = logging.getLogger("edgemeta.daemon")
@@ -102,7 +103,8 @@ class Daemon:
                                bundle=self._bundle_identity(), after_rows=self._after_rows(s))
         self.adapter = AdapterClient(s.bundle, s.adaptation.device, s.adaptation.timeout_s,
                                      on_restart=self.metrics.worker_restarts.inc)
-        self.metrics.init_streams([st.name for st in s.streams], s.drift.detector,
+        self.metrics.init_streams([st.name for st in s.streams],
+                                  resolve_detector(s.drift.detector, self.bundle.kind),
                                   s.drift.feature_detector)
         self.pending = PendingFiles(s.ingest.settle_s)
         self.streams = Streams(s, self.bundle, self.models, self.adapter, self.journal,

@@ -171,7 +171,7 @@ class Streams:
         for i in range(len(y)):
             watched = m.watches and (judged is None or judged[i])
             if watched and state.monitor.update_error(losses[i], (x[i], y[i])):
-                self.drift(state, self.settings.drift.detector)
+                self.drift(state, state.monitor.detector)
                 continue  # the row is in the backfill already
             state.regime.add(x[i], y[i])
             self.journal.labelled(stream, x[i], y[i])

@@ -1,8 +1,9 @@
-"""River drift detectors per stream, with warm-up and cooldown.
+"""Drift detectors per stream (river's, and a Bernoulli CUSUM), with warm-up and cooldown.
 
 The error detector watches the per-sample loss of the serving model (squared error for regression,
 0/1 error for classification), so it reacts to what matters: the model getting worse. Defaults are
-chosen for few false alarms on stable data: ADWIN at delta 0.002; river's KSWIN, PageHinkley and
+chosen for few false alarms on stable data: ADWIN at delta 0.002 on squared errors, a Bernoulli
+CUSUM (``cusum.py``) on 0/1 errors, where ADWIN is slow; river's KSWIN, PageHinkley and
 EDDM defaults alarm often on stable streams, so KSWIN gets a stricter alpha here and EDDM is not
 offered. A cooldown keeps one change from firing twice while the adaptation it caused is pending.
 
@@ -27,6 +28,18 @@ import numpy as np
 from river import drift
 
 from edgemeta.config import BINARY_DETECTORS, CONFIDENCE_DEFAULTS, DriftSettings
+from edgemeta.stream.cusum import BernoulliCusum
+
+
+def resolve_detector(name: str, kind: str) -> str:
+    """``auto``: the CUSUM for a classifier's 0/1 errors, ADWIN for squared errors.
+
+    >>> resolve_detector("auto", "classification"), resolve_detector("auto", "regression")
+    ('cusum', 'adwin')
+    """
+    if name != "auto":
+        return name
+    return "cusum" if kind == "classification" else "adwin"
 
 
 def make_detector(name: str, delta: float | None = None):
@@ -37,6 +50,8 @@ def make_detector(name: str, delta: float | None = None):
         delta = CONFIDENCE_DEFAULTS[name]
     if name == "adwin":
         return drift.ADWIN(delta=delta, clock=8)  # check every 8 samples, not 32: faster alarms
+    if name == "cusum":
+        return BernoulliCusum(delta=delta)
     if name == "ddm":
         return drift.binary.DDM()
     if name == "hddm_a":
@@ -82,10 +97,11 @@ def rows_since_change(losses: Sequence[float], min_side: int = 5) -> int:
 class DriftMonitor:
     """Error-based (and optionally feature-based) drift detection for one stream."""
 
-    def __init__(self, detector: str = "adwin", kind: str = "regression",
+    def __init__(self, detector: str = "auto", kind: str = "regression",
                  delta: float | None = None, feature_detector: str = "none",
                  cooldown_samples: int = DriftSettings.cooldown_samples,
                  min_samples: int = DriftSettings.min_samples, n_features: int = 1):
+        detector = resolve_detector(detector, kind)
         if detector in BINARY_DETECTORS and kind != "classification":
             raise ValueError(f"drift.detector {detector!r} needs 0/1 errors: classification only")
         self.detector = detector
@@ -136,6 +152,10 @@ class DriftMonitor:
             self._recent.popleft()
         return False
 
+    def _rising(self) -> bool:
+        """The CUSUM only ever alarms on a rise; ADWIN's alarms are checked for one."""
+        return self.detector == "cusum" or self._worse()
+
     def rows_since_change(self) -> list[Any]:
         """After an error alarm: the rows given to :meth:`update_error` since the estimated change
         point, oldest first (those that carried one)."""
@@ -160,7 +180,7 @@ class DriftMonitor:
             self._cooldown -= 1
         self._error.update(float(loss))
         self._recent.append((float(loss), row))
-        fired = self._error.drift_detected and self._worse()
+        fired = self._error.drift_detected and self._rising()
         if self._expected is not None and self._seen >= MISFIT_MIN_ROWS:
             # Sequential: a gross misfit shows in a few rows, a mild one needs the whole warm-up;
             # the allowed ratio shrinks from 3 * sqrt(6) at 5 rows to 3 at min_samples rows.
@@ -176,7 +196,7 @@ class DriftMonitor:
             # the warm-up or cooldown is over, or a change right after a swap goes unseen.
             self._deferred = self._deferred or fired
             return False
-        if fired or (self._deferred and self._worse()):
+        if fired or (self._deferred and self._rising()):
             return self._alarm()
         self._deferred = False
         return False
