@@ -82,6 +82,7 @@ class ContinualSettings:
     window: int = 2000            # rows of the current regime kept (the memory budget)
     every: int = 50               # at least this many new labelled rows between fits
     growth: float = 0.5           # ... and at least this share of the rows at the last fit
+    max_every: int = 250          # ... but no more rows than this between fits
     max_steps: int = 300          # Adam steps per start (one per row, up to this)
     lr: float = 0.003
     budget_ms_per_row: float = 2.0  # a fit may spend this much worker time per new row
@@ -282,7 +283,7 @@ def parse_config(raw: dict[str, Any], source: Path | None = None) -> Settings:
     if a.device not in ("auto", "cpu") and not a.device.startswith("cuda"):
         raise ConfigError(f"adaptation.device: use auto, cpu or cuda[:N], got {a.device!r}")
     c = settings.continual
-    for key in ("window", "every", "growth", "max_steps", "lr", "budget_ms_per_row"):
+    for key in ("window", "every", "growth", "max_every", "max_steps", "lr", "budget_ms_per_row"):
         _positive(f"continual.{key}", getattr(c, key))
     if c.window < a.holdout_size + 10:
         raise ConfigError(f"continual.window: {c.window} rows cannot hold adaptation.holdout_size "

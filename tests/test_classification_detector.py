@@ -86,3 +86,14 @@ def test_the_config_defaults_to_auto_and_takes_the_cusum_with_its_delta(tmp_path
 def test_a_delta_without_a_named_detector_is_refused_with_the_key(tmp_path):
     with pytest.raises(ConfigError, match="drift.delta: name the detector"):
         load_config(_config(tmp_path, "delta = 0.01"))
+
+
+def test_a_moderate_rise_the_cusum_cannot_see_is_still_detected_by_adwin_beside_it():
+    # 18% -> 25%: under the CUSUM's alternative (36%) the statistic drifts down, never up.
+    rng = np.random.default_rng(6)
+    before, after = rng.random(3_000) < 0.18, rng.random(3_000) < 0.25
+    alone = BernoulliCusum()
+    assert _alarms(alone, np.concatenate([before, after])) == []
+    monitor = DriftMonitor("auto", kind="classification")
+    assert not any(monitor.update_error(float(e)) for e in before)
+    assert any(monitor.update_error(float(e)) for e in after)

@@ -59,7 +59,7 @@ def test_config_check_prints_the_effective_settings(tmp_path):
     out = subprocess.run([sys.executable, "-m", "edgemeta", "config", "check", "--skip-bundle",
                           str(path)], capture_output=True, text=True, check=True)
     effective = json.loads(out.stdout)
-    assert effective["drift"]["detector"] == "adwin"
+    assert effective["drift"]["detector"] == "auto"
     assert effective["metrics"] == {"address": "127.0.0.1", "port": 9781, "enabled": True}
 
 

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 
+from edgemeta.bench.baselines import TorchNet
 from edgemeta.bench.stream import run_edgemeta
 from edgemeta.bench.switching import switching_stream
 from edgemeta.config import load_config
@@ -46,7 +47,7 @@ def test_a_continual_episode_records_its_fit_and_stays_within_the_time_budget(tm
     fits = [r for r in records if r["trigger"] == "continual"]
     assert fits, "continued fits ran"
     for r in fits:
-        assert r["fit"]["start"] in ("meta-init", "current")
+        assert r["fit"]["start"] in ("meta-init", "current") or r["fit"]["start"].startswith("recent-")
         assert len(r["holdout"]["y"]) >= 20
         # The worker may spend 1 ms per labelled row since the last fit; it checks the clock
         # after every step, so it overshoots by a step and one validation at most (the slack
@@ -110,3 +111,54 @@ def test_a_drift_starts_a_new_regime_from_the_rows_since_the_change_point(tmp_pa
         assert state.regime.count == len(state.monitor.rows_since_change()) < 60
     finally:
         d.shutdown(drain_s=0.5)
+
+
+def test_a_long_regime_is_still_fitted_at_least_every_max_every_rows():
+    r = RegimeBuffer(window=2000, every=50, growth=0.5, min_holdout=20, max_every=250)
+    fits = []
+    for i in range(6000):
+        r.add([float(i)], float(i))
+        if r.due:
+            fits.append(r.count)
+            r.take()
+    assert max(np.diff(fits)) == 250  # without the cap: every 1,000 rows once the window is full
+    episode = r.take()
+    assert len(episode.holdout_y) == 100  # judged on the newest rows, not the newest 400
+
+
+def _task(seed: int, n: int):
+    s = switching_stream("sinusoid", n=n, hazard=1e-9, noise=0.05, seed=seed)
+    return s.x, s.y
+
+
+def test_a_fit_after_an_unseen_change_learns_from_the_recent_rows(sinusoid_bundle):
+    """The serving weights fit concept A; the last rows are concept B and no detector said so.
+    A fit on all rows would average A and B; one of the recent-window starts wins."""
+    net = TorchNet(sinusoid_bundle.path)  # the bundle's network in torch, for predictions
+    adapter = net.adapter
+    (xa, ya), (xb, yb) = _task(1, 400), _task(2, 500)
+    serving = adapter.fit(xa, ya, max_seconds=5.0, seed=0).weights
+    x, y = np.concatenate([xa, xb[:200]]), np.concatenate([ya, yb[:200]])
+    result = adapter.fit(x, y, init=serving, max_seconds=5.0, seed=0)
+    assert result.start.startswith("recent-")
+
+    def mse(weights):
+        return float(np.mean((net.predict(weights, xb[200:]) - yb[200:]) ** 2))
+
+    assert mse(result.weights) < 0.25 * mse(serving)
+
+
+def test_the_meta_init_start_runs_its_inner_loop_for_as_long_as_the_rows_support(sinusoid_bundle):
+    """The bundle's inner loop was meta-trained for K=5 rows and 1 step; on 300 rows the fit runs
+    it for more steps, early-stopped on the newest rows, and ends better than the bundle's 1."""
+    net = TorchNet(sinusoid_bundle.path)  # the bundle's network in torch, for predictions
+    adapter = net.adapter
+    x, y = _task(3, 600)
+    one_step = adapter.adapt(x[:300], y[:300]).weights
+    fitted = adapter.fit(x[:300], y[:300], max_seconds=5.0, max_steps=300, seed=0)
+    assert fitted.start == "meta-init"
+
+    def mse(weights):
+        return float(np.mean((net.predict(weights, x[300:]) - y[300:]) ** 2))
+
+    assert mse(fitted.weights) < 0.5 * mse(one_step)

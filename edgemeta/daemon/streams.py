@@ -108,7 +108,8 @@ class Streams:
 
     def _regime(self) -> RegimeBuffer:
         c = self.settings.continual
-        return RegimeBuffer(c.window, c.every, c.growth, min_holdout=self.settings.adaptation.holdout_size)
+        return RegimeBuffer(c.window, c.every, c.growth, min_holdout=self.settings.adaptation.holdout_size,
+                            max_every=c.max_every)
 
     def _fresh(self, name: str) -> StreamState:
         return StreamState(name, self.models.lineage_of[name], *self._parts(name),

@@ -6,7 +6,9 @@ errors before it can cut; on river's SEA it needs a median 91 rows. A CUSUM of t
 ratio between "the error rate is still the baseline p0" and "it rose to p1" is the fastest test
 for a given false-alarm rate when p1 is known (Lorden's optimality), and it is close to that when
 p1 is a fixed, meaningful rise: here ``max(ratio * p0, p0 + shift)``, by default twice the
-baseline or ten points more, whichever is larger.
+baseline or ten points more, whichever is larger. A rise much smaller than that (a 18% error rate
+going to 24%) makes the statistic drift down, not up: the daemon runs ADWIN beside it
+(``DriftMonitor``) for those.
 
 The baseline p0 is learned as the stream goes, from rows older than ``lag`` (so that the rows of a
 change do not raise the baseline before the alarm), with half a pseudo-count so that a short run

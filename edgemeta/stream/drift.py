@@ -124,6 +124,9 @@ class DriftMonitor:
         """
         self._expected = expected
         self._error = make_detector(self.detector, self.delta)
+        # The CUSUM tests for a large rise (twice the error rate, or ten points more) and cannot
+        # see a smaller one at all; ADWIN beside it sees any lasting rise, only later.
+        self._slow = make_detector("adwin") if self.detector == "cusum" else None
         n = min(self.n_features, 8)
         # The feature detector keeps its own tuned confidence: ``delta`` is the error detector's.
         self._features = ([make_detector(self.feature_detector) for _ in range(n)]
@@ -181,6 +184,9 @@ class DriftMonitor:
         self._error.update(float(loss))
         self._recent.append((float(loss), row))
         fired = self._error.drift_detected and self._rising()
+        if self._slow is not None:
+            self._slow.update(float(loss))
+            fired = fired or (self._slow.drift_detected and self._worse())
         if self._expected is not None and self._seen >= MISFIT_MIN_ROWS:
             # Sequential: a gross misfit shows in a few rows, a mild one needs the whole warm-up;
             # the allowed ratio shrinks from 3 * sqrt(6) at 5 rows to 3 at min_samples rows.

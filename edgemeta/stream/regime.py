@@ -5,12 +5,15 @@ stops there, while an online learner keeps improving on every label. The regime 
 labelled rows since the estimated change point (at most ``window`` of them, the memory budget) and
 says when a continued fit is due: after ``every`` new rows, and no sooner than the regime has grown
 by ``growth`` since the last fit, so the fits come on a geometric schedule while a regime is young
-(at 50, 100, 150, 225, 337, ... rows with the defaults) and every ``growth * window`` rows once
-the window is full. The cost of a fit grows with the rows it learns from and the rows between
-fits grow as fast, so the cost per labelled row stays bounded.
+(at 50, 100, 150, 225, 337, ... rows with the defaults), and at least every ``max_every`` rows
+after that: a fit's steps are capped (``continual.max_steps``) and its time is paid from the rows
+since the last one (``budget_ms_per_row``), so the cost per labelled row stays bounded while a
+long regime that drifts slowly, or changed unseen, is still followed.
 
-A fit learns from the older rows and is judged on the newest ones (``holdout``): they came after
-the serving model was fitted, so they judge both models on rows neither learned from.
+A fit learns from the older rows and is judged on the newest ones (a fifth, between
+``min_holdout`` and ``max_holdout``): they came after the serving model was fitted, so they judge
+both models on rows neither learned from, and being the newest they judge it on the world as it
+is now, not as it was a thousand rows ago.
 
 >>> r = RegimeBuffer(window=100, every=10, growth=0.5, min_holdout=5)
 >>> for i in range(30):
@@ -34,10 +37,13 @@ from edgemeta.stream.buffers import Episode
 
 class RegimeBuffer:
     def __init__(self, window: int = 2000, every: int = 50, growth: float = 0.5,
-                 min_holdout: int = 20, min_train: int = 10):
+                 min_holdout: int = 20, min_train: int = 10, max_every: int = 250,
+                 max_holdout: int = 100):
         self.window = window
         self.every = every
         self.growth = growth
+        self.max_every = max_every
+        self.max_holdout = max_holdout
         self.min_holdout = min_holdout
         self.min_train = min_train
         self._rows: deque[tuple[Sequence[float], float]] = deque(maxlen=window)
@@ -73,14 +79,14 @@ class RegimeBuffer:
     @property
     def due(self) -> bool:
         enough = len(self._rows) >= self.min_train + self.min_holdout
-        gap = max(self.every, self.growth * min(self._tried, self.window))
+        gap = max(self.every, min(self.growth * min(self._tried, self.window), self.max_every))
         return enough and self.since_fit >= gap
 
     def take(self) -> Episode:
         """The rows to learn from (older) and to judge on (newest), and the fit is counted."""
         x = np.asarray([r[0] for r in self._rows], dtype=np.float32)
         y = np.asarray([r[1] for r in self._rows])
-        holdout = min(max(self.min_holdout, len(y) // 5), 500, len(y) - self.min_train)
+        holdout = min(max(self.min_holdout, len(y) // 5), self.max_holdout, len(y) - self.min_train)
         self._tried = self._count
         cut = len(y) - holdout
         return Episode(x[:cut], y[:cut], x[cut:], y[cut:])
