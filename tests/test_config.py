@@ -102,3 +102,14 @@ def test_config_check_opens_the_bundle_as_run_does(tmp_path, sinusoid_bundle):
     wrong = check(two_columns)
     assert wrong.returncode == 2
     assert "streams[0].features: 2 columns, the bundle expects 1" in wrong.stderr
+
+
+def test_a_binary_detector_with_a_regression_bundle_refuses_to_start_and_names_the_key(
+        tmp_path, sinusoid_bundle):
+    path = write(tmp_path, BASE.replace('path = "b"', f'path = "{sinusoid_bundle.path}"')
+                 + '[drift]\ndetector = "cusum"\n')
+    out = subprocess.run([sys.executable, "-m", "edgemeta", "config", "check", str(path)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "drift.detector: 'cusum' watches 0/1 errors" in out.stderr
+    assert "regression bundle" in out.stderr

@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from edgemeta.bundle_format import BundleFormatError, BundleInfo, read_bundle_info
-from edgemeta.config import ConfigError, Settings, load_config
+from edgemeta.config import BINARY_DETECTORS, ConfigError, Settings, load_config
 from edgemeta.daemon.adapter import AdapterClient
 from edgemeta.daemon.commands import Commands
 from edgemeta.daemon.degraded import DegradedMode
@@ -55,6 +55,11 @@ def open_bundle(settings: Settings) -> tuple[BundleInfo, OnnxTemplate]:
         if len(stream.features) != bundle.features:
             raise StartupError(f"streams[{i}].features: {len(stream.features)} columns, the "
                                f"bundle expects {bundle.features}")
+    detector = resolve_detector(settings.drift.detector, bundle.kind)
+    if detector in BINARY_DETECTORS and bundle.kind != "classification":
+        raise StartupError(f"drift.detector: {detector!r} watches 0/1 errors and needs a "
+                           f"classification bundle; {settings.bundle} is a {bundle.kind} bundle "
+                           "(use \"auto\" or \"adwin\")")
     return bundle, template
 
 
