@@ -7,7 +7,7 @@ prints the effective settings with the defaults filled in.
 >>> s = parse_config({"bundle": {"path": "/b"}, "state": {"dir": "/s"},
 ...                   "streams": [{"name": "s1", "features": ["x"], "label": "y"}]})
 >>> s.streams[0].format, s.drift.detector, s.metrics.port
-('csv', 'adwin', 9781)
+('csv', 'auto', 9781)
 """
 
 from __future__ import annotations

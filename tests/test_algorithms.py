@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from edgemeta.meta.bundle import read_bundle
@@ -22,6 +23,8 @@ def test_regression_algorithm_beats_no_adaptation(algorithm, tmp_path):
     adapted = res["methods"][algorithm][0]["loss"]["mean"]
     untouched = res["methods"]["no-adaptation"][0]["loss"]["mean"]
     assert adapted < 0.9 * untouched, (adapted, untouched)
+    x = np.linspace(-5, 5, 240, dtype=np.float32)[:, None]
+    _continued_fit_keeps_the_network(bundle, x, 2 * np.sin(x[:, 0] - 1))
 
 
 @pytest.mark.parametrize("algorithm", ["maml", "protonet"])
@@ -35,6 +38,23 @@ def test_classification_algorithm_beats_no_adaptation(algorithm, digits_npz, tmp
     acc = res["methods"][algorithm][0]["accuracy"]["mean"]
     chance = res["methods"]["no-adaptation"][0]["accuracy"]["mean"]
     assert acc > chance + 0.2, (acc, chance)
+    data = np.load(digits_npz)
+    keep = data["y"] < 5
+    _continued_fit_keeps_the_network(bundle, data["X"][keep][:240], data["y"][keep][:240])
+
+
+def _continued_fit_keeps_the_network(bundle, x, y):
+    """Every algorithm's bundle takes the daemon's continued fit, from the meta-initialization
+    and from serving weights (with the recent-window starts), and returns the network's tensors."""
+    from edgemeta.meta.adapt import Adapter
+
+    adapter = Adapter(bundle)
+    shapes = {n: w.shape for n, w in bundle.network_weights().items()}
+    fresh = adapter.fit(x, y, max_seconds=2.0)
+    onward = adapter.fit(x, y, init=fresh.weights, max_seconds=2.0)
+    for result in (fresh, onward):
+        assert {n: w.shape for n, w in result.weights.items()} == shapes
+        assert all(np.isfinite(w).all() for w in result.weights.values())
 
 
 def test_training_is_deterministic_under_a_seed_on_cpu():
