@@ -151,6 +151,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _interrupt(signum, frame) -> None:
+    """SIGTERM under torchrun: stop like Ctrl-C, once; a repeated signal must not interrupt the
+    writing of the best bundle so far."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 

@@ -182,6 +182,7 @@ def train(settings: TrainSettings, tasks,
     start = last_val = time.perf_counter()
     interval = settings.validation_interval()
     interrupted = False
+    lost: PeerLost | None = None
     it, validated, loss = 0, 0, None
 
     def validate() -> float:
@@ -237,12 +238,15 @@ def train(settings: TrainSettings, tasks,
     except KeyboardInterrupt:
         interrupted = True
     except PeerLost as exc:
-        warnings.warn(f"{exc}; keeping the best weights so far", stacklevel=2)
-        interrupted = True
-    if ctx.writer and it > validated and loss is not None and torch.isfinite(loss):
-        # Always judge the last weights too: a budget or Ctrl-C between validations must not
-        # throw away everything learned since the last one.
-        with contextlib.suppress(KeyboardInterrupt):
+        lost, interrupted = exc, True
+    # A second interruption (torchrun's SIGTERM right after a peer's death was noticed) must not
+    # lose what was learned: nothing below lets one escape.
+    with contextlib.suppress(KeyboardInterrupt):
+        if lost is not None:
+            warnings.warn(f"{lost}; keeping the best weights so far", stacklevel=2)
+        if ctx.writer and it > validated and loss is not None and torch.isfinite(loss):
+            # Always judge the last weights too: a budget or Ctrl-C between validations must not
+            # throw away everything learned since the last one.
             val = validate()
             if progress:
                 progress(it, loss.item(), val)
