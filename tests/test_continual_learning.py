@@ -82,14 +82,20 @@ def test_a_bare_meta_initialization_is_challenged_until_a_fit_replaces_it(tmp_pa
         d.shutdown(drain_s=0.5)
 
 
+def _fit_points(regime: RegimeBuffer, rows: int) -> list[int]:
+    """Feed ``rows`` labelled rows; the regime's row count at each fit it called for."""
+    fits = []
+    for i in range(rows):
+        regime.add([float(i)], float(i))
+        if regime.due:
+            fits.append(regime.count)
+            regime.take()
+    return fits
+
+
 def test_the_fit_schedule_is_geometric_then_bounded_by_the_window():
     r = RegimeBuffer(window=200, every=10, growth=0.5, min_holdout=5)
-    fits = []
-    for i in range(2000):
-        r.add([float(i)], float(i))
-        if r.due:
-            fits.append(r.count)
-            r.take()
+    fits = _fit_points(r, 2000)
     gaps = np.diff(fits)
     assert fits[0] == 15 and list(gaps[:3]) == [10, 13, 19]  # young regime: grows with it
     assert set(gaps[-5:]) == {100}  # window full: every growth * window rows
@@ -115,12 +121,7 @@ def test_a_drift_starts_a_new_regime_from_the_rows_since_the_change_point(tmp_pa
 
 def test_a_long_regime_is_still_fitted_at_least_every_max_every_rows():
     r = RegimeBuffer(window=2000, every=50, growth=0.5, min_holdout=20, max_every=250)
-    fits = []
-    for i in range(6000):
-        r.add([float(i)], float(i))
-        if r.due:
-            fits.append(r.count)
-            r.take()
+    fits = _fit_points(r, 6000)
     assert max(np.diff(fits)) == 250  # without the cap: every 1,000 rows once the window is full
     episode = r.take()
     assert len(episode.holdout_y) == 100  # judged on the newest rows, not the newest 400

@@ -174,9 +174,7 @@ RIVER_BUNDLE_SETTINGS = {"algorithm": "maml", "inner_steps": 5, "inner_lr": 0.1,
 def ensure_river_bundle(family: str, directory: Path, iterations: int) -> Path:
     """Meta-train on the family's related tasks (``river_families``), read from a task folder
     as a user's own tasks would be; later runs reuse the bundle."""
-    from edgemeta.bench.harness import read_or_train
     from edgemeta.meta.tasks import TaskFolderTasks
-    from edgemeta.meta.train import TrainSettings
 
     folder = directory / f"{family}-tasks"
     if not (folder / "task-00399.npz").is_file():
@@ -184,25 +182,29 @@ def ensure_river_bundle(family: str, directory: Path, iterations: int) -> Path:
     kind = KINDS[family]
     tasks = TaskFolderTasks(folder, kind=kind, shots=5 if kind == "classification" else 10,
                             queries=10)
-    settings = TrainSettings(iterations=iterations, val_every=max(1, iterations // 10), seed=0,
-                             device="cpu", tasks=tasks.describe(), **RIVER_BUNDLE_SETTINGS)
-    return read_or_train(directory / f"{family}-maml-{iterations}", settings, tasks,
-                         before_training=lambda: print(f"meta-training the {family} bundle on "
-                                                       f"{folder} ({iterations} iterations)",
-                                                       flush=True))
+    return _train_once(family, tasks, directory, iterations, RIVER_BUNDLE_SETTINGS,
+                       f" on {folder}")
 
 
 def ensure_bundle(family: str, directory: Path, iterations: int) -> Path:
     """Meta-train the family's bundle once; later runs reuse it."""
+    return _train_once(family, family_tasks(family), directory, iterations,
+                       BUNDLE_SETTINGS[family])
+
+
+def _train_once(family: str, tasks, directory: Path, iterations: int, algorithm: dict[str, Any],
+                source: str = "") -> Path:
+    """The bundle ``<family>-maml-<iterations>`` in ``directory``, meta-trained there unless an
+    earlier run left it whole (``harness.read_or_train``)."""
     from edgemeta.bench.harness import read_or_train
     from edgemeta.meta.train import TrainSettings
 
-    tasks = family_tasks(family)
     settings = TrainSettings(iterations=iterations, val_every=max(1, iterations // 10), seed=0,
-                             device="cpu", tasks=tasks.describe(), **BUNDLE_SETTINGS[family])
+                             device="cpu", tasks=tasks.describe(), **algorithm)
     return read_or_train(directory / f"{family}-maml-{iterations}", settings, tasks,
-                         before_training=lambda: print(f"meta-training the {family} bundle "
-                                                       f"({iterations} iterations)", flush=True))
+                         before_training=lambda: print(f"meta-training the {family} bundle"
+                                                       f"{source} ({iterations} iterations)",
+                                                       flush=True))
 
 
 def make_stream(family: str, n: int, hazard: float, noise: float | None,

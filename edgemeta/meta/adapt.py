@@ -109,10 +109,7 @@ class Adapter:
         else:
             fast = params
             for _ in range(steps):
-                with torch.enable_grad():
-                    fast = {**fast, **{n: p[0] for n, p in
-                                       self.learner_.adapt(fast, batch, steps=1,
-                                                           first_order=True).items()}}
+                fast = self._inner_step(fast, batch)
                 losses.append(self.loss(self.learner_.network(fast), x, y))
                 if not np.isfinite(losses[-1]):
                     break
@@ -157,22 +154,20 @@ class Adapter:
             windows.append(m)
             m //= 2
         per_start = max_seconds / (1 + (init is not None) + len(windows))
-        starts = {"meta-init": self._inner_path(tx, ty, vx, vy, max_steps,
-                                                 time.perf_counter() + per_start / 2)}
-        rows = {"meta-init": len(ty)}
+        # Each start: its weights and how many of the newest training rows it learns from.
+        adapted = self._inner_path(tx, ty, vx, vy, max_steps, time.perf_counter() + per_start / 2)
+        starts = {"meta-init": (adapted, len(ty))}
         if init is not None:
-            starts["current"] = {**starts["meta-init"], **self._tensors(init)}
-            rows["current"] = len(ty)
-            for m in windows:
-                starts[f"recent-{m}"], rows[f"recent-{m}"] = starts["current"], m
+            serving = {**adapted, **self._tensors(init)}
+            starts["current"] = (serving, len(ty))
+            starts.update({f"recent-{m}": (serving, m) for m in windows})
         # A protonet's fit is the prototypes of every row: nothing to train beyond them.
         protonet = self.bundle.meta["algorithm"] == "protonet"
         generator = torch.Generator(device="cpu").manual_seed(seed)
         best: tuple[float, str, int, dict[str, torch.Tensor]] | None = None
         curve: list[float] = []
-        for name, params in starts.items():
+        for name, (params, m) in starts.items():
             stop_at = min(deadline, time.perf_counter() + per_start)
-            m = rows[name]
             steps = 0 if protonet else min(int(max_steps), max(20, m))
             loss, step, weights, losses = self._train(params, tx[-m:], ty[-m:], vx, vy, steps,
                                                       lr, batch, generator, stop_at)
@@ -183,6 +178,12 @@ class Adapter:
             raise AdaptationFailed("every start of the continued fit diverged")
         out = {n_: p.detach().cpu().numpy().astype(np.float32) for n_, p in weights.items()}
         return AdaptResult(out, curve, step, start=name, validation_loss=float(loss))
+
+    def _inner_step(self, fast: dict[str, torch.Tensor], batch: TaskBatch) -> dict[str, torch.Tensor]:
+        """One first-order step of the bundle's inner loop (its learned rates kept in ``fast``)."""
+        with torch.enable_grad():
+            stepped = self.learner_.adapt(fast, batch, steps=1, first_order=True)
+        return {**fast, **{n: p[0].detach() for n, p in stepped.items()}}
 
     def _inner_path(self, tx: torch.Tensor, ty: torch.Tensor, vx: torch.Tensor, vy: torch.Tensor,
                     max_steps: int, stop_at: float, every: int = 5, patience: int = 4
@@ -200,10 +201,7 @@ class Adapter:
         best = (self.loss(self.learner_.network(fast), vx, vy), self.learner_.network(fast))
         worse = 0
         for step in range(1, max(1, int(max_steps)) + 1):
-            with torch.enable_grad():
-                fast = {**fast, **{n: p[0].detach() for n, p in
-                                   self.learner_.adapt(fast, batch, steps=1,
-                                                       first_order=True).items()}}
+            fast = self._inner_step(fast, batch)
             late = time.perf_counter() > stop_at
             if step % every and not late:
                 continue
