@@ -298,10 +298,11 @@ def parse_config(raw: dict[str, Any], source: Path | None = None) -> Settings:
                           f"adaptation.holdout_size ({settings.adaptation.holdout_size}), or 0")
     if not 0 < settings.gate.alpha <= 0.5:
         raise ConfigError(f"gate.alpha: must be in (0, 0.5], got {settings.gate.alpha}")
-    if settings.gate.early_rows and 0.5 ** settings.gate.early_rows > settings.gate.alpha:
+    if settings.gate.early_rows and 0.5 ** settings.gate.early_rows >= settings.gate.alpha:
         raise ConfigError(f"gate.early_rows: {settings.gate.early_rows} rows can never pass the "
-                          f"paired test at gate.alpha = {settings.gate.alpha} (even winning every "
-                          f"row gives p = 0.5^{settings.gate.early_rows}); use more rows or 0")
+                          f"paired test at gate.alpha = {settings.gate.alpha} and leave part of it "
+                          f"for the full holdout (even winning every row gives p = "
+                          f"0.5^{settings.gate.early_rows}); use more rows or 0")
     if not 0 <= settings.gate.min_gain < 1:
         raise ConfigError(f"gate.min_gain: must be in [0, 1), got {settings.gate.min_gain}")
     if not 0 < settings.metrics.port < 65536:

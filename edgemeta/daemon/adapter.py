@@ -2,9 +2,11 @@
 
 The worker is started by module name so this process never imports torch. A reader thread turns
 the worker's frames into queue items; the control loop polls the queue, so a slow or hung
-adaptation never stalls ingest or the systemd watchdog. A request that outlives its timeout kills
-the worker (a hung CUDA kernel cannot be cancelled any other way) and a dead worker is restarted
-with exponential back-off.
+adaptation never stalls ingest or the systemd watchdog. The worker is serial: a request is timed
+from the worker's "started" frame, not from when it was queued behind others, so several streams'
+fits due together do not time out for waiting. A request that outlives its timeout kills the
+worker (a hung CUDA kernel cannot be cancelled any other way) and a dead worker is restarted with
+exponential back-off.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ class AdapterClient:
         self._proc: subprocess.Popen | None = None
         self._inbox: queue.Queue = queue.Queue()
         self._next_id = 1
-        self._pending: dict[int, float] = {}
+        self._pending: dict[int, float | None] = {}  # request id -> when it started (None: queued)
         self._ready = False
         self._started_at = 0.0
         self._restart_at: float | None = None
@@ -141,7 +143,7 @@ class AdapterClient:
             log.warning("adapter worker pipe failed: %s", exc)
             self._worker_died("pipe closed")
             return None
-        self._pending[rid] = time.monotonic()
+        self._pending[rid] = None
         return rid
 
     def poll(self, wait: float = 0.0) -> list[AdaptOutcome]:
@@ -164,6 +166,9 @@ class AdapterClient:
                 self.info = header
                 log.info("adapter worker ready pid=%s device=%s (%s)", header.get("pid"),
                          header.get("device"), header.get("device_name"))
+            elif kind == "started":
+                if header.get("id") in self._pending:
+                    self._pending[header["id"]] = time.monotonic()
             elif kind == "result":
                 rid = header.get("id")
                 if self._pending.pop(rid, None) is not None:
@@ -188,7 +193,7 @@ class AdapterClient:
             log.error("adapter worker did not become ready in %.0fs; killing it", self.start_timeout_s)
             self._proc.kill()
             return self._worker_died("start timeout")
-        late = [rid for rid, t in self._pending.items() if now - t > self.timeout_s]
+        late = [rid for rid, t in self._pending.items() if t is not None and now - t > self.timeout_s]
         if not late:
             return []
         log.error("adaptation request(s) %s timed out after %.1fs; killing the worker", late,

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from edgemeta.daemon.degraded import DegradedMode
-from edgemeta.daemon.gate import per_sample_loss
 from edgemeta.daemon.inbox import Inbox
 from edgemeta.daemon.metrics import Metrics
 from edgemeta.daemon.models import ModelsError
@@ -95,28 +94,19 @@ class Commands:
         if trigger.command == "reload":
             self.reload()
             return "reloaded"
-        models = self.streams.models
         if trigger.command == "rollback":
+            models = self.streams.models
             stream = trigger.args.get("stream")
             lineages = [models.lineage_of[stream]] if stream else models.lineages()
-            done = []
-            for lineage in lineages:
-                manifest = models.rollback(lineage, to=trigger.args.get("version"))
-                self.streams.rolled_back(lineage)
-                done.append(f"{lineage} now serves v{manifest.version} (rollback to "
-                            f"v{manifest.parent})")
-            return "; ".join(done)
+            return "; ".join(self.streams.rolled_back(lineage, to=trigger.args.get("version"))
+                             for lineage in lineages)
         stream = trigger.args["stream"]
-        needed = self.streams.trigger(stream)
         support = trigger.args.get("support")
         if support is None:
-            return f"collecting {needed} labelled samples on stream {stream}"
+            return self.streams.trigger(stream)
         rows = parse_rows(support, self.inbox.settings.stream(stream), self.inbox.limits,
                           self.inbox.bundle.classes)
         if rows.y is None:
             raise IngestError("wrong_columns", f"{support.name}: a support file needs the label "
                               f"column {self.inbox.settings.stream(stream).label!r}")
-        outputs, _ = models.predict(stream, self.inbox.normalize(rows.x))
-        self.streams.learn(stream, rows.x, rows.y, per_sample_loss(self.inbox.kind, outputs,
-                                                                   rows.y))
-        return f"support file {support.name} gave {len(rows.y)} labelled rows on stream {stream}"
+        return f"{support.name}: " + self.streams.trigger(stream, (rows.x, rows.y))

@@ -10,8 +10,12 @@ improvements and accepts lucky ones alike. Each holdout row is scored by both mo
 one-sided sign-flip permutation test on the per-row loss differences asks whether the candidate is
 better; it is accepted at level ``gate.alpha``, which is its false-accept rate when the candidate is
 in truth no better. ``gate.min_gain`` stays as an optional effect-size floor. The early gate (a few
-holdout rows right after a drift) uses the same test: on 5 rows it can only pass when every row
-improved, otherwise the episode waits for the full holdout.
+holdout rows right after a drift) uses the same test: on 6 rows it can only pass when every row
+improved, otherwise the episode's weights wait for a full holdout of rows the early gate did not
+see. The two looks share ``gate.alpha`` (:func:`split_alpha`): the early one spends what its few
+rows can attain, the full one the rest, so an episode looked at twice is still accepted by
+chance at most ``gate.alpha`` of the time. A recall's two looks (at the drift, and on the drift
+episode's rows) split it in halves the same way.
 
 >>> decide(np.full(20, 1.0), np.full(20, 0.5), alpha=0.05).accepted
 True
@@ -83,6 +87,29 @@ def paired_p_value(current_rows: np.ndarray, candidate_rows: np.ndarray) -> floa
     signs = rng.choice((-1.0, 1.0), size=(RANDOM_FLIPS, len(d)))
     sums = signs @ d
     return float((1 + np.sum(sums >= observed - 1e-12 * np.abs(d).sum())) / (1 + RANDOM_FLIPS))
+
+
+def split_alpha(alpha: float, early_rows: int) -> tuple[float, float]:
+    """The levels of the early look on ``early_rows`` rows and of the full look after it.
+
+    The sign-flip test on n <= EXACT_ROWS rows attains only multiples of 2^-n, so the early
+    look's true level is the largest multiple not above alpha / 2 (or 2^-n, the one level that
+    lets all-better pass, when alpha / 2 is below it); the full look gets the rest. The looks
+    see disjoint rows, and by the union bound the chance of accepting a candidate that is in
+    truth no better, at either look, is at most their sum: ``alpha``.
+
+    >>> split_alpha(0.05, 6)  # 1/64 for six wins of six, 0.0344 for the full holdout
+    (0.015625, 0.034375)
+    >>> split_alpha(0.05, 0)
+    (0.0, 0.05)
+    """
+    if early_rows <= 0:
+        return 0.0, alpha
+    if early_rows > EXACT_ROWS:
+        return alpha / 2, alpha / 2
+    unit = 0.5 ** early_rows
+    early = math.floor(alpha / 2 / unit) * unit or unit
+    return early, max(alpha - early, 0.0)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -71,10 +72,8 @@ class Inbox:
         if not os.path.lexists(path):
             return True
         try:
-            if is_label_file(path.name):
-                self._labels(stream, path)
-            else:
-                self._data(stream, path)
+            handler = self._labels if is_label_file(path.name) else self._data
+            learn = handler(stream, path)
             self.layout.processed(stream, path)
         except IngestError as exc:
             return self._quarantine(stream, path, exc)
@@ -87,6 +86,13 @@ class Inbox:
                 "internal_error", f"{type(exc).__name__}: {exc}"[:2000]))
         self.metrics.files.labels(stream, "processed").inc()
         self.degraded.ok()
+        # Learned from only once the file is safely in processed/: a file whose move failed is
+        # handled again later, and must not be learned from twice.
+        try:
+            learn()
+        except Exception:  # noqa: BLE001 - containment: the file is handled, serving goes on
+            log.exception("internal error learning from stream=%s file=%s", stream, path.name)
+            self.metrics.internal_errors.labels("ingest").inc()
         return True
 
     def _quarantine(self, stream: str, path: Path, exc: IngestError) -> bool:
@@ -112,7 +118,9 @@ class Inbox:
         self.pending.add(stream, path)
         return False
 
-    def _data(self, stream: str, path: Path) -> None:
+    def _data(self, stream: str, path: Path) -> Callable[[], None]:
+        """Serve the file's rows and write their predictions; returns the learning to do once
+        the file is moved."""
         rows = parse_rows(path, self.settings.stream(stream), self.limits, self.bundle.classes)
         outputs, version = self.predict(stream, rows.x)
         predictions = iter(self.predictions(outputs))
@@ -132,18 +140,22 @@ class Inbox:
         if rows.refused:
             log.warning("stream=%s file=%s: %d row(s) refused, e.g. %s", stream, path.name,
                         len(rows.refused), next(iter(rows.refused.values())).message)
-        self.observe(stream, rows.x, outputs, version, rows.y, rows.ids)
+        return lambda: self.observe(stream, rows.x, outputs, version, rows.y, rows.ids)
 
-    def _labels(self, stream: str, path: Path) -> None:
+    def _labels(self, stream: str, path: Path) -> Callable[[], None]:
+        """Join a label file with the cached rows; returns the learning to do once the file is
+        moved (the joined rows leave the cache then: a file whose move failed joins again)."""
         labels, refused = parse_labels(path, self.limits, self.bundle.classes)
         if refused:
             self.metrics.labels.labels(stream, "refused").inc(len(refused))
             log.warning("stream=%s file=%s: %d label(s) refused, e.g. %s", stream, path.name,
                         len(refused), next(iter(refused.values())).message)
         xs, ys, outs, versions = [], [], [], []
+        joined: list[str] = []
         for row_id, y in labels:
-            hit = self.cache.pop(stream, row_id)
+            hit = self.cache.peek(stream, row_id) if row_id not in joined else None
             if hit is not None:
+                joined.append(row_id)
                 xs.append(hit[0])
                 ys.append(y)
                 outs.append(hit[1])
@@ -153,12 +165,18 @@ class Inbox:
             self.metrics.labels.labels(stream, "unknown").inc(unknown)
             log.info("stream=%s file=%s: %d label(s) with unknown or expired ids", stream,
                      path.name, unknown)
-        if xs:
-            self.metrics.labels.labels(stream, "matched").inc(len(xs))
-            y = np.asarray(ys)
+        if not xs:
+            return lambda: None
+        self.metrics.labels.labels(stream, "matched").inc(len(xs))
+        y = np.asarray(ys)
+        judged = np.asarray(versions) == self.models.version(stream)
+
+        def learn() -> None:
+            for row_id in joined:
+                self.cache.pop(stream, row_id)
             self.streams.learn(stream, np.asarray(xs), y,
-                               per_sample_loss(self.kind, np.asarray(outs), y),
-                               np.asarray(versions) == self.models.version(stream))
+                               per_sample_loss(self.kind, np.asarray(outs), y), judged)
+        return learn
 
     # -- rows, from a file or from a caller in this process ---------------------------------------
     def predictions(self, outputs: np.ndarray) -> list:

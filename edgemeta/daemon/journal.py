@@ -51,6 +51,8 @@ class StreamView:
     collected: int
     needed: int
     meta_init: bool = False  # served by the bundle's bare meta-initialization
+    restarts: int = 0        # drift collections restarted by a further drift
+    superseded: int = 0      # open episodes a drift ended
 
 
 EPISODE_FORMAT = 1
@@ -210,6 +212,8 @@ def read_status(state_dir: Path) -> dict[str, Any]:
 
 def _state_line(s: dict[str, Any]) -> str:
     phase = s["phase"]
+    if phase == "waiting_for_worker":
+        return f"adapting ({s['reason']}), waiting for the worker to start"
     if phase in ("adapting", "gating"):
         return f"adapting ({s['reason']})"
     if phase in ("collecting", "refining"):

@@ -30,12 +30,13 @@ from enum import StrEnum
 
 
 class Phase(StrEnum):
-    WATCHING = "watching"      # serving; the drift detector judges the serving model
-    COLLECTING = "collecting"  # gathering support + holdout rows; the detector is paused
+    # The drift detector watches the serving model in every phase: a drift while an episode is
+    # open supersedes it (its rows span two regimes, or only the old one).
+    WATCHING = "watching"      # serving, nothing open
+    COLLECTING = "collecting"  # gathering support + holdout rows
     ADAPTING = "adapting"      # the episode is complete: queued for or running in the worker
     GATING = "gating"          # weights are back: the candidate is being judged on the holdout
-    REFINING = "refining"      # an accepted model serves and a larger support is gathered;
-    #                            the detector keeps watching
+    REFINING = "refining"      # an accepted model serves and a larger support is gathered
 
 
 class Reason(StrEnum):
@@ -51,6 +52,9 @@ class Reason(StrEnum):
 
 
 RESULTS = ("accepted", "rejected", "failed", "timeout", "inconclusive")
+#: Results an episode record can carry: the worker's and the gate's, and ``superseded`` (a drift
+#: while it was open: its rows no longer describe the world that serving meets).
+RECORDED = ("accepted", "rejected", "failed", "timeout", "superseded")
 
 
 @dataclass(frozen=True)
@@ -85,8 +89,9 @@ class Due:
 
 @dataclass(frozen=True)
 class Recalled:
-    """A model remembered from an earlier regime now serves (``daemon/memory.py``): the drift
-    is resolved, and the episode in flight, if any, must beat the recalled model."""
+    """A model remembered from an earlier regime now serves (``daemon/recall.py``): the drift
+    is resolved, the detector watches the recalled model, a refinement of the model it replaced
+    is dropped, and a drift episode in flight goes on and must beat the recalled model."""
 
     expected: float | None = None
 
@@ -158,6 +163,16 @@ class Cancel:
 
 
 @dataclass(frozen=True)
+class Superseded:
+    """A drift ended the open collection or episode of ``reason`` (``restart``: it was a drift
+    collection, restarted from the new change point). A job among them is recorded as
+    ``superseded`` by its own :class:`Record`."""
+
+    reason: Reason
+    restart: bool = False
+
+
+@dataclass(frozen=True)
 class Submit:
     job: int
     reason: Reason
@@ -195,7 +210,7 @@ class ResetDetector:
     expected: float | None = None
 
 
-Action = Open | Cancel | Submit | Fit | Gate | Record | ResetDetector
+Action = Open | Cancel | Superseded | Submit | Fit | Gate | Record | ResetDetector
 
 
 class LifecycleError(RuntimeError):
@@ -221,11 +236,6 @@ class Lifecycle:
     resumed: int | None = None       # the job an inconclusive early gate sent back to collect
     stopping: bool = False
     log: list[Action] = field(default_factory=list, repr=False)
-
-    @property
-    def watches(self) -> bool:
-        """Whether labelled rows feed the drift detector now."""
-        return self.phase in (Phase.WATCHING, Phase.REFINING)
 
     @property
     def collecting(self) -> bool:
@@ -258,7 +268,9 @@ class Lifecycle:
         if isinstance(event, Recalled):
             self.unresolved, self.fit_level = False, event.expected
             self.retries = 0
-            return []
+            # The model a refinement was improving no longer serves.
+            cancel = self._to_watching() if self.phase is Phase.REFINING else []
+            return [*cancel, ResetDetector(event.expected)]
         if isinstance(event, Due):
             if self.phase is not Phase.WATCHING or self.manual_pending:
                 return []  # an episode is open: its own adaptation comes first
@@ -274,10 +286,13 @@ class Lifecycle:
         if isinstance(event, Completed):
             if not self.collecting:
                 raise LifecycleError(f"a collection completed in phase {self.phase.value}")
-            if self.resumed is None:
-                self.jobs += 1
-            self.job, self.phase = self.resumed or self.jobs, Phase.ADAPTING
-            self.resumed = None
+            if self.resumed is not None:
+                # The full holdout of an episode the early gate found inconclusive: its weights
+                # are judged on these new rows, not adapted again.
+                self.job, self.resumed, self.phase = self.resumed, None, Phase.GATING
+                return [Gate(self.job, early=False)]
+            self.jobs += 1
+            self.job, self.phase = self.jobs, Phase.ADAPTING
             return [Submit(self.job, self.reason)]
         if isinstance(event, (WeightsReady, Finished)):
             return self._job_event(event)
@@ -293,18 +308,28 @@ class Lifecycle:
             if not self.collecting:
                 return []
             # The collector was replaced: reopen it for the same reason with the new settings.
+            if self.resumed is not None:
+                return [Open(self.reason, self.support_size, None, seed="episode")]
             return [Open(self.reason, self.support_size,
                          self.policy.early_rows if self.early else None)]
         raise LifecycleError(f"unknown event {event!r}")
 
     def _drift(self, event: DriftDetected) -> list[Action]:
-        if not self.watches:
-            return []  # a feature alarm while an episode is already open adds nothing
-        cancel = self._cancel() if self.phase is Phase.REFINING else []
+        """A drift in any phase: whatever is open learned from rows of the world before the
+        change (or of both worlds), so it is superseded and a drift collection opens from the
+        new change point; a drift during a drift collection restarts it."""
+        superseded: list[Action] = []
+        if self.busy:
+            superseded = [Superseded(self.reason),
+                          Record(self.job, self.reason, "superseded", "drift")]
+            self.job = None  # its outcome, when the worker sends it, is stale
+        elif self.collecting:
+            restart = self.reason in (Reason.DRIFT, Reason.RETRY)
+            superseded = [Superseded(self.reason, restart), *self._cancel("superseded", "drift")]
         self.unresolved = True
         self.retries, self.refine_stage, self.fit_level = 0, 0, None
-        return [*cancel, *self._open(Reason.DRIFT, early=True,
-                                     seed="backfill" if event.backfill else "none")]
+        return [*superseded, *self._open(Reason.DRIFT, early=True,
+                                         seed="backfill" if event.backfill else "none")]
 
     def _job_event(self, event: WeightsReady | Finished) -> list[Action]:
         if event.job != self.job:
@@ -318,8 +343,9 @@ class Lifecycle:
             raise LifecycleError(f"unknown result {event.result!r}")
         if event.result == "inconclusive":
             if self.early and not self.stopping and not self.manual_pending:
-                # Same episode, more holdout rows: the rows already gathered seed the collection,
-                # and the episode keeps its job number.
+                # Same episode and weights, judged again on a full holdout of rows the early
+                # gate did not see (so the two looks share ``gate.alpha``, see gate.py); the
+                # episode keeps its job number.
                 self.resumed, self.job = self.job, None
                 reason = self.reason
                 self.phase, self.early = Phase.COLLECTING, False
@@ -339,10 +365,11 @@ class Lifecycle:
                 expected = min(expected, self.fit_level)
             self.fit_level = expected
             self.unresolved = False
-        if reason is Reason.CONTINUAL:
-            pass  # the same regime, a better model: its error falls, which no detector alarms on
-        elif accepted or reason is not Reason.REFINE:  # a rejected refinement changed nothing
-            actions.append(ResetDetector(expected if accepted else None))
+        if accepted and reason is not Reason.CONTINUAL:
+            # A new model serves: a new baseline. (A continued fit is the same regime and a
+            # better model: its error falls, which no detector alarms on. A rejected episode
+            # changed nothing, and the detector never stopped watching.)
+            actions.append(ResetDetector(expected))
         stage = self.refine_stage + 1 if reason is Reason.REFINE else 0
         self.refine_stage = 0
         retry = (not accepted and reason in (Reason.DRIFT, Reason.RETRY) and self.unresolved
@@ -373,14 +400,14 @@ class Lifecycle:
         self.reason, self.early, self.support_size = reason, holdout is not None, support_size
         return [Open(reason, support_size, holdout, seed)]
 
-    def _cancel(self) -> list[Action]:
+    def _cancel(self, result: str = "rejected", why: str = "inconclusive") -> list[Action]:
         """Abandon the open collection. A fresh one is not an episode yet (nothing to record);
         one that an inconclusive early gate sent back for more rows is, and ends here."""
         if not self.collecting:
             return []
         actions: list[Action] = [Cancel()]
         if self.resumed is not None:
-            actions.append(Record(self.resumed, self.reason, "rejected", "inconclusive"))
+            actions.append(Record(self.resumed, self.reason, result, why))
             self.resumed = None
         return actions
 
@@ -423,6 +450,7 @@ _PROBES: tuple[tuple[str, object], ...] = (
     ("rejected", "rejected"),
     ("failed/timeout", "failed"),
     ("inconclusive", "inconclusive"),
+    ("recalled", Recalled()),
     ("rolled back", RolledBack()),
     ("shared model swapped", Swapped()),
 )
@@ -459,7 +487,7 @@ def diagram(policy: Policy | None = None) -> str:
             except LifecycleError:
                 continue
             a, b = _state_name(m), _state_name(n)
-            if a == b:
+            if a == b and not any(isinstance(x, (Open, Superseded)) for x in n.log):
                 continue  # a reset of the detector at most: not a transition
             edges.add((a, b, label))
             if b not in seen:

@@ -49,8 +49,12 @@ class Metrics:
                                         ["stream", "detector"], registry=r)
         self.drift_active = Gauge("edgemeta_drift_active", "1 while a detected drift awaits an "
                                   "accepted adaptation", ["stream"], registry=r)
-        self.adaptations = Counter("edgemeta_adaptations_total", "Adaptation episodes by outcome",
+        self.adaptations = Counter("edgemeta_adaptations_total", "Adaptation episodes by outcome "
+                                   "(superseded: a drift came while it was open)",
                                    ["stream", "result"], registry=r)
+        self.drift_restarts = Counter("edgemeta_drift_restarts_total", "Drift collections "
+                                      "restarted from a new change point by a further drift",
+                                      ["stream"], registry=r)
         self.recalls = Counter("edgemeta_recalls_total", "Models of earlier regimes served again "
                                "after a drift (concept memory)", ["stream"], registry=r)
         self.stage_duration = Histogram("edgemeta_adaptation_stage_duration_seconds",
@@ -115,8 +119,9 @@ class Metrics:
             for det in {detector, "feature"} if feature_detector != "none" else {detector}:
                 self.drift_detections.labels(stream, det)
             self.drift_active.labels(stream).set(0)
-            for result in ("accepted", "rejected", "failed", "timeout"):
+            for result in ("accepted", "rejected", "failed", "timeout", "superseded"):
                 self.adaptations.labels(stream, result)
+            self.drift_restarts.labels(stream)
             self.recalls.labels(stream)
             # NaN until the first gate: "no figure yet", not a loss of 0.
             self.holdout_current.labels(stream).set(float("nan"))

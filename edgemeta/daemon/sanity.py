@@ -115,16 +115,29 @@ class Probation:
     ``verdict`` is ``'worse'`` when the new version's per-row losses are higher than the old one's
     by a one-sided paired t-test at about 2.5% (t > 2), ``'ok'`` otherwise, and None until
     ``rows`` rows have been seen.
+
+    Probation judges the new version on the regime it was adapted to. When the replaced version
+    is itself clearly worse on these rows than it was on the gate's holdout (``previous_level``:
+    t > 2 and at least ``CHANGED_RATIO`` times its holdout loss), the world changed under both:
+    the verdict is ``'changed'``, a drift, and no verdict on the new model.
+
+    >>> p = Probation(rows=5, previous_level=1.0)
+    >>> for _ in range(5):
+    ...     p.add(new_losses=np.array([9.0, 8.0]), old_losses=np.array([6.0, 5.0]))
+    >>> p.verdict()
+    'changed'
     """
 
     T_CRITICAL = 2.0
+    CHANGED_RATIO = 1.5
 
     def __init__(self, rows: int, previous: Any = None, previous_version: int | None = None,
-                 new_version: int | None = None):
+                 new_version: int | None = None, previous_level: float | None = None):
         self.rows = rows
         self.previous = previous  # the replaced model, still loaded (opaque here)
         self.previous_version = previous_version
         self.new_version = new_version
+        self.previous_level = previous_level
         self._diffs: list[float] = []
         self._new: list[float] = []
         self._old: list[float] = []
@@ -143,14 +156,27 @@ class Probation:
         return {"rows": self.seen, "new_loss": float(np.mean(self._new)) if self._new else 0.0,
                 "old_loss": float(np.mean(self._old)) if self._old else 0.0}
 
+    def _t(self, values: np.ndarray, against: float = 0.0) -> float:
+        mean = float(values.mean()) - against
+        sd = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        if sd == 0.0:
+            return float("inf") if mean > 0 else 0.0
+        return mean / (sd / np.sqrt(len(values)))
+
+    def changed(self) -> bool:
+        """The replaced version got clearly worse too: these rows are of another regime."""
+        if self.previous_level is None or not self._old:
+            return False
+        old = np.asarray(self._old)
+        return (float(old.mean()) > self.CHANGED_RATIO * self.previous_level
+                and self._t(old, self.previous_level) > self.T_CRITICAL)
+
     def verdict(self) -> str | None:
         if self.seen < self.rows:
             return None
         d = np.asarray(self._diffs)
-        mean = float(d.mean())
-        if mean <= 0:
+        if float(d.mean()) <= 0:
             return "ok"
-        sd = float(d.std(ddof=1)) if len(d) > 1 else 0.0
-        if sd == 0.0:
-            return "worse"
-        return "worse" if mean / (sd / np.sqrt(len(d))) > self.T_CRITICAL else "ok"
+        if self._t(d) <= self.T_CRITICAL:
+            return "ok"
+        return "changed" if self.changed() else "worse"

@@ -1,10 +1,12 @@
-"""Per-stream learning: labelled rows feed the drift detector or the open collection, and the
-lifecycle's actions are carried out (collections, worker jobs, the gate, promotion, records).
+"""Per-stream learning: labelled rows feed the drift detector (in every phase) and the open
+collection, and the lifecycle's actions are carried out (collections, worker jobs, the gate).
 
 The decisions are the lifecycle's (``lifecycle.py``); this module only does what it is told and
 reports back what happened, through one queue of (stream, event) pairs, so an action that causes
 another event (a backfilled collection that is complete at once, a gate that accepts) is handled
-after the actions of the event before it, never in the middle of them.
+after the actions of the event before it, never in the middle of them. Changing what serves is
+``promotion.py``'s, recalling a remembered model ``recall.py``'s, the episodes in flight are
+``jobs.py``'s.
 """
 
 from __future__ import annotations
@@ -13,63 +15,31 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from edgemeta.bundle_format import BundleInfo
 from edgemeta.config import Settings
 from edgemeta.daemon import lifecycle as lc
-from edgemeta.daemon.adapter import AdapterClient, AdaptOutcome
-from edgemeta.daemon.gate import decide, evaluate, per_sample_loss, row_losses
+from edgemeta.daemon.adapter import AdapterClient
+from edgemeta.daemon.gate import evaluate, per_sample_loss, split_alpha
+from edgemeta.daemon.jobs import Job, JobTable
 from edgemeta.daemon.journal import Journal, StreamView
-from edgemeta.daemon.memory import Concept, ConceptMemory, regime_stats
 from edgemeta.daemon.metrics import Metrics
-from edgemeta.daemon.models import Replaced, ServedModels
-from edgemeta.daemon.sanity import Probation, degenerate_labels
+from edgemeta.daemon.models import ServedModels
+from edgemeta.daemon.promotion import Promotion
+from edgemeta.daemon.recall import Recall
+from edgemeta.daemon.sanity import degenerate_labels
+from edgemeta.daemon.stream_state import StreamState
 from edgemeta.fsio import is_storage_error
 from edgemeta.serve.predictor import run
-from edgemeta.serve.registry import RegistryError
 from edgemeta.stream.buffers import Episode, SupportCollector
 from edgemeta.stream.drift import DriftMonitor
 from edgemeta.stream.regime import RegimeBuffer
 
 log = logging.getLogger("edgemeta.daemon")
 
-
-@dataclass
-class StreamState:
-    name: str
-    lineage: str
-    monitor: DriftMonitor
-    collector: SupportCollector
-    machine: lc.Lifecycle
-    regime: RegimeBuffer
-    samples: int = 0
-    drifts: int = 0  # detections so far (status shows them; so does the detections counter)
-    last_loss: float | None = None
-    drift_started: float | None = None
-    # Labels seen while not collecting: the stream's recent history, against which a support
-    # set's labels are checked for sanity.
-    history: deque = field(default_factory=lambda: deque(maxlen=500))
-    probation: Probation | None = None  # after a swap: the new version vs the one it replaced
-    recalled: bool = False  # a remembered model was recalled since the last drift
-    completed: Episode | None = None    # the collection that just completed, until submitted
-
-
-@dataclass
-class Job:
-    """One episode on its way through the worker and the gate."""
-
-    stream: str
-    job: int
-    episode: Episode
-    complete_at: float
-    submitted_at: float = 0.0
-    outcome: AdaptOutcome | None = None
-    fit: dict | None = None  # a continued fit's options (None: the few-shot inner loop)
-    timings: dict[str, float] = field(default_factory=dict)
-    figures: dict = field(default_factory=dict)
+__all__ = ["Streams", "StreamState", "policy"]
 
 
 def policy(settings: Settings) -> lc.Policy:
@@ -91,10 +61,11 @@ class Streams:
         self.metrics = metrics
         self.degrade = degrade
         self.states = {s.name: self._fresh(s.name) for s in settings.streams}
-        self.memory = ConceptMemory(settings.memory.capacity)
-        self._jobs: dict[tuple[str, int], Job] = {}
-        self._requests: dict[int, tuple[str, int]] = {}  # worker request id -> job
-        self._waiting: list[tuple[str, int]] = []        # jobs held until the worker is up
+        self.jobs = JobTable()
+        self.promotion = Promotion(models, metrics, journal, self.states, self._event,
+                                   settings.adaptation.holdout_size)
+        self.recall = Recall(settings, bundle, models, self.promotion, journal, metrics,
+                             self._event, degrade)
         self._queue: deque[tuple[StreamState, lc.Event]] = deque()
         self.changed = True  # something ``status`` shows has changed
 
@@ -127,21 +98,37 @@ class Streams:
             meta_init = self.models.of(state.name).manifest.source == "meta-init"
             self._event(state, lc.Started(meta_init))
 
-    def trigger(self, stream: str) -> int:
-        """An operator's ``adapt``; returns how many labelled rows the collection needs."""
+    def trigger(self, stream: str, support: tuple[np.ndarray, np.ndarray] | None = None) -> str:
+        """An operator's ``adapt``, optionally with a support file's labelled rows; what the
+        daemon does about it, in words."""
         state = self.states[stream]
         self._event(state, lc.Triggered())
-        return state.collector.needed
+        if state.machine.manual_pending:
+            if support is not None:
+                # The collection opens when the episode in flight ends: these rows seed it.
+                state.pending_support = list(zip(*support, strict=True))
+            kept = f" with the {len(support[1])} rows given" if support is not None else ""
+            return (f"stream {stream}: an episode is in flight; a manual collection{kept} "
+                    f"opens when it ends")
+        if support is None:
+            return f"collecting {state.collector.needed} labelled samples on stream {stream}"
+        x, y = support
+        outputs, _ = self.models.predict(stream, self.bundle.normalize(x))
+        # The operator's chosen rows, not live traffic: they fill the collection but say
+        # nothing about how the serving model meets the stream, so the detector never sees them.
+        self.learn(stream, x, y, per_sample_loss(self.kind, outputs, y),
+                   judged=np.zeros(len(y), bool))
+        return f"support file gave {len(y)} labelled rows on stream {stream}"
 
-    def rolled_back(self, lineage: str) -> None:
-        for state in self.states.values():
-            if state.lineage == lineage:
-                state.probation = None
-                self._event(state, lc.RolledBack())
+    def rolled_back(self, lineage: str, to: int | None = None) -> str:
+        """An operator's rollback of ``lineage``."""
+        manifest = self.promotion.rollback(lineage, to=to)
+        return f"{lineage} now serves v{manifest.version} (rollback to v{manifest.parent})"
 
     def reload(self, settings: Settings) -> None:
         """New settings: fresh detectors and collectors; open collections are reopened."""
-        self.settings = settings
+        self.settings = self.recall.settings = settings
+        self.promotion.probation_rows = settings.adaptation.holdout_size
         for name, state in self.states.items():
             state.monitor, state.collector = self._parts(name)
             old, state.regime = state.regime, self._regime()
@@ -156,7 +143,8 @@ class Streams:
 
     def learn(self, stream: str, x: np.ndarray, y: np.ndarray, losses: np.ndarray,
               judged: np.ndarray | None = None) -> None:
-        """Labelled rows: feed the drift detector, or the collection while one is open.
+        """Labelled rows: each feeds the drift detector, whatever the phase, then the open
+        collection or the stream's history.
 
         ``judged`` marks the rows whose prediction the serving version made: a late label for a
         prediction of an earlier version says nothing about the model serving now, so it may
@@ -170,22 +158,25 @@ class Streams:
             self._judge_probation(state, x, y, losses, judged)
         m = state.machine
         for i in range(len(y)):
-            watched = m.watches and (judged is None or judged[i])
-            if watched and state.monitor.update_error(losses[i], (x[i], y[i])):
+            if ((judged is None or judged[i])
+                    and state.monitor.update_error(losses[i], (x[i], y[i]))):
                 self.drift(state, state.monitor.detector)
                 continue  # the row is in the backfill already
             state.regime.add(x[i], y[i])
             self.journal.labelled(stream, x[i], y[i])
             if m.collecting:
-                episode = state.collector.offer(x[i], y[i])
-                if episode is not None:
-                    state.completed = episode
-                    self._event(state, lc.Completed())
+                self._offer(state, x[i], y[i])
             else:
                 state.history.append(float(y[i]))
         if self.settings.continual.enabled and m.phase is lc.Phase.WATCHING and state.regime.due:
             self._event(state, lc.Due())
         self.changed = True
+
+    def _offer(self, state: StreamState, x, y) -> None:
+        episode = state.collector.offer(x, y)
+        if episode is not None:
+            state.completed = episode
+            self._event(state, lc.Completed())
 
     def unlabelled(self, stream: str, x_normalized: np.ndarray) -> None:
         """Rows without labels: only a feature detector can learn anything from them."""
@@ -198,25 +189,27 @@ class Streams:
         # A new regime: only the rows since the estimated change point describe it.
         backfill = detector != "feature" and self.settings.adaptation.backfill
         self.journal.stop_following(state.name)  # the rows from here on are another regime's
-        self._remember(state)
+        self.recall.remember(state)
         rows = state.monitor.rows_since_change() if backfill else []
         state.regime.restart(rows)
         state.recalled = False
+        state.probation = None  # a drift is not a verdict on the model that serves
         state.drifts += 1
         self.metrics.drift_detections.labels(state.name, detector).inc()
-        log.warning("drift detected stream=%s detector=%s version=%d samples=%d", state.name,
-                    detector, self.models.version(state.name), state.samples)
+        log.warning("drift detected stream=%s detector=%s version=%d samples=%d phase=%s",
+                    state.name, detector, self.models.version(state.name), state.samples,
+                    state.machine.phase.value)
         self._event(state, lc.DriftDetected(backfill=detector != "feature"))
-        if len(rows) >= self.settings.memory.min_rows:
-            self._recall(state, np.asarray([r[0] for r in rows]), np.asarray([r[1] for r in rows]))
+        if rows:
+            self.recall.attempt(state, np.asarray([r[0] for r in rows]),
+                                np.asarray([r[1] for r in rows]))
 
     def poll(self, wait: float = 0.0) -> None:
         """Take the worker's outcomes; send held episodes once it is up."""
         for outcome in self.adapter.poll(wait=wait):
-            key = self._requests.pop(outcome.request_id, None)
-            job = self._jobs.get(key) if key else None
+            job = self.jobs.answered(outcome.request_id)
             if job is None:
-                continue
+                continue  # superseded, or over already
             job.timings["adapt"] = time.perf_counter() - job.submitted_at
             state = self.states[job.stream]
             if outcome.ok:
@@ -229,10 +222,9 @@ class Streams:
                 job.figures["error"] = outcome.error
                 self._event(state, lc.Finished(job.job, "timeout" if outcome.reason == "timeout"
                                                else "failed", outcome.reason or "error"))
-        if self._waiting:
-            held, self._waiting = self._waiting, []
-            for key in held:
-                self._submit(self._jobs[key])
+        if self.adapter.ready:
+            for job in self.jobs.held():
+                self._submit(job)
 
     # -- carrying out the lifecycle's actions -----------------------------------------------------
     def _event(self, state: StreamState, event: lc.Event) -> None:
@@ -257,6 +249,8 @@ class Streams:
             self._open(state, action)
         elif isinstance(action, lc.Cancel):
             state.collector.cancel()
+        elif isinstance(action, lc.Superseded):
+            self._superseded(state, action)
         elif isinstance(action, lc.ResetDetector):
             state.monitor.reset(cooldown=True, expected=action.expected)
         elif isinstance(action, lc.Submit):
@@ -264,19 +258,33 @@ class Streams:
         elif isinstance(action, lc.Fit):
             self._fit(state, action.job)
         elif isinstance(action, lc.Gate):
-            self._gate(state, self._jobs[(state.name, action.job)], action.early)
+            self._gate(state, self.jobs.get(state.name, action.job), action.early)
         elif isinstance(action, lc.Record):
             self._record(state, action)
 
+    def _superseded(self, state: StreamState, action: lc.Superseded) -> None:
+        if action.restart:
+            state.restarts += 1
+            self.metrics.drift_restarts.labels(state.name).inc()
+            log.warning("stream=%s: another drift during the drift collection: it restarts "
+                        "from the new change point", state.name)
+        else:
+            state.superseded += 1
+            log.warning("stream=%s: the %s episode is superseded by a drift", state.name,
+                        action.reason.value)
+
     def _open(self, state: StreamState, action: lc.Open) -> None:
         rows: list = []
+        support_size, holdout_size = action.support_size, action.holdout_size
         if action.seed == "backfill" and self.settings.adaptation.backfill:
             rows = state.monitor.rows_since_change()
         elif action.seed == "episode":
-            ep = self._jobs[(state.name, state.machine.resumed)].episode
-            rows = [*zip(ep.support_x, ep.support_y, strict=True),
-                    *zip(ep.holdout_x, ep.holdout_y, strict=True)]
-        episode = state.collector.start(rows, action.support_size, action.holdout_size)
+            # The early gate was inconclusive: the same weights wait for a full holdout of
+            # rows it has not seen.
+            support_size, holdout_size = 0, self.settings.adaptation.holdout_size
+        elif action.reason is lc.Reason.MANUAL and state.pending_support:
+            rows, state.pending_support = state.pending_support, []
+        episode = state.collector.start(rows, support_size, holdout_size)
         if rows:
             log.info("stream=%s: %d labelled row(s) already seen seed the %s collection",
                      state.name, min(len(rows), state.collector.needed), action.reason.value)
@@ -296,16 +304,7 @@ class Streams:
 
     def _start(self, state: StreamState, job_id: int, fit: dict | None = None) -> None:
         episode, state.completed = state.completed, None
-        key = (state.name, job_id)
-        job = self._jobs.get(key)
-        now = time.perf_counter()
-        if job is None:
-            job = self._jobs[key] = Job(state.name, job_id, episode, now, fit=fit)
-        else:  # the early gate was inconclusive: the same episode with its full holdout
-            job.episode, job.outcome = episode, None
-        if fit is None and state.machine.reason in (lc.Reason.DRIFT, lc.Reason.RETRY):
-            self._recall(state, np.concatenate([episode.support_x, episode.holdout_x]),
-                         np.concatenate([episode.support_y, episode.holdout_y]))
+        job = self.jobs.add(Job(state.name, job_id, episode, time.perf_counter(), fit=fit))
         problem = degenerate_labels(self.kind, np.concatenate([episode.support_y,
                                                                episode.holdout_y]),
                                     np.asarray(state.history), self.bundle.target_range,
@@ -314,69 +313,10 @@ class Streams:
             log.warning("stream=%s: not adapting on these labels (%s)", state.name, problem)
             self._event(state, lc.Finished(job_id, "rejected", problem))
             return
+        if fit is None and state.machine.reason in (lc.Reason.DRIFT, lc.Reason.RETRY):
+            self.recall.attempt(state, np.concatenate([episode.support_x, episode.holdout_x]),
+                                np.concatenate([episode.support_y, episode.holdout_y]))
         self._submit(job)
-
-    # -- concept memory ----------------------------------------------------------------------------
-    def _remember(self, state: StreamState) -> None:
-        """The regime that just ended was served by this model: keep it for when it recurs."""
-        served = self.models.of(state.name)
-        if self.memory.capacity <= 0 or served.bare or (state.lineage, served.version) in self.memory:
-            return
-        try:
-            model, _ = self.models.registry.load(served.version)
-        except (RegistryError, OSError) as exc:
-            log.warning("stream=%s: cannot remember v%d: %s", state.name, served.version, exc)
-            return
-        self.memory.remember(state.lineage, Concept(served.version, model, served.predictor.live,
-                                                    dict(served.weights),
-                                                    regime_stats(state.regime.rows())))
-
-    def _recall(self, state: StreamState, x: np.ndarray, y: np.ndarray) -> None:
-        """Serve the remembered model that the rows since the change point prefer, when the
-        paired test says it beats the serving one."""
-        concepts = self.memory.concepts(state.lineage)
-        served = self.models.of(state.name)
-        if state.recalled or not concepts:
-            return
-        xn = self.bundle.normalize(x)
-        current = row_losses(self.kind, run(served.predictor.live, xn), y)
-        scored = []
-        for concept in concepts:
-            if concept.version != served.version:
-                out = run(concept.live, xn)
-                scored.append((row_losses(self.kind, out, y), out, concept))
-        if not scored:
-            return
-        rows, out, best = min(scored, key=lambda item: float(np.mean(item[0])))
-        g = self.settings.gate
-        decision = decide(current, rows, g.alpha, g.min_gain)
-        if not decision.accepted:
-            return
-        expected = float(per_sample_loss(self.kind, out, y).mean())
-        try:
-            manifest, replaced = self.models.promote(
-                state.name, best.model, best.live, best.weights, source="recall",
-                holdout={"current": decision.current, "candidate": decision.candidate},
-                note=f"recalled v{best.version}, fitted on an earlier regime {best.regime}")
-        except OSError as exc:
-            if is_storage_error(exc):
-                self.degrade(exc, "committing a recalled version")
-            return
-        state.recalled = True
-        self.memory.used(state.lineage, best.version)
-        state.probation = Probation(self.settings.adaptation.holdout_size, replaced,
-                                    replaced.version, manifest.version)
-        self.metrics.recalls.labels(state.name).inc()
-        # Recorded like an episode: the rows since the change point were its holdout.
-        self.journal.record(state.name, "recall", "accepted", f"recalled_v{best.version}",
-                            manifest.version, (x[:0], y[:0]), (x, y), {},
-                            {"holdout_current": decision.current, "version": manifest.version,
-                             "holdout_candidate": decision.candidate, "p_value": decision.p_value,
-                             "recalled_version": best.version, "regime": best.regime})
-        log.warning("stream=%s: recalled v%d (fitted on an earlier regime) as v%d: %.4g -> %.4g "
-                    "on %d rows since the change", state.name, best.version, manifest.version,
-                    decision.current, decision.candidate, len(y))
-        self._event(state, lc.Recalled(expected))
 
     def _submit(self, job: Job) -> None:
         a = self.settings.adaptation
@@ -384,32 +324,41 @@ class Streams:
         init = self.models.of(job.stream).weights if current else None
         rid = self.adapter.submit(job.episode.support_x, job.episode.support_y, a.steps, init,
                                   fit=job.fit)
-        key = (job.stream, job.job)
         if rid is not None:
-            job.submitted_at = time.perf_counter()
-            self._requests[rid] = key
+            self.jobs.sent(job, rid)
             log.info("adaptation requested stream=%s support=%d holdout=%d", job.stream,
                      len(job.episode.support_y), len(job.episode.holdout_y))
         elif time.perf_counter() - job.complete_at > self.adapter.start_timeout_s:
             self._event(self.states[job.stream], lc.Finished(job.job, "failed",
                                                              "worker_unavailable"))
-        else:
-            # The worker is starting or restarting: hold the episode until it is ready.
-            if key not in self._waiting:
-                self._waiting.append(key)
-                log.info("adaptation waiting for the worker stream=%s", job.stream)
+        elif self.jobs.hold(job):
+            # The worker is starting or restarting: hold the episode until it is ready (the
+            # detector goes on watching meanwhile).
+            log.info("adaptation waiting for the worker stream=%s", job.stream)
+            self.changed = True
 
     def _gate(self, state: StreamState, job: Job, early: bool) -> None:
+        if state.completed is not None:
+            # The full holdout an inconclusive early gate waited for: new rows only.
+            done, state.completed = state.completed, None
+            job.figures["early_holdout_rows"] = len(job.episode.holdout_y)
+            job.episode = Episode(job.episode.support_x, job.episode.support_y,
+                                  done.holdout_x, done.holdout_y)
+            job.complete_at = time.perf_counter()
         served = self.models.of(state.name)
         ep = job.episode
+        g = self.settings.gate
+        early_alpha, full_alpha = split_alpha(g.alpha, g.early_rows)
+        alpha = early_alpha if early else (full_alpha if job.early_look else g.alpha)
+        job.early_look = job.early_look or early
+        holdout_x = self.bundle.normalize(ep.holdout_x)
         verdict = evaluate(self.kind, self.models.template, served.predictor.live,
-                           job.outcome.weights, self.bundle.normalize(ep.holdout_x), ep.holdout_y,
-                           self.settings.gate.alpha, self.settings.gate.min_gain, early,
+                           job.outcome.weights, holdout_x, ep.holdout_y, alpha, g.min_gain, early,
                            load=lambda model: served.predictor.load(model, 0))
         job.timings.update(verdict.timings)
         if verdict.result == "inconclusive":
             log.info("stream=%s: early gate inconclusive (%.4g vs %.4g on %d rows); waiting for "
-                     "the full holdout", state.name, verdict.current, verdict.candidate,
+                     "a full holdout", state.name, verdict.current, verdict.candidate,
                      len(ep.holdout_y))
             self._event(state, lc.Finished(job.job, "inconclusive", verdict.reason))
             return
@@ -420,12 +369,18 @@ class Streams:
         self.metrics.holdout_current.labels(state.name).set(verdict.current)
         self.metrics.holdout_candidate.labels(state.name).set(verdict.candidate)
         job.figures.update(holdout_current=verdict.current, holdout_candidate=verdict.candidate,
-                           p_value=verdict.p_value)
+                           p_value=verdict.p_value, alpha=alpha)
         if not verdict.accepted:
             self._event(state, lc.Finished(job.job, "rejected", verdict.reason))
             return
+        level = float(per_sample_loss(self.kind, run(served.predictor.live, holdout_x),
+                                      ep.holdout_y).mean())
         try:
-            self._promote(state, job, verdict)
+            manifest = self.promotion.promote(
+                state, verdict.model, verdict.live, job.outcome.weights,
+                source=state.machine.reason.value, previous_level=level, timings=job.timings,
+                holdout={"current": verdict.current, "candidate": verdict.candidate},
+                support_size=len(ep.support_y))
         except OSError as exc:
             # The registry is untouched (a commit is all or nothing): keep serving, go degraded.
             if is_storage_error(exc):
@@ -433,29 +388,15 @@ class Streams:
             job.figures["error"] = str(exc)
             self._event(state, lc.Finished(job.job, "failed", "io_error"))
             return
-        self._event(state, lc.Finished(job.job, "accepted", verdict.reason, verdict.expected))
-
-    def _promote(self, state: StreamState, job: Job, verdict) -> None:
-        manifest, replaced = self.models.promote(
-            state.name, verdict.model, verdict.live, job.outcome.weights,
-            source=state.machine.reason.value, timings=job.timings,
-            holdout={"current": verdict.current, "candidate": verdict.candidate},
-            support_size=len(job.episode.support_y))
         job.timings["total"] = time.perf_counter() - job.complete_at
         job.figures["version"] = manifest.version
-        state.probation = Probation(self.settings.adaptation.holdout_size, replaced,
-                                    replaced.version, manifest.version)
-        for other in self.states.values():
-            if other is not state and other.lineage == state.lineage:
-                other.probation = None
-                self._event(other, lc.Swapped())  # the model it is served by changed
         log.info("adaptation accepted stream=%s version=%d holdout %.4g -> %.4g in %.1f ms",
                  state.name, manifest.version, verdict.current, verdict.candidate,
                  job.timings["total"] * 1e3)
+        self._event(state, lc.Finished(job.job, "accepted", verdict.reason, verdict.expected))
 
     def _record(self, state: StreamState, action: lc.Record) -> None:
-        job = self._jobs.pop((state.name, action.job))
-        self._waiting = [k for k in self._waiting if k != (state.name, action.job)]
+        job = self.jobs.pop(state.name, action.job)
         self.metrics.adaptations.labels(state.name, action.result).inc()
         for stage, seconds in job.timings.items():
             if stage != "total":
@@ -472,7 +413,8 @@ class Streams:
     def _judge_probation(self, state: StreamState, x: np.ndarray, y: np.ndarray,
                          losses: np.ndarray, judged: np.ndarray | None) -> None:
         """Score the rows the new version served with the version it replaced as well; roll
-        back at once when they show it worse."""
+        back at once when they show it worse, and call a drift when they show the world
+        changed under both."""
         probation = state.probation
         if self.models.version(state.name) != probation.new_version:
             state.probation = None  # another swap (or a rollback) has replaced it already
@@ -486,33 +428,24 @@ class Streams:
         if verdict is not None:
             state.probation = None
         if verdict == "worse":
-            self._auto_rollback(state, probation)
-
-    def _auto_rollback(self, state: StreamState, probation: Probation) -> None:
-        fig = probation.figures()
-        note = (f"automatic rollback: v{probation.new_version} was worse than "
-                f"v{probation.previous_version} on the next {fig['rows']} labelled rows of stream "
-                f"{state.name} (mean loss {fig['new_loss']:.4g} vs {fig['old_loss']:.4g})")
-        previous: Replaced = probation.previous
-        try:
-            manifest = self.models.rollback(state.lineage, to=previous.version, note=note,
-                                            replaced=previous)
-        except (RegistryError, OSError) as exc:
-            log.error("automatic rollback to v%s failed: %s", previous.version, exc)
-            return
-        self.metrics.rollbacks.labels(state.name).inc()
-        log.warning("%s: now serving v%d", note, manifest.version)
-        self.journal.note({"stream": state.name, "trigger": "rollback", "result": "rolled_back",
-                           "reason": "worse_after_swap", "serving_version": manifest.version,
-                           **fig})
-        self.rolled_back(state.lineage)
+            self.promotion.probation_failed(state, probation)
+        elif verdict == "changed":
+            log.warning("stream=%s: v%d and the v%d it replaced are both worse on the rows "
+                        "after the swap than on its holdout: the world changed", state.name,
+                        probation.new_version, probation.previous_version)
+            state.monitor.declare()
+            self.drift(state, "probation")
 
     # -- status ------------------------------------------------------------------------------------
     def view(self, name: str) -> StreamView:
         state, served = self.states[name], self.models.of(name)
         m = state.machine
+        phase = m.phase.value
+        if name in self.jobs.waiting_streams():
+            phase = "waiting_for_worker"
         return StreamView(served.version, served.manifest.source, served.predictor.provider,
-                          m.phase.value, m.reason.value if m.reason else None, m.unresolved,
+                          phase, m.reason.value if m.reason else None, m.unresolved,
                           state.drift_started, state.drifts, state.samples, state.last_loss,
                           state.collector.collected if m.collecting else 0,
-                          state.collector.needed if m.collecting else 0, served.bare)
+                          state.collector.needed if m.collecting else 0, served.bare,
+                          state.restarts, state.superseded)

@@ -36,7 +36,9 @@ def manual_episode(state_dir: Path, stream: str, since: float) -> dict[str, Any]
     found = []
     for path in (state_dir / "episodes").glob(f"*-{stream}.json"):
         body = _read_json(path)
-        if body and body.get("trigger") == "manual" and body.get("time", 0) >= since:
+        # The stream inside the file, not the name's suffix ("b" must not match "a-b").
+        if (body and body.get("stream") == stream and body.get("trigger") == "manual"
+                and body.get("time", 0) >= since):
             found.append(body)
     return min(found, key=lambda b: b["time"]) if found else None
 

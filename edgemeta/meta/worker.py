@@ -48,6 +48,9 @@ def serve(args: argparse.Namespace) -> int:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # A test hook: a worker as slow to start as a CUDA build on a small device (8 s and more),
+    # so the tests can show the daemon serving and watching while it waits.
+    time.sleep(float(os.environ.get("EDGEMETA_TEST_WORKER_START_DELAY_S", "0") or 0))
     adapter = Adapter(read_bundle(args.bundle), device=device)
     # Warm the kernels once so the first real request is as fast as the rest.
     features = int(adapter.bundle.meta["input"]["features"])
@@ -68,6 +71,8 @@ def serve(args: argparse.Namespace) -> int:
         if header.get("type") == "stop":
             return 0
         started = time.perf_counter()
+        # The daemon times a job from here, not from when it was queued behind others.
+        write_frame(proto_out, {"type": "started", "id": header.get("id")})
         reply = {"type": "result", "id": header.get("id")}
         out = {}
         try:

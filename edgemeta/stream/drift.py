@@ -123,10 +123,7 @@ class DriftMonitor:
         being adapted), so once the warm-up is over the error is also checked against it.
         """
         self._expected = expected
-        self._error = make_detector(self.detector, self.delta)
-        # The CUSUM tests for a large rise (twice the error rate, or ten points more) and cannot
-        # see a smaller one at all; ADWIN beside it sees any lasting rise, only later.
-        self._slow = make_detector("adwin") if self.detector == "cusum" else None
+        self._fresh_error_detectors()
         n = min(self.n_features, 8)
         # The feature detector keeps its own tuned confidence: ``delta`` is the error detector's.
         self._features = ([make_detector(self.feature_detector) for _ in range(n)]
@@ -137,6 +134,29 @@ class DriftMonitor:
         self._recent.clear()
         self._deferred = False
         self.active = False
+
+    def _fresh_error_detectors(self) -> None:
+        self._error = make_detector(self.detector, self.delta)
+        # The CUSUM tests for a large rise (twice the error rate, or ten points more) and cannot
+        # see a smaller one at all; ADWIN beside it sees any lasting rise, only later.
+        self._slow = make_detector("adwin") if self.detector == "cusum" else None
+
+    def _rebaseline(self, whole: bool = False) -> None:
+        """After an error alarm the serving model keeps serving (an adaptation takes a while) and
+        the detector keeps watching it: its baseline becomes the new regime's error, learned
+        from the rows since the change point, so only a further change alarms again (a drift
+        collection is then restarted) and the backfill holds this regime's rows only."""
+        since = len(self._recent) if whole else rows_since_change(self._losses())
+        keep = list(self._recent)[len(self._recent) - since:] if since else []
+        self._recent.clear()
+        self._fresh_error_detectors()
+        for loss, row in keep:
+            self._recent.append((loss, row))
+            self._error.update(loss)
+            if self._slow is not None:
+                self._slow.update(loss)
+        self._seen = len(keep)
+        self._expected = None
 
     def _losses(self) -> np.ndarray:
         return np.fromiter((loss for loss, _ in self._recent), dtype=np.float64,
@@ -162,15 +182,22 @@ class DriftMonitor:
     def rows_since_change(self) -> list[Any]:
         """After an error alarm: the rows given to :meth:`update_error` since the estimated change
         point, oldest first (those that carried one)."""
-        since = rows_since_change(self._losses())
-        recent = list(self._recent)[len(self._recent) - since:] if since else []
-        return [row for _, row in recent if row is not None]
+        return [row for _, row in self._recent if row is not None]
 
-    def _alarm(self) -> bool:
+    def _alarm(self, error: bool = True, misfit: bool = False) -> bool:
+        """``misfit``: the model was bad from its first row, so every row since the reset is
+        the new regime's."""
+        if error:
+            self._rebaseline(whole=misfit)
         self._deferred = False
         self.active = True
         self._cooldown = self.cooldown_samples
         return True
+
+    def declare(self) -> None:
+        """A drift found by other evidence (probation saw the world change): the detector takes
+        the new regime as its baseline, as after its own alarm."""
+        self._alarm()
 
     def _quiet(self) -> bool:
         return self._seen < self.min_samples or self._cooldown > 0
@@ -194,7 +221,7 @@ class DriftMonitor:
             factor = MISFIT_FACTOR * np.sqrt(max(self.min_samples, n) / n)
             if float(self._losses().mean()) > factor * self._expected + 1e-9:
                 self._expected = None
-                return self._alarm()
+                return self._alarm(misfit=True)
             if n >= self.min_samples:
                 self._expected = None
         if self._quiet():
@@ -215,5 +242,5 @@ class DriftMonitor:
             det.update(float(value))
             fired = fired or det.drift_detected
         if fired and self._cooldown == 0 and self._rows >= self.min_samples:
-            return self._alarm()
+            return self._alarm(error=False)
         return False

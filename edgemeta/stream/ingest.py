@@ -129,6 +129,10 @@ class LabelCache:
             self.nbytes -= self._size(old_key, ox, oout)
             self.evicted += 1
 
+    def peek(self, stream: str, row_id: str) -> tuple[np.ndarray, np.ndarray, int] | None:
+        """The cached row, left in place (a label file is learned from only once it is moved)."""
+        return self._items.get((stream, row_id))
+
     def pop(self, stream: str, row_id: str) -> tuple[np.ndarray, np.ndarray, int] | None:
         key = (stream, row_id)
         hit = self._items.pop(key, None)
