@@ -56,7 +56,9 @@ class AdapterClient:
         self._proc: subprocess.Popen | None = None
         self._inbox: queue.Queue = queue.Queue()
         self._next_id = 1
-        self._pending: dict[int, float | None] = {}  # request id -> when it started (None: queued)
+        # request id -> [when it was sent, when the worker started it (None: queued)]
+        self._pending: dict[int, list[float | None]] = {}
+        self._last_answer = 0.0  # when the worker last finished a request
         self._ready = False
         self._started_at = 0.0
         self._restart_at: float | None = None
@@ -143,7 +145,7 @@ class AdapterClient:
             log.warning("adapter worker pipe failed: %s", exc)
             self._worker_died("pipe closed")
             return None
-        self._pending[rid] = None
+        self._pending[rid] = [time.monotonic(), None]
         return rid
 
     def poll(self, wait: float = 0.0) -> list[AdaptOutcome]:
@@ -168,9 +170,10 @@ class AdapterClient:
                          header.get("device"), header.get("device_name"))
             elif kind == "started":
                 if header.get("id") in self._pending:
-                    self._pending[header["id"]] = time.monotonic()
+                    self._pending[header["id"]][1] = time.monotonic()
             elif kind == "result":
                 rid = header.get("id")
+                self._last_answer = time.monotonic()
                 if self._pending.pop(rid, None) is not None:
                     outcomes.append(AdaptOutcome(
                         rid, bool(header.get("ok")), arrays, header.get("losses", []),
@@ -193,7 +196,15 @@ class AdapterClient:
             log.error("adapter worker did not become ready in %.0fs; killing it", self.start_timeout_s)
             self._proc.kill()
             return self._worker_died("start timeout")
-        late = [rid for rid, t in self._pending.items() if t is not None and now - t > self.timeout_s]
+        late = [rid for rid, (_, started) in self._pending.items()
+                if started is not None and now - started > self.timeout_s]
+        if self._pending and all(started is None for _, started in self._pending.values()):
+            # Nothing running: the oldest queued request should have started the moment it was
+            # sent or the request before it was answered. A worker that does not start it is
+            # hung (stopped, deadlocked) and is timed out like a request that runs too long.
+            head = min(self._pending)
+            if now - max(self._pending[head][0], self._last_answer) > self.timeout_s:
+                late.append(head)
         if not late:
             return []
         log.error("adaptation request(s) %s timed out after %.1fs; killing the worker", late,

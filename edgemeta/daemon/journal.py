@@ -53,6 +53,7 @@ class StreamView:
     meta_init: bool = False  # served by the bundle's bare meta-initialization
     restarts: int = 0        # drift collections restarted by a further drift
     superseded: int = 0      # open episodes a drift ended
+    on_probation: bool = False  # a new version is being judged against the one it replaced
 
 
 EPISODE_FORMAT = 1

@@ -116,10 +116,10 @@ class Probation:
     by a one-sided paired t-test at about 2.5% (t > 2), ``'ok'`` otherwise, and None until
     ``rows`` rows have been seen.
 
-    Probation judges the new version on the regime it was adapted to. When the replaced version
-    is itself clearly worse on these rows than it was on the gate's holdout (``previous_level``:
-    t > 2 and at least ``CHANGED_RATIO`` times its holdout loss), the world changed under both:
-    the verdict is ``'changed'``, a drift, and no verdict on the new model.
+    Probation judges the new version on the regime it was adapted to. When the replaced version's
+    own error on these rows is clearly not what it was on the gate's holdout (``previous_level``:
+    |t| > 2 and ``CHANGED_RATIO`` times higher or lower), the world changed under both: the
+    verdict is ``'changed'``, a drift, and no verdict on the new model.
 
     >>> p = Probation(rows=5, previous_level=1.0)
     >>> for _ in range(5):
@@ -164,12 +164,15 @@ class Probation:
         return mean / (sd / np.sqrt(len(values)))
 
     def changed(self) -> bool:
-        """The replaced version got clearly worse too: these rows are of another regime."""
+        """The replaced version's error on these rows is clearly not what it was on the
+        holdout (higher or lower): these rows are of another regime than the one the new
+        version was adapted to and judged on."""
         if self.previous_level is None or not self._old:
             return False
         old = np.asarray(self._old)
-        return (float(old.mean()) > self.CHANGED_RATIO * self.previous_level
-                and self._t(old, self.previous_level) > self.T_CRITICAL)
+        mean, level = float(old.mean()), self.previous_level
+        shifted = mean > self.CHANGED_RATIO * level or mean * self.CHANGED_RATIO < level
+        return shifted and abs(self._t(old, level)) > self.T_CRITICAL
 
     def verdict(self) -> str | None:
         if self.seen < self.rows:

@@ -430,9 +430,10 @@ class Streams:
         if verdict == "worse":
             self.promotion.probation_failed(state, probation)
         elif verdict == "changed":
-            log.warning("stream=%s: v%d and the v%d it replaced are both worse on the rows "
-                        "after the swap than on its holdout: the world changed", state.name,
-                        probation.new_version, probation.previous_version)
+            log.warning("stream=%s: on the rows after v%d was swapped in, the v%d it replaced "
+                        "errs unlike it did on the holdout: the world changed (a drift, not a "
+                        "verdict on v%d)", state.name, probation.new_version,
+                        probation.previous_version, probation.new_version)
             state.monitor.declare()
             self.drift(state, "probation")
 
@@ -448,4 +449,4 @@ class Streams:
                           state.drift_started, state.drifts, state.samples, state.last_loss,
                           state.collector.collected if m.collecting else 0,
                           state.collector.needed if m.collecting else 0, served.bare,
-                          state.restarts, state.superseded)
+                          state.restarts, state.superseded, state.probation is not None)
