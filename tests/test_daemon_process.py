@@ -98,9 +98,12 @@ def test_daemon_speaks_the_systemd_notify_protocol_and_serves_metrics(tmp_path, 
         worker = int(subprocess.run(["pgrep", "-f", "edgemeta.meta.worker", "-P", str(proc.pid)],
                                     capture_output=True, text=True).stdout.split()[0])
         os.kill(worker, signal.SIGSTOP)
-        subprocess.run([sys.executable, "-m", "edgemeta", "trigger", "adapt", "--config", str(cfg)],
-                       check=True, cwd=ROOT, capture_output=True)
-        time.sleep(0.5)
+        subprocess.run([sys.executable, "-m", "edgemeta", "trigger", "adapt", "--config", str(cfg),
+                        "--no-wait"], check=True, cwd=ROOT, capture_output=True)
+        done = tmp_path / "state" / "triggers" / "done"
+        deadline = time.monotonic() + 30
+        while not any(done.glob("adapt-*.result.json")) and time.monotonic() < deadline:
+            systemd.pump(0.1)  # the daemon answers the trigger (it keeps pinging meanwhile)
         sine_file(inbox, "c000", 2.0, 1.0, seed=7)
         hang = time.monotonic()
         systemd.pump(1.5)

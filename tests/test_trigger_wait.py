@@ -24,7 +24,9 @@ def test_wait_reports_the_collection_and_the_verdict_of_a_manual_adaptation(tmp_
     try:
         daemon.wait_ready()
         waiting = trigger(cfg, "adapt", "--wait", "--timeout", "120")
-        time.sleep(1.5)  # the trigger is answered: "collecting 30 labelled samples"
+        done = tmp_path / "state" / "triggers" / "done"
+        daemon.wait(lambda: done.is_dir() and any(done.glob("adapt-*.result.json")), 60,
+                    "the trigger to be answered")  # "collecting 30 labelled samples"
         sine_file(tmp_path / "state" / "inbox" / "sine", "new-task", 4.5, 2.5, n=60, seed=3)
         out, err = waiting.communicate(timeout=150)
         assert waiting.returncode == 0, out + err
