@@ -320,7 +320,7 @@ def test_an_inconclusive_early_gate_waits_for_the_full_holdout(daemon):
     # A near-flat task (A = 0.2) that the meta-initialization already fits about as well as any
     # adaptation can: whatever the candidate does on 5 rows, it is no clear win.
     feed(daemon, "a", 0.2, 0.0, 2)
-    daemon.streams.drift(daemon.streams.states["sine"], "adwin")  # as if the detector had fired
+    daemon.streams.alarm(daemon.streams.states["sine"], "adwin")  # as if the detector had fired
     feed(daemon, "b", 0.2, 0.0, 2)
     assert run_until(daemon, lambda: sum(counter(daemon, "edgemeta_adaptations_total",
                                                  stream="sine", result=r)
