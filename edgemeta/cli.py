@@ -301,7 +301,34 @@ def cmd_trigger(args: argparse.Namespace) -> int:
                             say=lambda line: print(line, flush=True))
 
 
+def _live_degraded(settings) -> dict[str, str] | None:
+    """The daemon's degraded reasons from its /metrics (which a full disk cannot make stale, as
+    it can status.json); None when the endpoint does not answer."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    m = settings.metrics
+    if not m.enabled:
+        return None
+    host = "127.0.0.1" if m.address in ("0.0.0.0", "") else m.address
+    try:
+        with urllib.request.urlopen(f"http://{host}:{m.port}/metrics", timeout=2) as resp:
+            text = resp.read().decode()
+    except (OSError, ValueError):
+        return None
+    reasons = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "edgemeta_degraded":
+            reasons.update({s.labels.get("reason", "?"): "from /metrics" for s in family.samples
+                            if s.value >= 1})
+    return reasons
+
+
 def cmd_status(args: argparse.Namespace) -> int:
+    """0: the daemon runs; 3: it does not (its last status is shown as such)."""
+    import time
+
     from edgemeta.daemon.journal import read_status, render_status
 
     settings = _config(args.config)
@@ -310,8 +337,27 @@ def cmd_status(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         raise CliError(f"{settings.state_dir / 'status.json'}: no status yet; is the daemon "
                        "running?") from exc
-    print(json.dumps(status, indent=2) if args.json else render_status(status))
-    return 0
+    running = _running_daemon(settings.state_dir) is not None
+    notes = []
+    if not running:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(status.get("updated", 0)))
+        notes.append(f"NOT RUNNING: daemon pid {status.get('pid')} is gone; its last status "
+                     f"(written {when}) follows")
+    else:
+        live = _live_degraded(settings)
+        if live is not None:
+            status["degraded"] = sorted({**dict.fromkeys(status.get("degraded") or []), **live})
+            if not live:
+                status["degraded"] = []
+        age = time.time() - status.get("updated", 0)
+        if age > 30:
+            notes.append(f"status.json was last written {age:.0f}s ago (a full or read-only "
+                         "disk?); degraded mode is read from /metrics")
+    if args.json:
+        print(json.dumps({**status, "running": running, "notes": notes}, indent=2))
+    else:
+        print("\n".join([*notes, render_status(status)]))
+    return 0 if running else 3
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -348,18 +394,11 @@ def cmd_models(args: argparse.Namespace) -> int:
         if known is not None and args.stream not in known:
             raise CliError(f"--stream: {args.stream!r} is not a stream of {args.config}")
         lineage = known[args.stream] if known else args.stream
-    registry = Registry(state)
+    if args.models == "rollback":
+        return _models_rollback(args, settings, state, lineage)
     try:
-        if args.models == "rollback":
-            # Without --stream: every lineage (a state directory from before lineages has none:
-            # then its shared CURRENT).
-            for name in [lineage] if lineage else (registry.lineages() or [None]):
-                manifest = registry.rollback(to=args.to, lineage=name)
-                print(f"{'lineage ' + name if name else 'CURRENT'}: now serving "
-                      f"v{manifest.version} (rollback to v{manifest.parent})")
-            print("a running daemon picks it up with `edgemeta trigger reload` or on restart")
-            return 0
-    except (RegistryError, ValueError) as exc:
+        registry = Registry(state, writable=False)  # never a side effect on a running daemon
+    except RegistryError as exc:
         raise CliError(str(exc)) from exc
     rows = registry.list(lineage)
     if args.json:
@@ -377,6 +416,45 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"{mark:2}{r['version']:>7}  {r['source']:<10} "
               f"{r['parent'] if r['parent'] is not None else '-':>6}  {created:<19}  "
               f"{r['lineage'] or '(shared)':<12} {r['stream'] or '-':<12} ok{serving}")
+    return 0
+
+
+def _running_daemon(state: Path) -> int | None:
+    """The pid of a live ``edgemeta run`` on ``state``, from its status.json, or None."""
+    try:
+        pid = int(json.loads((state / "status.json").read_text()).get("pid"))
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError, TypeError):
+        return None
+    return pid if b"edgemeta" in cmdline and b"run" in cmdline else None
+
+
+def _models_rollback(args: argparse.Namespace, settings, state: Path, lineage: str | None) -> int:
+    """With a daemon running, the daemon is the only writer of models/: ask it by trigger and
+    wait for its answer. Offline, roll back in place, pruning as the config's keep_models says
+    (without a config nothing is pruned)."""
+    from edgemeta.serve.registry import Registry, RegistryError
+
+    pid = _running_daemon(state)
+    if pid is not None:
+        from edgemeta.daemon.trigger_wait import wait_for_trigger
+        from edgemeta.daemon.triggers import write_trigger
+
+        body = {k: v for k, v in (("stream", args.stream), ("version", args.to)) if v is not None}
+        path = write_trigger(state / "triggers", "rollback", body)
+        print(f"the daemon (pid {pid}) is running: asked it by {path}", flush=True)
+        return wait_for_trigger(state, path, "rollback", 60.0,
+                                say=lambda line: print(line, flush=True))
+    keep = settings.retention.keep_models if settings else 10**9
+    try:
+        registry = Registry(state, keep=keep)
+        for name in [lineage] if lineage else (registry.lineages() or [None]):
+            manifest = registry.rollback(to=args.to, lineage=name)
+            print(f"{'lineage ' + name if name else 'CURRENT'}: now serving "
+                  f"v{manifest.version} (rollback to v{manifest.parent})")
+    except (RegistryError, ValueError) as exc:
+        raise CliError(str(exc)) from exc
+    print("the daemon serves it when it next starts")
     return 0
 
 

@@ -316,6 +316,9 @@ def parse_config(raw: dict[str, Any], source: Path | None = None) -> Settings:
     _positive("ingest.rescan_interval_s", settings.ingest.rescan_interval_s)
     _positive("ingest.label_cache", settings.ingest.label_cache)
     _positive("retention.keep_models", settings.retention.keep_models)
+    if settings.retention.keep_models < 2:
+        raise ConfigError(f"retention.keep_models: must be >= 2 (a rollback needs the version it "
+                          f"returns to), got {settings.retention.keep_models}")
     if settings.retention.episode_after_rows is not None:
         _positive("retention.episode_after_rows", settings.retention.episode_after_rows,
                   allow_zero=True)

@@ -30,7 +30,6 @@ from edgemeta.daemon.metrics import Metrics, serve_http
 from edgemeta.daemon.models import ModelsError, ServedModels
 from edgemeta.daemon.streams import Streams
 from edgemeta.daemon.systemd import Notifier
-from edgemeta.fsio import is_storage_error
 from edgemeta.serve.onnx_weights import OnnxTemplate, WeightPatchError
 from edgemeta.serve.registry import Registry, RegistryError
 from edgemeta.stream.drift import resolve_detector
@@ -77,6 +76,7 @@ class Daemon:
         self._last = {"rescan": 0.0, "triggers": 0.0, "status": 0.0}
         self._http = None
         self._worker_ready: bool | None = None
+        self._status_failing = False
         self.watcher: InboxWatcher | None = None
 
     # -- start-up --------------------------------------------------------------------------------
@@ -284,14 +284,16 @@ class Daemon:
                 name: self.streams.view(name) for name in self.streams.states},
                 self.degraded.state.reasons)
         except OSError as exc:
-            # status.json is a view for operators: a full disk must not stop serving for it.
-            if is_storage_error(exc):
-                self.degraded.fail(exc, "writing status.json")
-            else:
-                log.error("cannot write status.json: %s", exc)
+            # status.json is a view for operators: a full disk must not stop serving for it, and
+            # it neither starts nor ends degraded mode (only the paused work going through ends
+            # it: a status write that fits where a predictions file does not made the mode flap).
+            # `edgemeta status` reads the mode from /metrics, which a full disk cannot stop.
+            if not self._status_failing:
+                log.error("cannot write status.json: %s (edgemeta status reads /metrics)", exc)
+            self._status_failing = True
             self.streams.changed = True
             return
-        self.degraded.ok()
+        self._status_failing = False
 
     def shutdown(self, drain_s: float = 5.0) -> int:
         self.notifier.stopping("draining")

@@ -9,8 +9,10 @@ which is how an existing state directory is migrated (nothing is moved or delete
 
 A version directory appears only by ``rename`` of a fully written and fsynced temp directory, and
 every pointer is replaced the same way, so a crash at any point leaves either the old or the new
-state, never half of one. Leftover temp directories from a crash are removed when the registry is
-opened.
+state, never half of one. Leftover temp directories from a crash are removed when the daemon
+opens the registry as its writer. Every other reader (``models list``, ``status``, a harvest)
+opens it with ``writable=False``: no side effect at all, so it can never sweep away the temp
+directory of a commit the running daemon is writing.
 
 >>> import tempfile
 >>> reg = Registry(tempfile.mkdtemp())
@@ -71,15 +73,40 @@ class Manifest:
         return cls(**known)
 
 
-class Registry:
-    """The ``models/`` directory of one daemon's state directory."""
+def _dir_mode() -> int:
+    """What ``mkdir`` would give under this process's umask (``mkdtemp`` gives 0700, which
+    kept the operators' group out of committed versions)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o777 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o755
 
-    def __init__(self, state_dir: str | Path, keep: int = 10):
+
+class Registry:
+    """The ``models/`` directory of one daemon's state directory.
+
+    ``writable=False`` opens it for reading only: nothing is created, swept or pruned, and every
+    writing method raises :class:`RegistryError`.
+    """
+
+    def __init__(self, state_dir: str | Path, keep: int = 10, writable: bool = True):
         self.state_dir = Path(state_dir)
         self.keep = keep
+        self.writable = writable
         self.root = self.state_dir / "models"
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.cleanup_temp()
+        if writable:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.cleanup_temp()
+        elif not self.root.is_dir():
+            raise RegistryError(f"{self.root}: no models directory")
+
+    def _require_writable(self, what: str) -> None:
+        if not self.writable:
+            raise RegistryError(f"{self.root}: opened read-only, cannot {what} (the daemon is "
+                                "the only writer of models/)")
 
     # -- reading -------------------------------------------------------------------------------
     def path(self, version: int) -> Path:
@@ -189,6 +216,8 @@ class Registry:
                 self.load(v)
                 row = {**asdict(self.manifest(v)), "ok": True}
             except RegistryError as exc:
+                if not self.path(v).exists():
+                    continue  # pruned by the daemon while we read: not broken, just gone
                 row = {"version": v, "ok": False, "error": str(exc), "lineage": None}
             if lineage is not None and row.get("lineage") not in (None, lineage):
                 continue
@@ -201,6 +230,7 @@ class Registry:
     # -- writing -------------------------------------------------------------------------------
     def cleanup_temp(self) -> list[Path]:
         """Remove temp directories and files a crash left between write and rename."""
+        self._require_writable("sweep temp directories")
         removed = []
         for p in self.root.iterdir():
             if p.name.startswith(".tmp-") or p.name.startswith(".CURRENT"):
@@ -216,6 +246,7 @@ class Registry:
                lineage: str | None = None) -> Manifest:
         """Write a new version of ``lineage`` (None: shared) atomically and (by default) make it
         the lineage's serving version; then apply retention."""
+        self._require_writable("commit")
         if source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
         pointer = self.pointer(lineage)  # refuses a bad lineage name before anything is written
@@ -227,6 +258,7 @@ class Registry:
                             holdout or {}, support_size, stream, note, lineage)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-v{version:06d}-", dir=self.root))
         try:
+            os.chmod(tmp, _dir_mode())
             write_durable(tmp / "model.onnx", model)
             write_durable(tmp / "manifest.json", json.dumps(asdict(manifest), indent=2).encode())
             fsync_dir(tmp)
@@ -241,6 +273,7 @@ class Registry:
         return manifest
 
     def _set_current(self, version: int, lineage: str | None = None) -> None:
+        self._require_writable("move a pointer")
         atomic_write(self.pointer(lineage), f"v{version:06d}\n".encode())
 
     def activate(self, version: int, lineage: str | None = None) -> Manifest:
@@ -255,6 +288,7 @@ class Registry:
 
         A version whose manifest cannot be read is listed as broken, never removed behind the
         operator's back."""
+        self._require_writable("prune")
         by_lineage: dict[str | None, list[int]] = {}
         inits = []
         for m in self.manifests():
@@ -270,7 +304,10 @@ class Registry:
                 protected.add(current)
         removed = [v for group in by_lineage.values() for v in group if v not in protected]
         for v in sorted(removed):
-            shutil.rmtree(self.path(v))
+            # Out of sight first, in one rename: a reader never meets a half-deleted version.
+            doomed = self.root / f".tmp-prune-v{v:06d}-{os.getpid()}"
+            os.rename(self.path(v), doomed)
+            shutil.rmtree(doomed)
         return sorted(removed)
 
     def rollback(self, to: int | None = None, note: str | None = None,
@@ -295,6 +332,10 @@ class Registry:
         if to not in self.versions():
             raise RegistryError(f"version {to} does not exist (have {self.versions()})")
         data, target = self.load(to)
+        if target.lineage not in (None, lineage):
+            raise RegistryError(f"version {to} belongs to lineage {target.lineage!r}, not "
+                                f"{lineage or 'the shared CURRENT'!r}: a rollback stays within "
+                                "its lineage")
         return self.commit(data, source="rollback", parent=to, holdout=target.holdout,
                            support_size=target.support_size, stream=target.stream,
                            note=note or f"rollback from v{current} to v{to}", lineage=lineage)

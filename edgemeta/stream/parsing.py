@@ -43,7 +43,10 @@ REASONS = ("symlink", "not_regular", "too_large", "too_long", "too_deep", "unrea
 ROW_REASONS = ("non_finite", "bad_label")
 # No honest number is longer: a float printed with full precision takes 24 characters.
 MAX_NUMBER_CHARS = 100
-_BRACKETS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+# The characters that open or close a level, a string, or escape inside one. One regex for a
+# whole string (``"(?:[^"\\]|\\.)*"``) backtracks quadratically on an unterminated string of
+# escaped quotes (a 32 KB line stalled the daemon for 11 s); these single characters cannot.
+_STRUCTURE = re.compile(r'[\[\]{}"\\]')
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -179,17 +182,39 @@ def csv_header(text: str, name: str) -> list[str]:
 
 
 def _check_depth(raw: str, line: int, max_depth: int) -> None:
+    """Refuse JSON nested deeper than ``max_depth`` before ``json.loads`` recurses into it.
+
+    One pass over the structural characters, linear in the input whatever its shape: brackets
+    inside strings do not count, and an escaped quote does not end a string.
+
+    >>> _check_depth('{"a": "[[[[\\\\"[[["}', 1, 2)  # in a string
+    >>> _check_depth('[[[1]]]', 1, 2)
+    Traceback (most recent call last):
+    ...
+    edgemeta.stream.parsing.IngestError: line 1: JSON nested deeper than 2 levels
+    """
     if raw.count("[") + raw.count("{") <= max_depth:
         return  # cannot be deeper: the common case costs two C-level scans
-    depth = 0
-    for match in _BRACKETS.finditer(raw):
-        token = match.group()
-        if token in "[{":
+    depth, in_string, escaped_at = 0, False, -1
+    for match in _STRUCTURE.finditer(raw):
+        pos = match.start()
+        if pos == escaped_at:
+            continue  # the character after a backslash in a string
+        char = match.group()
+        if in_string:
+            if char == "\\":
+                escaped_at = pos + 1
+            elif char == '"':
+                in_string = False
+            continue
+        if char == '"':
+            in_string = True
+        elif char in "[{":
             depth += 1
             if depth > max_depth:
                 raise IngestError("too_deep", f"line {line}: JSON nested deeper than {max_depth} "
                                   "levels", line)
-        elif token in "]}":
+        elif char in "]}":
             depth -= 1
 
 
