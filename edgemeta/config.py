@@ -123,6 +123,7 @@ class IngestSettings:
     max_json_depth: int = 32
     max_npz_members: int = 64
     settle_s: float = 0.2
+    max_file_seconds: float = 5.0  # wall-clock guard per input: over it, quarantined too_slow
     rescan_interval_s: float = 5.0
     label_cache: int = 100_000
     label_cache_bytes: int = 64 * 1024 * 1024
@@ -313,6 +314,7 @@ def parse_config(raw: dict[str, Any], source: Path | None = None) -> Settings:
     _positive("ingest.max_npz_members", settings.ingest.max_npz_members)
     _positive("ingest.label_cache_bytes", settings.ingest.label_cache_bytes)
     _positive("ingest.settle_s", settings.ingest.settle_s, allow_zero=True)
+    _positive("ingest.max_file_seconds", settings.ingest.max_file_seconds)
     _positive("ingest.rescan_interval_s", settings.ingest.rescan_interval_s)
     _positive("ingest.label_cache", settings.ingest.label_cache)
     _positive("retention.keep_models", settings.retention.keep_models)

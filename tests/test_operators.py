@@ -120,3 +120,131 @@ def test_degraded_mode_ends_only_when_the_paused_work_goes_through(tmp_path, sin
         assert counter(d, "edgemeta_degraded", reason="disk_full") == 0
     finally:
         d.shutdown(drain_s=0.5)
+
+
+@pytest.mark.slow
+def test_hostile_shapes_are_handled_in_well_under_a_second_while_metrics_answer(tmp_path,
+                                                                                sinusoid_bundle):
+    """A 32 KB JSONL line and a 64 KB trigger of escaped quotes in an unterminated string froze
+    the daemon for 11 s and 35.7 s (a quadratic regex): now each is refused at once."""
+    import threading
+    import urllib.request
+
+    from edgemeta.bench.harness import DaemonProcess, drop
+
+    cfg = write_config(tmp_path, sinusoid_bundle.path)
+    port = int(next(line.split("=")[1] for line in cfg.read_text().splitlines()
+                    if line.startswith("port")))
+    daemon = DaemonProcess(cfg, tmp_path / "state", port, tmp_path / "daemon.log")
+    daemon.start()
+    slowest = []
+    stop = threading.Event()
+
+    def scrape():
+        while not stop.is_set():
+            t = time.monotonic()
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+                r.read()
+            slowest.append(time.monotonic() - t)
+            time.sleep(0.05)
+
+    try:
+        daemon.wait_ready()
+        scraper = threading.Thread(target=scrape, daemon=True)
+        scraper.start()
+        state = tmp_path / "state"
+        line = b'{"x": 1, "y": "' + b'\\"' * 16_000 + b"\n"
+        start = time.monotonic()
+        drop(state / "inbox" / "sine", "hostile.jsonl", b"[" * 40 + line)
+        trigger = state / "triggers" / "adapt-hostile.json"
+        tmp = state / "triggers" / ".adapt-hostile.tmp"
+        tmp.write_bytes(b'{"stream": "' + b'\\"' * 32_000)
+        tmp.rename(trigger)
+        quarantined = state / "quarantine" / "sine" / "hostile.jsonl"
+        daemon.wait(lambda: quarantined.exists() and not trigger.exists(), 10,
+                    "both hostile inputs to be refused")
+        elapsed = time.monotonic() - start
+        stop.set()
+        scraper.join(5)
+        assert elapsed < 3.0, elapsed  # incl. settle_s and the trigger poll
+        assert slowest and max(slowest) < 1.0, max(slowest)
+    finally:
+        stop.set()
+        daemon.stop()
+
+
+def test_a_file_over_its_time_budget_is_quarantined_too_slow(tmp_path, sinusoid_bundle,
+                                                              monkeypatch):
+    import edgemeta.daemon.inbox as inbox_module
+
+    cfg = write_config(tmp_path, sinusoid_bundle.path, metrics={"enabled": False},
+                       ingest={"settle_s": 0.05, "max_file_seconds": 0.3})
+    d = Daemon(load_config(cfg), metrics=Metrics())
+    d.setup()
+    real = inbox_module.parse_rows
+
+    def slow(*args, **kwargs):
+        time.sleep(5)  # a shape no parser limit anticipated
+        return real(*args, **kwargs)
+
+    try:
+        monkeypatch.setattr(inbox_module, "parse_rows", slow)
+        sine_file(inbox(d), "slow", 1.0, 0.0)
+        start = time.monotonic()
+        assert run_until(d, lambda: not any(inbox(d).iterdir()), timeout=10)
+        assert time.monotonic() - start < 3
+        error = json.loads((d.layout.dir("quarantine", "sine") / "slow.csv.error.json")
+                           .read_text())
+        assert error["reason"] == "too_slow" and "max_file_seconds" in error["message"]
+    finally:
+        d.shutdown(drain_s=0.5)
+
+
+def test_an_input_name_used_twice_keeps_both_files_and_both_predictions(tmp_path,
+                                                                        sinusoid_bundle):
+    cfg = write_config(tmp_path, sinusoid_bundle.path, metrics={"enabled": False})
+    d = Daemon(load_config(cfg), metrics=Metrics())
+    d.setup()
+    try:
+        for seed in (1, 2):
+            sine_file(inbox(d), "same", 1.0, 0.0, n=10 + seed, seed=seed)
+            assert run_until(d, lambda: not any(inbox(d).iterdir()), timeout=10)
+        processed = sorted(p.name for p in d.layout.dir("processed", "sine").iterdir())
+        outbox = sorted(p.name for p in d.layout.dir("outbox", "sine").iterdir())
+        assert len(processed) == 2 and processed[0] != processed[1]
+        rows = sorted(len(p.read_text().splitlines())
+                      for p in d.layout.dir("outbox", "sine").iterdir())
+        assert len(outbox) == 2 and rows == [11, 12]
+    finally:
+        d.shutdown(drain_s=0.5)
+
+
+def test_small_input_mistakes_get_their_own_names(tmp_path):
+    from edgemeta.config import StreamSettings
+    from edgemeta.daemon.triggers import TriggerRejected, parse_trigger_bytes
+    from edgemeta.stream.ingest import PendingFiles
+    from edgemeta.stream.parsing import IngestError, Limits, parse_rows_bytes
+
+    stream = StreamSettings(name="s", features=["x"], label="y", id="id")
+    with pytest.raises(IngestError) as exc:
+        parse_rows_bytes(b"x,y\n1,2\n", "data.txt", stream, Limits())
+    assert exc.value.reason == "unsupported_format"
+    with pytest.raises(IngestError) as exc:
+        parse_rows_bytes(b"id,x,y\na,1_000,2\n", "data.csv", stream, Limits())
+    assert exc.value.reason == "non_numeric" and "1_000" in str(exc.value)
+    (tmp_path / "inbox").mkdir()
+    with pytest.raises(TriggerRejected) as rejected:
+        parse_trigger_bytes(json.dumps({"support": "s" * 300}).encode(),
+                            tmp_path / "triggers" / "adapt-1.json", tmp_path, ["s"])
+    assert rejected.value.reason == "malformed" and "too long" in str(rejected.value)
+    # A producer writing in chunks under the final name: a new mtime restarts the wait.
+    path = tmp_path / "chunked.csv"
+    path.write_text("id,x,y\n")
+    pending = PendingFiles(settle_s=1.0)
+    pending.add("s", path, now=0.0)
+    assert pending.ready(now=0.0) == []
+    import os
+
+    os.utime(path, ns=(10**9, 10**9))  # same size, rewritten
+    assert pending.ready(now=1.5) == []
+    assert pending.ready(now=3.0) == [("s", path)]

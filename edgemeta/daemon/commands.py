@@ -20,9 +20,12 @@ from edgemeta.daemon.triggers import Trigger, TriggerRejected, finish, parse_tri
 from edgemeta.fsio import is_storage_error
 from edgemeta.serve.predictor import PredictorError
 from edgemeta.serve.registry import RegistryError
+from edgemeta.stream.budget import TooSlow, time_budget
 from edgemeta.stream.ingest import IngestError, parse_rows
 
 log = logging.getLogger("edgemeta.daemon")
+
+MAX_TRIGGER_SECONDS = 1.0  # a trigger is a few bytes of JSON: reading one never takes longer
 
 
 class Commands:
@@ -50,7 +53,11 @@ class Commands:
     def handle(self, path: Path) -> None:
         """Act on one trigger file; whatever it holds, it ends in triggers/done/ with a result."""
         try:
-            trigger = parse_trigger(path, self.state_dir, list(self.streams.states))
+            with time_budget(MAX_TRIGGER_SECONDS):
+                trigger = parse_trigger(path, self.state_dir, list(self.streams.states))
+        except TooSlow as exc:
+            log.warning("trigger rejected file=%s reason=too_slow: %s", path.name, exc)
+            return self._finish(path, "rejected", "too_slow", f"{path.name}: {exc} to read")
         except TriggerRejected as exc:
             log.warning("trigger rejected file=%s reason=%s: %s", path.name, exc.reason, exc)
             return self._finish(path, "rejected", exc.reason, str(exc))

@@ -25,6 +25,7 @@ from edgemeta.daemon.metrics import Metrics
 from edgemeta.daemon.models import ServedModels
 from edgemeta.daemon.streams import Streams
 from edgemeta.fsio import is_storage_error
+from edgemeta.stream.budget import TooSlow, time_budget
 from edgemeta.stream.ingest import (
     IngestError,
     LabelCache,
@@ -72,9 +73,19 @@ class Inbox:
         if not os.path.lexists(path):
             return True
         try:
-            handler = self._labels if is_label_file(path.name) else self._data
-            learn = handler(stream, path)
-            self.layout.processed(stream, path)
+            name = self.layout.unique_name(stream, path.name)
+            if name != path.name:
+                log.warning("stream=%s: an input named %s was processed before: this one is kept "
+                            "as %s (its predictions too)", stream, path.name, name)
+            with time_budget(self.settings.ingest.max_file_seconds):
+                if is_label_file(path.name):
+                    learn = self._labels(stream, path)
+                else:
+                    learn = self._data(stream, path, name)
+            self.layout.processed(stream, path, name)
+        except TooSlow as exc:
+            return self._quarantine(stream, path, IngestError(
+                "too_slow", f"{path.name}: {exc} to parse and serve (ingest.max_file_seconds)"))
         except IngestError as exc:
             return self._quarantine(stream, path, exc)
         except Exception as exc:  # noqa: BLE001 - containment: no input may stop the daemon
@@ -118,7 +129,7 @@ class Inbox:
         self.pending.add(stream, path)
         return False
 
-    def _data(self, stream: str, path: Path) -> Callable[[], None]:
+    def _data(self, stream: str, path: Path, name: str) -> Callable[[], None]:
         """Serve the file's rows and write their predictions; returns the learning to do once
         the file is moved."""
         rows = parse_rows(path, self.settings.stream(stream), self.limits, self.bundle.classes)
@@ -134,7 +145,7 @@ class Inbox:
                                 "version": version})
         # Predictions are durable before anything is learned from the rows, so a file retried
         # after a full disk is not learned from twice.
-        self.layout.write_predictions(stream, path.name, records)
+        self.layout.write_predictions(stream, name, records)
         for refusal in rows.refused.values():
             self.metrics.rows_refused.labels(stream, refusal.reason).inc()
         if rows.refused:

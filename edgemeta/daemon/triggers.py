@@ -21,7 +21,7 @@ from edgemeta.stream.parsing import IngestError, load_json
 
 COMMANDS = ("adapt", "rollback", "reload")
 REASONS = ("symlink", "not_regular", "unknown", "too_large", "malformed", "outside_state",
-           "internal_error")
+           "internal_error", "too_slow")
 MAX_BYTES = 64 * 1024
 MAX_DEPTH = 8  # a trigger body is a flat object; anything deeper is not a trigger
 
@@ -104,7 +104,12 @@ def parse_trigger_bytes(data: bytes, path: Path, state_dir: Path, streams: list[
             if not target.is_relative_to(inbox):
                 raise TriggerRejected("outside_state", f"{path.name}: support path "
                                       f"{args['support']!r} leaves the inbox tree")
-            if not target.is_file():
+            try:
+                found = target.is_file()
+            except OSError as exc:  # a name or path the file system refuses (ENAMETOOLONG)
+                raise TriggerRejected("malformed", f"{path.name}: support path "
+                                      f"{args['support'][:80]!r}...: {exc.strerror}") from exc
+            if not found:
                 raise TriggerRejected("malformed", f"{path.name}: support file {target} not found")
             args["support"] = target
     if command == "rollback" and "stream" in args and args["stream"] not in streams:

@@ -172,10 +172,21 @@ class StateLayout:
         atomic_write(out, body.encode())
         return out
 
-    def processed(self, stream: str, path: Path) -> Path:
-        dest = self.dir("processed", stream) / path.name
+    def processed(self, stream: str, path: Path, name: str | None = None) -> Path:
+        dest = self.dir("processed", stream) / (name or path.name)
         os.replace(path, dest)
         return dest
+
+    def unique_name(self, stream: str, name: str) -> str:
+        """``name``, or a unique variant of it when an earlier input of that name was already
+        processed (its processed copy and predictions must not be overwritten)."""
+        taken = (os.path.lexists(self.dir("processed", stream) / name) or os.path.lexists(
+            self.dir("outbox", stream) / safe_name(name, ".predictions.jsonl")))
+        if not taken:
+            return name
+        stem, dot, ext = name.rpartition(".")
+        suffix = f"dup{time.time_ns()}"
+        return safe_name(f"{stem}.{suffix}.{ext}" if dot and stem else f"{name}.{suffix}")
 
     def quarantine(self, stream: str, path: Path, error: IngestError) -> Path:
         """Move the input aside beside an ``.error.json`` naming the reason; an earlier file of
@@ -212,26 +223,29 @@ class StateLayout:
 
 
 class PendingFiles:
-    """Files seen but not yet handled; ready once their size has not changed for ``settle_s``."""
+    """Files seen but not yet handled; ready once neither their size nor their modification time
+    has changed for ``settle_s`` (a producer that writes in chunks under the final name, instead
+    of renaming a finished temp file, is read only after it has been quiet that long)."""
 
     def __init__(self, settle_s: float):
         self.settle_s = settle_s
-        self._seen: dict[Path, tuple[str, int, float]] = {}
+        self._seen: dict[Path, tuple[str, tuple[int, int], float]] = {}
 
     def add(self, stream: str, path: Path, now: float | None = None) -> None:
         if path not in self._seen:
-            self._seen[path] = (stream, -1, now if now is not None else time.monotonic())
+            self._seen[path] = (stream, (-1, -1), now if now is not None else time.monotonic())
 
     def ready(self, now: float | None = None) -> list[tuple[str, Path]]:
         now = time.monotonic() if now is None else now
         out = []
-        for path, (stream, size, since) in list(self._seen.items()):
+        for path, (stream, signature, since) in list(self._seen.items()):
             try:
-                current = path.lstat().st_size
+                info = path.lstat()
             except FileNotFoundError:
                 del self._seen[path]
                 continue
-            if current != size:
+            current = (info.st_size, info.st_mtime_ns)
+            if current != signature:
                 self._seen[path] = (stream, current, now)
             elif now - since >= self.settle_s:
                 del self._seen[path]

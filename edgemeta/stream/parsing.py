@@ -38,7 +38,7 @@ from edgemeta.config import StreamSettings
 # Every reason is a metric label value, so the set is closed.
 REASONS = ("symlink", "not_regular", "too_large", "too_long", "too_deep", "unreadable", "binary",
            "truncated", "wrong_columns", "non_numeric", "non_finite", "empty", "bad_label",
-           "internal_error")
+           "internal_error", "too_slow", "unsupported_format")
 # Per-row refusals (rows of an otherwise good file): reported in the outbox, counted by reason.
 ROW_REASONS = ("non_finite", "bad_label")
 # No honest number is longer: a float printed with full precision takes 24 characters.
@@ -124,6 +124,8 @@ def _number(value: Any, line: int, column: str) -> float:
         raise IngestError("too_long", f"line {line}, column {column!r}: a number of {len(value)} "
                           f"characters (limit {MAX_NUMBER_CHARS})", line, column)
     try:
+        if isinstance(value, str) and "_" in value:
+            raise ValueError("Python's digit separators are no number in a data file")
         return float(value)
     except (TypeError, ValueError, OverflowError):
         raise IngestError("non_numeric", f"line {line}, column {column!r}: {_short(value)} is not "
@@ -293,7 +295,8 @@ def parse_rows_bytes(data: bytes, name: str, stream: StreamSettings, limits: Lim
     if name.endswith(".npz"):
         return _parse_npz(data, name, stream, limits, classes)
     if not name.endswith((".csv", ".jsonl")):
-        raise IngestError("wrong_columns", f"{name}: unsupported extension (use .csv, .jsonl, .npz)")
+        raise IngestError("unsupported_format", f"{name}: unsupported extension (use .csv, .jsonl, "
+                          ".npz)")
     text = decode_text(data, name, limits)
     if name.endswith(".csv"):
         header = csv_header(text, name)
