@@ -195,3 +195,35 @@ def test_a_negative_episode_after_rows_is_refused_naming_the_key(tmp_path, sinus
     cfg = write_config(tmp_path, sinusoid_bundle.path, retention={"episode_after_rows": -1})
     with pytest.raises(ConfigError, match=r"retention.episode_after_rows: must be >= 0, got -1"):
         load_config(cfg)
+
+
+def test_harvest_survives_any_episode_file_and_never_leaves_its_source(tmp_path):
+    """Each of these aborted a whole fleet harvest with a traceback, or read outside the tree."""
+    state = _journal_episodes(tmp_path / "device", 3)
+    folder = state / "episodes"
+    good = json.loads(sorted(folder.glob("*.json"))[0].read_text())
+    hostile = {
+        "deep": "[" * 100_000 + "]" * 100_000,
+        "empty-rows": {**good, "support": {"x": [], "y": []}, "holdout": {"x": [], "y": []},
+                       "after": None},
+        "list-for-key": {**good, "support": [[1.0], [2.0]]},
+        "string-time": {**good, "time": "yesterday"},
+        "big-number": {**good, "time": int("9" * 401)},
+        "list-body": [good],
+        "row-overflow": {**good, "support": {"x": [[1e308 * 10]], "y": [1.0]}},
+    }
+    for name, body in hostile.items():
+        text = body if isinstance(body, str) else json.dumps(body)
+        (folder / f"zz-{name}.json").write_text(text)
+    outside = tmp_path / "outside"
+    _journal_episodes(outside, 2, seed=9)
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "episodes").symlink_to(outside / "episodes")
+
+    result, rows = harvest([state, linked], SINE)
+
+    assert len(result.tasks) == 3  # the honest episodes, none from outside the tree
+    skipped = sum(result.skipped.values())
+    assert skipped >= len(hostile) + 1, result.skipped
+    assert all(result.examples[reason] for reason in result.skipped)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from edgemeta.fsio import atomic_write
+from edgemeta.stream.parsing import IngestError, load_json
 
 log = logging.getLogger("edgemeta.daemon")
 
@@ -57,6 +59,7 @@ class StreamView:
 
 
 EPISODE_FORMAT = 1
+EPISODE_MAX_DEPTH = 8  # an episode nests rows in parts: 4 levels; anything deeper is not one
 
 
 class EpisodeError(ValueError):
@@ -159,7 +162,7 @@ def _rows(body: dict, key: str, required: bool = True) -> tuple[np.ndarray, np.n
     try:
         x = np.asarray(part["x"], dtype=np.float64)
         y = np.asarray(part["y"], dtype=np.float64)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise EpisodeError(f"'{key}' rows are not numbers: {exc}") from exc
     if x.ndim == 1 and len(x) == 0:
         x = x.reshape(0, 0)
@@ -186,8 +189,10 @@ def parse_episode(data: bytes) -> dict[str, Any]:
     existed are read too (they have no ``bundle`` and no ``after``).
     """
     try:
-        body = json.loads(data)
-    except ValueError as exc:
+        # Depth and number length bounded: a file nested 100,000 deep or holding a 401-digit
+        # number is refused, never a RecursionError or OverflowError in the reader.
+        body = load_json(data.decode("utf-8"), 1, EPISODE_MAX_DEPTH)
+    except (ValueError, IngestError) as exc:  # JSONDecodeError and UnicodeDecodeError too
         raise EpisodeError(f"not a readable JSON episode: {exc}") from exc
     if not isinstance(body, dict):
         raise EpisodeError("not an episode record (not a JSON object)")
@@ -196,6 +201,17 @@ def parse_episode(data: bytes) -> dict[str, Any]:
     for key in ("stream", "result", "time"):
         if key not in body:
             raise EpisodeError(f"not an episode record (no '{key}')")
+    for key in ("stream", "result"):
+        if not isinstance(body[key], str) or not body[key] or len(body[key]) > 256:
+            raise EpisodeError(f"'{key}' must be a short string, got {str(body[key])[:40]!r}")
+    for key in ("trigger", "reason"):
+        if body.get(key) is not None and not isinstance(body[key], str):
+            raise EpisodeError(f"'{key}' must be a string")
+    t = body["time"]
+    if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t):
+        raise EpisodeError(f"'time' must be a number of seconds, got {str(t)[:40]!r}")
+    if body.get("bundle") is not None and not isinstance(body["bundle"], dict):
+        raise EpisodeError("'bundle' must be an object")
     body["support"] = _rows(body, "support")
     body["holdout"] = _rows(body, "holdout")
     body["after"] = _rows(body, "after", required=False)

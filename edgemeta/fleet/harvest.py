@@ -78,7 +78,11 @@ class Harvest:
 def _episode_files(source: Path, harvest: Harvest) -> Iterator[tuple[str, str, bytes]]:
     """(device, file name, bytes) of every episode file in a state directory or tarball."""
     if source.is_dir():
-        folder = source / "episodes" if (source / "episodes").is_dir() else source
+        folder = source / "episodes"
+        if folder.is_symlink():  # never followed out of the tree it was given
+            harvest.skip("not_regular", str(folder))
+            return
+        folder = folder if folder.is_dir() else source
         for path in sorted(folder.iterdir()):
             if path.suffix != ".json":
                 harvest.skip("not_an_episode_file", str(path))
@@ -161,32 +165,45 @@ def harvest(sources: list[Path], shape: TaskShape, per_stream_cap: int = 200,
                 out.skip("empty", where)
                 continue
             try:
-                episode = parse_episode(data)
+                candidate = _candidate(device, name, data, shape, accepted_only, include_suspect)
             except EpisodeError as exc:
                 out.skip("malformed", f"{where}: {exc}")
                 continue
-            if accepted_only and episode["result"] != "accepted":
-                out.skip(f"result_{episode['result']}", where)
+            except Exception as exc:  # noqa: BLE001 - one hostile file never ends a harvest
+                out.skip("unreadable_episode", f"{where}: {type(exc).__name__}: {exc}"[:500])
                 continue
-            if episode.get("reason") in SUSPECT and not include_suspect:
-                out.skip(f"suspect_{episode['reason']}", where)
+            if isinstance(candidate, str):
+                out.skip(candidate, where)
                 continue
-            x, y = _task_rows(episode)
-            why = _fits(x, y, shape)
-            if why:
-                out.skip(why, where)
-                continue
-            info = {"source": device, "episode_file": name, "stream": episode["stream"],
-                    "time": episode["time"], "trigger": episode.get("trigger"),
-                    "result": episode["result"], "rows": int(len(y)),
-                    "after_rows": 0 if episode["after"] is None else int(len(episode["after"][1])),
-                    "bundle": episode.get("bundle") or {}}
-            candidates.append((info, x, y, _row_keys(x, y)))
+            candidates.append(candidate)
     kept = _drop_overlaps(candidates, overlap, out)
     kept = _cap(kept, per_stream_cap, out)
     kept.sort(key=lambda c: (c[0]["source"], c[0]["stream"], c[0]["time"]))
     out.tasks = [c[0] for c in kept]
     return out, [(c[1], c[2]) for c in kept]
+
+
+def _candidate(device: str, name: str, data: bytes, shape: TaskShape, accepted_only: bool,
+               include_suspect: bool) -> tuple | str:
+    """One episode file as a task candidate, or the reason it is skipped."""
+    episode = parse_episode(data)
+    if accepted_only and episode["result"] != "accepted":
+        return f"result_{episode['result']}"
+    if episode.get("reason") in SUSPECT and not include_suspect:
+        return f"suspect_{episode['reason']}"
+    if not any(p is not None and len(p[1]) for p in (episode["support"], episode["holdout"],
+                                                      episode["after"])):
+        return "no_rows"
+    x, y = _task_rows(episode)
+    why = _fits(x, y, shape)
+    if why:
+        return why
+    info = {"source": device, "episode_file": name, "stream": episode["stream"],
+            "time": float(episode["time"]), "trigger": episode.get("trigger"),
+            "result": episode["result"], "rows": int(len(y)),
+            "after_rows": 0 if episode["after"] is None else int(len(episode["after"][1])),
+            "bundle": episode.get("bundle") or {}}
+    return info, x, y, _row_keys(x, y)
 
 
 def _drop_overlaps(candidates: list, overlap: float, out: Harvest) -> list:
