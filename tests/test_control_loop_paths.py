@@ -218,3 +218,33 @@ def test_trigger_wait_follows_the_stream_inside_the_episode_file_not_its_name(tm
         {"stream": "a-b", "trigger": "manual", "time": now, "result": "accepted"}))
     assert manual_episode(tmp_path, "b", now - 1) is None
     assert manual_episode(tmp_path, "a-b", now - 1)["stream"] == "a-b"
+
+
+def test_refused_rows_do_not_block_the_candidates_built_on_the_honest_rows_after_them(
+        tmp_path, sinusoid_bundle):
+    """Labels scaled x1000 are refused (out_of_range); they used to stay in the regime's rows,
+    so every continued fit for the next 2,000 rows was refused for them too."""
+    cfg = write_config(tmp_path, sinusoid_bundle.path, metrics={"enabled": False},
+                       continual={"enabled": True})
+    d = Daemon(load_config(cfg), metrics=Metrics())
+    d.setup()
+    try:
+        assert d.adapter.wait_ready(120)
+        d.feed("sine", *_sine(1.0, 0.0, 300, 0))
+        d.drain()
+        poisoned_x, poisoned_y = _sine(1.0, 0.0, 60, 1)
+        d.feed("sine", poisoned_x, poisoned_y * 1000)
+        d.drain()
+        poison_end = time.time()
+        for i in range(40):  # honest rows again
+            d.feed("sine", *_sine(1.0, 0.0, 10, 100 + i))
+            d.drain()
+        records = [json.loads(p.read_text()) for p in (d.settings.state_dir / "episodes").glob("*")]
+        assert any(r.get("reason") == "out_of_range" for r in records), "the poison was refused"
+        # The continued fits after it learn from the honest rows only (a retry collected
+        # right after the poison may still hold some of it, and is refused for it).
+        fits = [r for r in records if r["time"] > poison_end and r["trigger"] == "continual"]
+        assert fits and not any(r.get("reason") == "out_of_range" for r in fits), \
+            [(r["trigger"], r["result"], r.get("reason")) for r in fits]
+    finally:
+        d.shutdown(drain_s=0.5)

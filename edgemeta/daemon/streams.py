@@ -316,7 +316,11 @@ class Streams:
                                     np.asarray(state.history), self.bundle.target_range,
                                     holdout=episode.holdout_y)
         if problem is not None:
-            log.warning("stream=%s: not adapting on these labels (%s)", state.name, problem)
+            # These rows are not a task: the regime goes on from the rows after them, so they
+            # do not block every later candidate built on the honest rows that follow.
+            log.warning("stream=%s: not adapting on these labels (%s); the regime restarts "
+                        "after them", state.name, problem)
+            state.regime.restart()
             self._event(state, lc.Finished(job_id, "rejected", problem))
             return
         if fit is None and state.machine.reason in (lc.Reason.DRIFT, lc.Reason.RETRY):
