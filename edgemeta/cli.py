@@ -378,6 +378,17 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config_docs(args: argparse.Namespace) -> int:
+    from edgemeta.config import setting_records
+
+    print(f"{'key':<32} {'default':<22} {'reload':<8} what it is for")
+    for r in setting_records():
+        default = "(required)" if r.default is None and r.key in ("bundle.path", "state.dir",
+                                                                   "streams") else repr(r.default)
+        print(f"{r.key:<32} {default:<22} {'yes' if r.reloadable else 'restart':<8} {r.doc}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     import time
 
@@ -862,6 +873,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="do not open the bundle (for a config written before its bundle is "
                          "installed); by default it is checked as `run` checks it")
     cc.set_defaults(func=cmd_config)
+    cd = csub.add_parser("docs", help="every config key with its default, whether a reload "
+                                      "(SIGHUP) applies it, and what it is for")
+    cd.set_defaults(func=cmd_config_docs)
 
     m = sub.add_parser("models", help="list the model registry or roll back")
     msub = m.add_subparsers(dest="models", required=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -51,40 +51,40 @@ class StreamSettings:
 
 @dataclass
 class DriftSettings:
-    detector: str = "auto"
+    detector: str = "auto"  # error detector: auto (CUSUM for classifiers, ADWIN else), adwin, ...
     delta: float | None = None  # the detector's confidence; None: its tuned default
-    feature_detector: str = "none"
-    cooldown_samples: int = 50
-    min_samples: int = 30
+    feature_detector: str = "none"  # on unlabelled rows' features: none, adwin, kswin
+    cooldown_samples: int = 50  # rows after an alarm or a swap before the next alarm
+    min_samples: int = 30  # rows a fresh detector sees before it may alarm
 
 
 @dataclass
 class AdaptationSettings:
-    support_size: int = 10
-    holdout_size: int = 20
-    steps: int | None = None
-    device: str = "auto"
-    timeout_s: float = 30.0
-    start_from: str = "meta-init"
-    selection: str = "recent"
-    window: int = 100
-    adapt_on_start: bool = True
-    backfill: bool = True
-    retries: int = 2
-    refine: list[int] = field(default_factory=lambda: [40, 100])
+    support_size: int = 10  # K: labelled rows the inner loop adapts on
+    holdout_size: int = 20  # rows the gate judges on (never seen by the inner loop)
+    steps: int | None = None  # inner steps per adaptation; None: the bundle's
+    device: str = "auto"  # the worker's torch device: auto (cuda if present), cpu, cuda:N
+    timeout_s: float = 30.0  # a worker request running longer is killed (timed from its start)
+    start_from: str = "meta-init"  # adapt from the meta-initialization or the current model
+    selection: str = "recent"  # support rows: recent, or diverse (farthest points of a window)
+    window: int = 100  # rows the diverse selection picks from
+    adapt_on_start: bool = True  # adapt a bare meta-initialization on the first labels
+    backfill: bool = True  # seed a drift collection with the rows since the change point
+    retries: int = 2  # new collections after a drift episode is not accepted
+    refine: list[int] = field(default_factory=lambda: [40, 100])  # larger supports after a swap
 
 
 @dataclass
 class ContinualSettings:
     """Learning on from every labelled row of the current regime (``stream/regime.py``)."""
 
-    enabled: bool = True
+    enabled: bool = True          # refit on the current regime's rows as they grow
     window: int = 2000            # rows of the current regime kept (the memory budget)
     every: int = 50               # at least this many new labelled rows between fits
     growth: float = 0.5           # ... and at least this share of the rows at the last fit
     max_every: int = 250          # ... but no more rows than this between fits
     max_steps: int = 300          # Adam steps per start (one per row, up to this)
-    lr: float = 0.003
+    lr: float = 0.003  # Adam's learning rate in continued fits
     budget_ms_per_row: float = 2.0  # a fit may spend this much worker time per new row
 
 
@@ -100,42 +100,42 @@ class MemorySettings:
 class GateSettings:
     alpha: float = 0.05     # false-accept rate of the paired test (a candidate no better passes)
     min_gain: float = 0.0   # optional effect-size floor: candidate <= current * (1 - min_gain)
-    early_rows: int = 6
+    early_rows: int = 6  # holdout rows of the early look right after a drift; 0: none
 
 
 @dataclass
 class ServingSettings:
-    providers: list[str] = field(default_factory=list)
-    intra_op_threads: int = 1
+    providers: list[str] = field(default_factory=list)  # ONNX Runtime providers; []: the best
+    intra_op_threads: int = 1  # ONNX Runtime threads per inference
 
 
 @dataclass
 class MetricsSettings:
-    address: str = "127.0.0.1"
-    port: int = DEFAULT_PORT
-    enabled: bool = True
+    address: str = "127.0.0.1"  # where /metrics listens (loopback unless told)
+    port: int = DEFAULT_PORT  # its TCP port
+    enabled: bool = True  # serve /metrics at all
 
 
 @dataclass
 class IngestSettings:
-    max_file_bytes: int = 64 * 1024 * 1024
-    max_line_bytes: int = 1024 * 1024
-    max_json_depth: int = 32
-    max_npz_members: int = 64
-    settle_s: float = 0.2
+    max_file_bytes: int = 64 * 1024 * 1024  # larger inputs are quarantined too_large
+    max_line_bytes: int = 1024 * 1024  # longer CSV/JSONL lines are quarantined too_long
+    max_json_depth: int = 32  # deeper JSON is quarantined too_deep
+    max_npz_members: int = 64  # more arrays in an .npz are refused
+    settle_s: float = 0.2  # an input is read once its size and mtime held still this long
     max_file_seconds: float = 5.0  # wall-clock guard per input: over it, quarantined too_slow
-    rescan_interval_s: float = 5.0
-    label_cache: int = 100_000
-    label_cache_bytes: int = 64 * 1024 * 1024
+    rescan_interval_s: float = 5.0  # the inboxes are listed this often besides inotify
+    label_cache: int = 100_000  # unlabelled rows kept for labels that come later
+    label_cache_bytes: int = 64 * 1024 * 1024  # ... and at most this much memory
 
 
 @dataclass
 class RetentionSettings:
-    keep_models: int = 10
-    keep_episodes: int = 1000
+    keep_models: int = 10  # versions kept per lineage (>= 2: a rollback needs its target)
+    keep_episodes: int = 1000  # episode records kept in episodes/
     # Labelled rows kept with an accepted episode after its swap, so `tasks harvest` can make a
     # task of it: None means the bundle's K (support + holdout + K rows). 0 keeps none.
-    episode_after_rows: int | None = None
+    episode_after_rows: int | None = None  # rows kept after a swap; None: the bundle's K
 
 
 @dataclass
@@ -163,6 +163,78 @@ class Settings:
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in data.items()}
+
+
+SECTIONS: dict[str, type] = {
+    "drift": DriftSettings, "adaptation": AdaptationSettings, "continual": ContinualSettings,
+    "memory": MemorySettings, "gate": GateSettings, "serving": ServingSettings,
+    "metrics": MetricsSettings, "ingest": IngestSettings, "retention": RetentionSettings}
+
+#: Keys a reload (SIGHUP, ``trigger reload``) cannot apply: they shape the processes, sockets,
+#: sessions or memory the daemon built at start-up. Every other key applies at once. A changed
+#: key of these is logged as needing a restart and keeps its running value.
+RESTART_KEYS = ("bundle.path", "state.dir", "streams", "adaptation.device", "memory.capacity",
+                "serving.*", "metrics.*", "ingest.label_cache", "ingest.label_cache_bytes")
+
+
+def reloadable(key: str) -> bool:
+    """Whether a reload applies ``key`` (``section.name``).
+
+    >>> reloadable("gate.alpha"), reloadable("metrics.port"), reloadable("memory.capacity")
+    (True, False, False)
+    """
+    section = key.split(".", 1)[0]
+    return key not in RESTART_KEYS and f"{section}.*" not in RESTART_KEYS
+
+
+@dataclass(frozen=True)
+class SettingRecord:
+    """One setting: its key, default, whether a reload applies it, and what it is for."""
+
+    key: str
+    default: Any
+    reloadable: bool
+    doc: str
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """The trailing ``# ...`` comment of each field in ``cls``'s source: the docs live beside
+    the default they describe."""
+    import inspect
+
+    found = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+):[^#]*#\s*(.*)$", line)
+        if m:
+            found[m.group(1)] = m.group(2).strip()
+    return found
+
+
+def setting_records() -> list[SettingRecord]:
+    """Every key of the config, in file order (what ``edgemeta config docs`` prints)."""
+    records = [SettingRecord("bundle.path", None, False, "the bundle directory (required)"),
+               SettingRecord("state.dir", None, False, "the state directory (required)"),
+               SettingRecord("streams", None, False, "[[streams]] tables: name, features, "
+                             "label, id, format, model")]
+    for section, cls in SECTIONS.items():
+        comments = _field_comments(cls)
+        for f in fields(cls):
+            default = f.default if f.default is not MISSING else f.default_factory()
+            key = f"{section}.{f.name}"
+            records.append(SettingRecord(key, default, reloadable(key), comments.get(f.name, "")))
+    return records
+
+
+def changed_keys(old: Settings, new: Settings) -> list[str]:
+    """The keys whose values differ between two settings (``streams`` as one key)."""
+    out = [key for key, a, b in (("bundle.path", old.bundle, new.bundle),
+                                 ("state.dir", old.state_dir, new.state_dir),
+                                 ("streams", old.streams, new.streams)) if a != b]
+    for section in SECTIONS:
+        a, b = getattr(old, section), getattr(new, section)
+        out += [f"{section}.{f.name}" for f in fields(a)
+                if getattr(a, f.name) != getattr(b, f.name)]
+    return out
 
 
 def _typed(section: str, cls, raw: Any):

@@ -248,3 +248,47 @@ def test_small_input_mistakes_get_their_own_names(tmp_path):
     os.utime(path, ns=(10**9, 10**9))  # same size, rewritten
     assert pending.ready(now=1.5) == []
     assert pending.ready(now=3.0) == [("s", path)]
+
+
+def test_a_reload_is_checked_as_a_start_applies_what_it_can_and_names_the_rest(
+        tmp_path, sinusoid_bundle, caplog):
+    cfg = write_config(tmp_path, sinusoid_bundle.path, metrics={"enabled": False})
+    d = Daemon(load_config(cfg), metrics=Metrics())
+    d.setup()
+    try:
+        sine_file(inbox(d), "before", 1.0, 0.0)
+        assert run_until(d, lambda: not any(inbox(d).iterdir()), timeout=10)
+        monitor, regime = d.streams.states["sine"].monitor, d.streams.states["sine"].regime
+        text = cfg.read_text()
+        # A config the bundle cannot serve (two features for a one-feature bundle): refused.
+        cfg.write_text(text.replace('features = ["x"]', 'features = ["x", "id2"]'))
+        d.reload()
+        assert counter(d, "edgemeta_reloads_total", result="refused") == 1
+        assert "reload refused" in caplog.text and "features" in caplog.text
+        sine_file(inbox(d), "after", 1.0, 0.0)
+        assert run_until(d, lambda: not any(inbox(d).iterdir()), timeout=10)
+        assert (d.layout.dir("processed", "sine") / "after.csv").exists()  # still served
+        # A good one: the reloadable key applies, the restart-only one is named and kept.
+        cfg.write_text(text.replace("[retention]", "[retention]\nkeep_models = 3", 1)
+                       if "[retention]" in text else
+                       text + "[retention]\nkeep_models = 3\n[serving]\nintra_op_threads = 2\n")
+        caplog.clear()
+        d.reload()
+        assert counter(d, "edgemeta_reloads_total", result="applied") == 1
+        assert d.registry.keep == 3 and d.settings.retention.keep_models == 3
+        assert "serving.intra_op_threads changed; it takes effect on restart" in caplog.text
+        assert d.settings.serving.intra_op_threads == 1
+        # Nothing the detector or the regime depends on changed: both kept what they learned.
+        assert d.streams.states["sine"].monitor is monitor
+        assert d.streams.states["sine"].regime is regime
+    finally:
+        d.shutdown(drain_s=0.5)
+
+
+def test_config_docs_lists_every_key_with_its_default_and_reload_policy():
+    out = run_edgemeta("config", "docs")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert any(line.startswith("gate.alpha") and " yes " in line for line in lines)
+    assert any(line.startswith("metrics.port") and " restart " in line for line in lines)
+    assert any(line.startswith("retention.keep_models") and ">= 2" in line for line in lines)

@@ -52,6 +52,8 @@ class Metrics:
         self.adaptations = Counter("edgemeta_adaptations_total", "Adaptation episodes by outcome "
                                    "(superseded: a drift came while it was open)",
                                    ["stream", "result"], registry=r)
+        self.reloads = Counter("edgemeta_reloads_total", "Config reloads: applied, or refused "
+                               "(the running config stays)", ["result"], registry=r)
         self.drift_restarts = Counter("edgemeta_drift_restarts_total", "Drift collections "
                                       "restarted from a new change point by a further drift",
                                       ["stream"], registry=r)
@@ -102,6 +104,8 @@ class Metrics:
 
         for reason in DEGRADED_REASONS:
             self.degraded.labels(reason).set(0)
+        for result in ("applied", "refused"):
+            self.reloads.labels(result)
         for where in ("ingest", "trigger", "loop", "adaptation"):
             self.internal_errors.labels(where)
         for stream in streams:

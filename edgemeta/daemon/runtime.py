@@ -20,7 +20,14 @@ import time
 import numpy as np
 
 from edgemeta.bundle_format import BundleFormatError, BundleInfo, read_bundle_info
-from edgemeta.config import BINARY_DETECTORS, ConfigError, Settings, load_config
+from edgemeta.config import (
+    BINARY_DETECTORS,
+    ConfigError,
+    Settings,
+    changed_keys,
+    load_config,
+    reloadable,
+)
 from edgemeta.daemon.adapter import AdapterClient
 from edgemeta.daemon.commands import Commands
 from edgemeta.daemon.degraded import DegradedMode
@@ -40,6 +47,16 @@ log = logging.getLogger("edgemeta.daemon")
 
 class StartupError(RuntimeError):
     """The daemon cannot start serving; the message says what to fix."""
+
+
+def _keep_running_value(new: Settings, old: Settings, key: str) -> None:
+    """Put ``old``'s value of a restart-only ``key`` back into ``new``."""
+    top = {"bundle.path": "bundle", "state.dir": "state_dir", "streams": "streams"}
+    if key in top:
+        setattr(new, top[key], getattr(old, top[key]))
+        return
+    section, name = key.split(".", 1)
+    setattr(getattr(new, section), name, getattr(getattr(old, section), name))
 
 
 def open_bundle(settings: Settings) -> tuple[BundleInfo, OnnxTemplate]:
@@ -235,32 +252,51 @@ class Daemon:
 
     # -- operator commands -----------------------------------------------------------------------
     def reload(self) -> None:
-        """SIGHUP: re-read the config (keeping the old one when the new one is invalid), re-load
-        every lineage from the registry (a `models rollback` may have moved a pointer)."""
+        """SIGHUP: re-read the config and apply what a reload can, re-load every lineage from the
+        registry (a `models rollback` may have moved a pointer).
+
+        The new config is checked exactly as start-up checks it (against the bundle too): one
+        that would not start is refused and the running one stays, with the reason logged and
+        counted. Of an accepted one, the keys a reload can apply are applied and each key that
+        needs a restart is named (`edgemeta config docs` lists which is which); detectors,
+        collections and regimes are rebuilt only where their own settings changed.
+        """
         self.notifier.reloading()
         log.info("reloading")
-        new = None
-        if self.settings.source is not None:
-            try:
-                new = load_config(self.settings.source)
-            except ConfigError as exc:
-                log.error("reload: keeping the running config: %s", exc)
+        new = self._checked_reload()
         if new is not None:
-            old = [(s.name, s.model) for s in self.settings.streams]
-            if [(s.name, s.model) for s in new.streams] != old:
-                log.warning("reload: changes to the stream list take effect on restart")
-                new.streams = self.settings.streams
+            new, changed = new
             self.settings = self.inbox.settings = new
             self.adapter.timeout_s = new.adaptation.timeout_s
             self.pending.settle_s = new.ingest.settle_s
             self.journal.keep_episodes = new.retention.keep_episodes
             self.journal.after_rows = self._after_rows(new)
-            self.streams.reload(new)
+            self.registry.keep = new.retention.keep_models
+            self.streams.reload(new, changed)
+            self.metrics.reloads.labels("applied").inc()
+            log.info("reload applied: %s", ", ".join(changed) or "no key changed")
         try:
             self.models.load(self.models.lineages())
         except (RegistryError, ModelsError) as exc:
             log.error("reload: keeping the serving models: %s", exc)
         self.notifier.ready(self.summary())
+
+    def _checked_reload(self) -> tuple[Settings, list[str]] | None:
+        if self.settings.source is None:
+            return None
+        try:
+            new = load_config(self.settings.source)
+            open_bundle(new)  # what start-up checks: features per stream, detector, checksums
+        except (ConfigError, StartupError) as exc:
+            log.error("reload refused, the running config stays: %s", exc)
+            self.metrics.reloads.labels("refused").inc()
+            return None
+        changed = changed_keys(self.settings, new)
+        for key in [k for k in changed if not reloadable(k)]:
+            log.warning("reload: %s changed; it takes effect on restart (running with the old "
+                        "value)", key)
+            _keep_running_value(new, self.settings, key)
+        return new, [k for k in changed if reloadable(k)]
 
     # -- status and shutdown ---------------------------------------------------------------------
     def summary(self) -> str:

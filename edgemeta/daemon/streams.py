@@ -41,6 +41,10 @@ log = logging.getLogger("edgemeta.daemon")
 
 __all__ = ["Streams", "StreamState", "policy"]
 
+# The settings a support collector is built from (a change rebuilds and reopens collections).
+COLLECTOR_KEYS = ("adaptation.support_size", "adaptation.holdout_size", "adaptation.selection",
+                  "adaptation.window")
+
 
 def policy(settings: Settings) -> lc.Policy:
     a, g = settings.adaptation, settings.gate
@@ -125,16 +129,27 @@ class Streams:
         manifest = self.promotion.rollback(lineage, to=to)
         return f"{lineage} now serves v{manifest.version} (rollback to v{manifest.parent})"
 
-    def reload(self, settings: Settings) -> None:
-        """New settings: fresh detectors and collectors; open collections are reopened."""
+    def reload(self, settings: Settings, changed: list[str]) -> None:
+        """New settings (``changed``: the keys that differ). Only what a changed key shapes is
+        rebuilt: a detector keeps its baseline, a collection its rows and a regime its count
+        unless their own settings changed; an open collection that is rebuilt is reopened."""
         self.settings = self.recall.settings = settings
         self.promotion.probation_rows = settings.adaptation.holdout_size
+        detector = any(k.startswith("drift.") for k in changed)
+        collector = any(k in COLLECTOR_KEYS for k in changed)
+        regime = any(k.startswith("continual.") or k == "adaptation.holdout_size"
+                     for k in changed)
         for name, state in self.states.items():
-            state.monitor, state.collector = self._parts(name)
-            old, state.regime = state.regime, self._regime()
-            state.regime.restart(old.rows())
+            monitor, fresh = self._parts(name)
+            if detector:
+                state.monitor = monitor
+            if regime:
+                old, state.regime = state.regime, self._regime()
+                state.regime.restart(old.rows())
             state.machine.policy = policy(settings)
-            self._event(state, lc.Reloaded())
+            if collector:
+                state.collector = fresh
+                self._event(state, lc.Reloaded())
 
     def stopping(self) -> None:
         for state in self.states.values():
