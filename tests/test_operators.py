@@ -113,6 +113,7 @@ def test_degraded_mode_ends_only_when_the_paused_work_goes_through(tmp_path, sin
             seen.append(counter(d, "edgemeta_degraded", reason="disk_full"))
         assert set(seen) == {1.0}
         assert (inbox(d) / "held.csv").exists()
+        _alert_fires_on(seen)
         monkeypatch.setattr(d.layout, "write_predictions", real)
         d.degraded.state._next = 0.0  # the back-off's next try, now
         assert run_until(d, lambda: not d.degraded.active, timeout=10)
@@ -292,3 +293,46 @@ def test_config_docs_lists_every_key_with_its_default_and_reload_policy():
     assert any(line.startswith("gate.alpha") and " yes " in line for line in lines)
     assert any(line.startswith("metrics.port") and " restart " in line for line in lines)
     assert any(line.startswith("retention.keep_models") and ">= 2" in line for line in lines)
+
+
+def _alert_fires_on(samples: list[float]) -> None:
+    """The gauge as the daemon exported it, replayed one sample per 15 s scrape through the
+    real alert rule: EdgemetaDegraded (for: 2m) fires. (It never could while the mode flapped.)"""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from tests.conftest import MISSING_TOOL
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip(MISSING_TOOL + "promtool (Debian package prometheus)")
+    rules = Path(ROOT / "deploy" / "prometheus" / "edgemeta.rules.yml")
+    series = " ".join(f"{v:g}" for v in (samples * 12)[:12])  # 3 minutes of scrapes
+    description = next(line.split("description: ", 1)[1].strip().strip('"')
+                       for line in rules.read_text().splitlines()
+                       if "description:" in line and "Writes to the state directory" in line)
+    description = description.replace("{{ $labels.reason }}", "disk_full")
+    test = f"""rule_files: [{rules}]
+evaluation_interval: 15s
+tests:
+  - interval: 15s
+    input_series:
+      - series: 'edgemeta_degraded{{instance="d", reason="disk_full"}}'
+        values: '{series}'
+    alert_rule_test:
+      - eval_time: 2m45s
+        alertname: EdgemetaDegraded
+        exp_alerts:
+          - exp_labels: {{severity: critical, instance: d, reason: disk_full}}
+            exp_annotations:
+              summary: "edgemeta on d is degraded: disk_full"
+              description: "@DESCRIPTION@"
+              runbook_url: "docs/operations.md#edgemetadegraded"
+"""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "flapping.test.yml"
+        path.write_text(test.replace("@DESCRIPTION@", description))
+        out = subprocess.run([promtool, "test", "rules", str(path)], capture_output=True,
+                             text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
