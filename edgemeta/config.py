@@ -362,9 +362,10 @@ def parse_config(raw: dict[str, Any], source: Path | None = None) -> Settings:
         raise ConfigError(f"continual.window: {c.window} rows cannot hold adaptation.holdout_size "
                           f"({a.holdout_size}) plus 10 rows to learn from")
     _positive("memory.capacity", settings.memory.capacity, allow_zero=True)
-    if settings.memory.min_rows < 5:
-        raise ConfigError(f"memory.min_rows: must be >= 5 (fewer rows can never pass the paired "
-                          f"test), got {settings.memory.min_rows}")
+    if 0.5 ** settings.memory.min_rows > settings.gate.alpha / 2:
+        raise ConfigError(f"memory.min_rows: {settings.memory.min_rows} rows can never pass a "
+                          f"recall's paired test at gate.alpha / 2 = {settings.gate.alpha / 2:g} "
+                          f"(each of its two looks gets half), use more rows")
     _positive("gate.early_rows", settings.gate.early_rows, allow_zero=True)
     if settings.gate.early_rows >= settings.adaptation.holdout_size:
         raise ConfigError(f"gate.early_rows: {settings.gate.early_rows} must be smaller than "

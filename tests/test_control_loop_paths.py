@@ -248,3 +248,34 @@ def test_refused_rows_do_not_block_the_candidates_built_on_the_honest_rows_after
             [(r["trigger"], r["result"], r.get("reason")) for r in fits]
     finally:
         d.shutdown(drain_s=0.5)
+
+
+def test_rows_a_replaced_version_predicted_never_judge_the_version_that_replaced_it(
+        tmp_path, sinusoid_bundle):
+    """A recall in the middle of a batch: the batch's later rows were predicted by the version
+    it replaced. Fed to the detector as if the recalled model had made them, they were a gross
+    misfit of the recalled model at once: a second drift, which superseded the episode the
+    first had opened."""
+    # A lenient gate (recall looks at 0.1) so the remembered model is recalled for sure.
+    cfg = write_config(tmp_path, sinusoid_bundle.path, metrics={"enabled": False},
+                       continual={"enabled": True}, gate={"alpha": 0.2})
+    d = Daemon(load_config(cfg), metrics=Metrics())
+    d.setup()
+    try:
+        assert d.adapter.wait_ready(120)
+        for seed, task in ((0, (1.0, 0.0)), (100, (4.5, 2.5)), (200, (1.0, 0.0))):
+            for i in range(16):  # each regime long enough for continued fits to fit it well
+                d.feed("sine", *_sine(*task, 50, seed + i))
+                d.drain()
+        before = d.streams.view("sine")
+        recalls = counter(d, "edgemeta_recalls_total", stream="sine")
+        # B again, in one batch: rows the model remembered for B was fitted on, so the recall
+        # is certain and comes early in the batch.
+        parts = [_sine(4.5, 2.5, 50, 100 + i) for i in range(10, 16)]
+        d.feed("sine", np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+        after = d.streams.view("sine")
+        assert counter(d, "edgemeta_recalls_total", stream="sine") == recalls + 1
+        assert after.drifts == before.drifts + 1
+        assert after.superseded == before.superseded and after.restarts == before.restarts
+    finally:
+        d.shutdown(drain_s=0.5)

@@ -172,9 +172,12 @@ class Streams:
         if state.probation is not None:
             self._judge_probation(state, x, y, losses, judged)
         m = state.machine
+        served = self.models.version(stream)
         for i in range(len(y)):
-            if ((judged is None or judged[i])
-                    and state.monitor.update_error(losses[i], (x[i], y[i]))):
+            # A promotion, recall or rollback within this batch: its later rows were predicted
+            # by the version it replaced, and say nothing about the one serving now.
+            mine = (judged is None or judged[i]) and self.models.version(stream) == served
+            if mine and state.monitor.update_error(losses[i], (x[i], y[i])):
                 self.drift(state, state.monitor.detector)
                 continue  # the row is in the backfill already
             state.regime.add(x[i], y[i])
