@@ -431,13 +431,14 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def _running_daemon(state: Path) -> int | None:
-    """The pid of a live ``edgemeta run`` on ``state``, from its status.json, or None."""
+    """The pid of the live daemon that wrote ``state``'s status.json, or None."""
+    from edgemeta.daemon.journal import daemon_alive, read_status
+
     try:
-        pid = int(json.loads((state / "status.json").read_text()).get("pid"))
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, ValueError, TypeError):
+        status = read_status(state)
+    except (OSError, ValueError):
         return None
-    return pid if b"edgemeta" in cmdline and b"run" in cmdline else None
+    return status["pid"] if daemon_alive(status) else None
 
 
 def _models_rollback(args: argparse.Namespace, settings, state: Path, lineage: str | None) -> int:

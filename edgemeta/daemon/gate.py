@@ -11,11 +11,12 @@ one-sided sign-flip permutation test on the per-row loss differences asks whethe
 better; it is accepted at level ``gate.alpha``, which is its false-accept rate when the candidate is
 in truth no better. ``gate.min_gain`` stays as an optional effect-size floor. The early gate (a few
 holdout rows right after a drift) uses the same test: on 6 rows it can only pass when every row
-improved, otherwise the episode's weights wait for a full holdout of rows the early gate did not
-see. The two looks share ``gate.alpha`` (:func:`split_alpha`): the early one spends what its few
-rows can attain, the full one the rest, so an episode looked at twice is still accepted by
-chance at most ``gate.alpha`` of the time. A recall's two looks (at the drift, and on the drift
-episode's rows) split it in halves the same way.
+improved, otherwise the episode's weights wait for the full holdout (the early rows first, then
+the ones after them). The two looks share ``gate.alpha``: the early one takes most of it, at a
+level its few rows can attain (:func:`split_alpha`), and the full one's p-value counts the
+sign patterns the early look would have accepted too (:func:`sequential_p_value`), so an episode
+looked at twice is accepted by chance at most ``gate.alpha`` of the time. A recall's two looks
+(at the drift, and on the drift episode's rows) take half of it each.
 
 >>> decide(np.full(20, 1.0), np.full(20, 0.5), alpha=0.05).accepted
 True
@@ -89,27 +90,71 @@ def paired_p_value(current_rows: np.ndarray, candidate_rows: np.ndarray) -> floa
     return float((1 + np.sum(sums >= observed - 1e-12 * np.abs(d).sum())) / (1 + RANDOM_FLIPS))
 
 
-def split_alpha(alpha: float, early_rows: int) -> tuple[float, float]:
-    """The levels of the early look on ``early_rows`` rows and of the full look after it.
+#: The share of ``gate.alpha`` the full look keeps at least, after an early look.
+FULL_LOOK_SHARE = 1 / 16
 
-    The sign-flip test on n <= EXACT_ROWS rows attains only multiples of 2^-n, so the early
-    look's true level is the largest multiple not above alpha / 2 (or 2^-n, the one level that
-    lets all-better pass, when alpha / 2 is below it); the full look gets the rest. The looks
-    see disjoint rows, and by the union bound the chance of accepting a candidate that is in
-    truth no better, at either look, is at most their sum: ``alpha``.
 
-    >>> split_alpha(0.05, 6)  # 1/64 for six wins of six, 0.0344 for the full holdout
-    (0.015625, 0.034375)
+def split_alpha(alpha: float, early_rows: int) -> float:
+    """The level of the early look on ``early_rows`` rows; the full look after it is judged by
+    :func:`sequential_p_value` at ``alpha`` itself, so it gets what the early look left.
+
+    Most of alpha goes to the early look: it comes right after a drift, where a good candidate is
+    far better than the model that no longer fits (and passes the full look easily even at a
+    small level), and every row it does not have to wait for is served by that model. Measured
+    on `bench stream`'s sinusoid (docs/BENCHMARKS.md): half of alpha early cost 10-25% of the
+    cumulative error against 15/16 of it. The sign-flip test on n <= EXACT_ROWS rows attains only
+    multiples of 2^-n: the early look gets the largest one that leaves the full look at least
+    ``FULL_LOOK_SHARE`` of alpha (or 2^-n, the one that lets all-better pass).
+
+    >>> split_alpha(0.05, 6)  # 3/64: five wins of six pass when the loss is small
+    0.046875
     >>> split_alpha(0.05, 0)
-    (0.0, 0.05)
+    0.0
     """
     if early_rows <= 0:
-        return 0.0, alpha
+        return 0.0
+    budget = alpha * (1 - FULL_LOOK_SHARE)
     if early_rows > EXACT_ROWS:
-        return alpha / 2, alpha / 2
+        return budget
     unit = 0.5 ** early_rows
-    early = math.floor(alpha / 2 / unit) * unit or unit
-    return early, max(alpha - early, 0.0)
+    return math.floor(budget / unit + 1e-9) * unit or unit
+
+
+def sequential_p_value(current_rows: np.ndarray, candidate_rows: np.ndarray, looked: int,
+                       early_alpha: float) -> float:
+    """The full look's p-value after an early look at the first ``looked`` rows found nothing
+    at level ``early_alpha``: the share of sign patterns (the same null as
+    :func:`paired_p_value`) under which the early look would have accepted, or the full
+    statistic is at least the observed one.
+
+    Accepting when this is <= alpha makes the rejection region of both looks together
+    {early accepts} + {full statistic large}, of null probability <= alpha: the two looks share
+    alpha exactly, conditional on the rows' magnitudes, however much their rows overlap (a
+    union bound would give the full look only alpha - early_alpha).
+
+    >>> cur, cand = np.ones(20), np.r_[np.full(5, 0.5), 1.05, np.full(14, 0.5)]
+    >>> round(sequential_p_value(cur, cand, 6, 1 / 64), 3)  # five wins of six early, then all
+    0.016
+    """
+    d = np.asarray(current_rows, np.float64) - np.asarray(candidate_rows, np.float64)
+    observed = d.sum()
+    a = np.abs(d)
+    early = a[:looked]
+    rng = np.random.default_rng(len(d))
+    # The early statistic's null distribution: exact over its 2^looked sign patterns, as the
+    # early look computed it, or from random ones beyond EXACT_ROWS.
+    if looked <= EXACT_ROWS:
+        patterns = 1 - 2 * ((np.arange(2 ** looked)[:, None] >> np.arange(looked)) & 1)
+    else:
+        patterns = np.random.default_rng(looked).choice((-1.0, 1.0), size=(RANDOM_FLIPS, looked))
+    early_null = np.sort(patterns @ early)
+    tol = 1e-12 * max(float(a.sum()), 1e-300)
+    signs = rng.choice((-1.0, 1.0), size=(RANDOM_FLIPS, len(d)))
+    t_early = signs[:, :looked] @ early
+    # p_early of each pattern: the share of early patterns at least as large
+    p_early = 1.0 - np.searchsorted(early_null, t_early - tol, side="left") / len(early_null)
+    extreme = (p_early <= early_alpha) | (signs @ a >= observed - tol)
+    return float((1 + extreme.sum()) / (1 + RANDOM_FLIPS))
 
 
 @dataclass(frozen=True)
@@ -122,13 +167,19 @@ class GateDecision:
 
 
 def decide(current_rows: np.ndarray, candidate_rows: np.ndarray, alpha: float = 0.05,
-           min_gain: float = 0.0) -> GateDecision:
+           min_gain: float = 0.0, looked: int = 0, early_alpha: float = 0.0) -> GateDecision:
     """Accept a finite candidate whose per-row losses are lower at level ``alpha`` and whose mean
-    is at most ``current * (1 - min_gain)``."""
+    is at most ``current * (1 - min_gain)``; ``looked``: an early look at level ``early_alpha``
+    already judged the first ``looked`` rows (the two looks then share ``alpha``)."""
     current, candidate = float(np.mean(current_rows)), float(np.mean(candidate_rows))
     if not (math.isfinite(candidate) and np.all(np.isfinite(candidate_rows))):
         return GateDecision(False, "non_finite", current, candidate)
-    p = paired_p_value(current_rows, candidate_rows) if math.isfinite(current) else 0.0
+    if not math.isfinite(current):
+        p = 0.0
+    elif looked:
+        p = sequential_p_value(current_rows, candidate_rows, looked, early_alpha)
+    else:
+        p = paired_p_value(current_rows, candidate_rows)
     if p > alpha:
         return GateDecision(False, "not_better", current, candidate, p)
     if math.isfinite(current) and candidate > current * (1 - min_gain):
@@ -163,7 +214,8 @@ class Verdict:
 
 def evaluate(kind: str, template: OnnxTemplate, serving: Live, weights: Mapping[str, np.ndarray],
              holdout_x: np.ndarray, holdout_y: np.ndarray, alpha: float, min_gain: float,
-             early: bool, load: Callable[[bytes], Live]) -> Verdict:
+             early: bool, load: Callable[[bytes], Live], looked: int = 0,
+             early_alpha: float = 0.0) -> Verdict:
     """Judge adapted ``weights`` against the ``serving`` model on a (normalized) holdout.
 
     ``load`` turns model bytes into a loaded, warmed session (the predictor's), which a
@@ -185,7 +237,7 @@ def evaluate(kind: str, template: OnnxTemplate, serving: Live, weights: Mapping[
         timings["gate"] = time.perf_counter() - t
         return Verdict("rejected", "non_finite", float(current_rows.mean()), float("nan"),
                        timings=timings)
-    decision = decide(current_rows, candidate_rows, alpha, min_gain)
+    decision = decide(current_rows, candidate_rows, alpha, min_gain, looked, early_alpha)
     current, candidate = decision.current, decision.candidate
     rows = per_sample_loss(kind, candidate_out, holdout_y)
     # Beating the serving model is not enough: a candidate no better on its holdout than that

@@ -36,7 +36,7 @@ class Job:
     submitted_at: float = 0.0
     outcome: AdaptOutcome | None = None
     fit: dict | None = None  # a continued fit's options (None: the few-shot inner loop)
-    early_look: bool = False  # the early gate has judged it once (the full gate spends the rest)
+    looked: int = 0  # holdout rows an early look judged already (the first of the full holdout)
     timings: dict[str, float] = field(default_factory=dict)
     figures: dict = field(default_factory=dict)
 

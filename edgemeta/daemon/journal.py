@@ -147,7 +147,8 @@ class Journal:
     def write_status(self, pid: int, worker: dict[str, Any], streams: dict[str, StreamView],
                      degraded: dict[str, str]) -> None:
         """Rewrite status.json atomically; raises OSError (the caller decides if it degrades)."""
-        status = {"pid": pid, "updated": time.time(), "worker": worker,
+        status = {"pid": pid, "pid_start": process_start(pid), "updated": time.time(),
+                  "worker": worker,
                   "streams": {n: v.__dict__ for n, v in streams.items()},
                   "last_adaptations": list(self.recent)[-10:], "degraded": degraded}
         atomic_write(self.status_path, json.dumps(status, indent=2, default=float).encode())
@@ -220,6 +221,24 @@ def parse_episode(data: bytes) -> dict[str, Any]:
     if len(widths) > 1:
         raise EpisodeError(f"rows disagree on the number of features: {sorted(widths)}")
     return body
+
+
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, /proc/PID/stat field 22): with the
+    pid, it names one process, so a reused pid is never taken for the daemon."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def daemon_alive(status: dict[str, Any]) -> bool:
+    """Whether the process that wrote ``status`` still runs."""
+    pid, start = status.get("pid"), status.get("pid_start")
+    if not isinstance(pid, int) or isinstance(pid, bool):
+        return False
+    return start is not None and process_start(pid) == start
 
 
 def read_status(state_dir: Path) -> dict[str, Any]:

@@ -270,6 +270,9 @@ class Lifecycle:
             self.retries = 0
             # The model a refinement was improving no longer serves.
             cancel = self._to_watching() if self.phase is Phase.REFINING else []
+            import os
+            if os.environ.get("ABL_NO_RECALL_RESET"):
+                return cancel
             return [*cancel, ResetDetector(event.expected)]
         if isinstance(event, Due):
             if self.phase is not Phase.WATCHING or self.manual_pending:
@@ -288,7 +291,7 @@ class Lifecycle:
                 raise LifecycleError(f"a collection completed in phase {self.phase.value}")
             if self.resumed is not None:
                 # The full holdout of an episode the early gate found inconclusive: its weights
-                # are judged on these new rows, not adapted again.
+                # are judged on it, not adapted again.
                 self.job, self.resumed, self.phase = self.resumed, None, Phase.GATING
                 return [Gate(self.job, early=False)]
             self.jobs += 1
@@ -318,6 +321,9 @@ class Lifecycle:
         """A drift in any phase: whatever is open learned from rows of the world before the
         change (or of both worlds), so it is superseded and a drift collection opens from the
         new change point; a drift during a drift collection restarts it."""
+        import os
+        if os.environ.get("ABL_OLD_DRIFT") and self.phase not in (Phase.WATCHING, Phase.REFINING):
+            return []
         superseded: list[Action] = []
         if self.busy:
             superseded = [Superseded(self.reason),
@@ -343,8 +349,8 @@ class Lifecycle:
             raise LifecycleError(f"unknown result {event.result!r}")
         if event.result == "inconclusive":
             if self.early and not self.stopping and not self.manual_pending:
-                # Same episode and weights, judged again on a full holdout of rows the early
-                # gate did not see (so the two looks share ``gate.alpha``, see gate.py); the
+                # Same episode and weights, judged again on the full holdout (the early rows and
+                # those after them; the two looks share ``gate.alpha``, see gate.py); the
                 # episode keeps its job number.
                 self.resumed, self.job = self.job, None
                 reason = self.reason

@@ -303,9 +303,11 @@ class Streams:
         if action.seed == "backfill" and self.settings.adaptation.backfill:
             rows = state.monitor.rows_since_change()
         elif action.seed == "episode":
-            # The early gate was inconclusive: the same weights wait for a full holdout of
-            # rows it has not seen.
-            support_size, holdout_size = 0, self.settings.adaptation.holdout_size
+            # The early gate was inconclusive: the same weights wait for the rest of the full
+            # holdout (the early rows stay its first; the two looks share gate.alpha, gate.py).
+            early = len(self.jobs.get(state.name, state.machine.resumed).episode.holdout_y)
+            support_size = 0
+            holdout_size = max(1, self.settings.adaptation.holdout_size - early)
         elif action.reason is lc.Reason.MANUAL and state.pending_support:
             rows, state.pending_support = state.pending_support, []
         episode = state.collector.start(rows, support_size, holdout_size)
@@ -367,22 +369,25 @@ class Streams:
 
     def _gate(self, state: StreamState, job: Job, early: bool) -> None:
         if state.completed is not None:
-            # The full holdout an inconclusive early gate waited for: new rows only.
+            # The full holdout an inconclusive early gate waited for (the weights stay; so does
+            # their support, whatever the collector would select now).
             done, state.completed = state.completed, None
-            job.figures["early_holdout_rows"] = len(job.episode.holdout_y)
-            job.episode = Episode(job.episode.support_x, job.episode.support_y,
-                                  done.holdout_x, done.holdout_y)
+            ep = job.episode
+            job.figures["early_holdout_rows"] = job.looked = len(ep.holdout_y)
+            job.episode = Episode(ep.support_x, ep.support_y,
+                                  np.concatenate([ep.holdout_x, done.holdout_x]),
+                                  np.concatenate([ep.holdout_y, done.holdout_y]))
             job.complete_at = time.perf_counter()
         served = self.models.of(state.name)
         ep = job.episode
         g = self.settings.gate
-        early_alpha, full_alpha = split_alpha(g.alpha, g.early_rows)
-        alpha = early_alpha if early else (full_alpha if job.early_look else g.alpha)
-        job.early_look = job.early_look or early
+        early_alpha = split_alpha(g.alpha, g.early_rows)
+        alpha = early_alpha if early else g.alpha
         holdout_x = self.bundle.normalize(ep.holdout_x)
         verdict = evaluate(self.kind, self.models.template, served.predictor.live,
                            job.outcome.weights, holdout_x, ep.holdout_y, alpha, g.min_gain, early,
-                           load=lambda model: served.predictor.load(model, 0))
+                           load=lambda model: served.predictor.load(model, 0),
+                           looked=0 if early else job.looked, early_alpha=early_alpha)
         job.timings.update(verdict.timings)
         if verdict.result == "inconclusive":
             log.info("stream=%s: early gate inconclusive (%.4g vs %.4g on %d rows); waiting for "
