@@ -111,7 +111,7 @@ def test_a_drift_starts_a_new_regime_from_the_rows_since_the_change_point(tmp_pa
         x = np.linspace(-5, 5, 60, dtype=np.float32)[:, None]
         d.feed("sine", x, np.sin(x[:, 0]))
         assert state.regime.count == 60
-        d.streams.alarm(state, "adwin")
+        d.streams.alarm("sine", "adwin")
         assert state.regime.count == len(state.monitor.rows_since_change()) < 60
     finally:
         d.shutdown(drain_s=0.5)

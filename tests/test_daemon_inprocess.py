@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from edgemeta.config import load_config
-from edgemeta.daemon.lifecycle import Phase
 from edgemeta.daemon.metrics import Metrics
 from edgemeta.daemon.runtime import Daemon
 from edgemeta.daemon.triggers import write_trigger
@@ -62,7 +61,7 @@ def test_poisoned_support_labels_make_the_gate_reject(daemon):
     x = np.linspace(-5, 5, 10)
     support.write_text("id,x,y\n" + "".join(f"p{i},{v},4\n" for i, v in enumerate(x)))
     write_trigger(daemon.settings.state_dir / "triggers", "adapt", {"support": "poison.csv"})
-    assert run_until(daemon, lambda: daemon.streams.states["sine"].collector.collected == 10,
+    assert run_until(daemon, lambda: daemon.streams.view("sine").collected == 10,
                      timeout=5)
     feed(daemon, "h", 2.0, 0.5, 1)  # the holdout comes from the stream's honest labels
     assert run_until(daemon, lambda: counter(daemon, "edgemeta_adaptations_total", stream="sine",
@@ -77,9 +76,9 @@ def test_killing_the_worker_mid_adaptation_keeps_serving_and_it_comes_back(daemo
     old_pid = daemon.adapter.pid
     os.kill(old_pid, signal.SIGSTOP)  # freeze it so the request is certainly in flight
     write_trigger(daemon.settings.state_dir / "triggers", "adapt")
-    assert run_until(daemon, lambda: daemon.streams.states["sine"].collector.collecting, timeout=5)
+    assert run_until(daemon, lambda: daemon.streams.view("sine").phase == "collecting", timeout=5)
     feed(daemon, "k", 4.0, 1.0, 1)
-    assert run_until(daemon, lambda: daemon.streams.states["sine"].machine.phase is Phase.ADAPTING,
+    assert run_until(daemon, lambda: daemon.streams.view("sine").phase in ("adapting", "waiting_for_worker"),
                      timeout=5)
     os.kill(old_pid, signal.SIGKILL)
     assert run_until(daemon, lambda: counter(daemon, "edgemeta_adaptations_total", stream="sine",
@@ -184,7 +183,7 @@ def test_delayed_labels_join_to_earlier_predictions(daemon):
     assert run_until(daemon, lambda: not any(inbox(daemon).iterdir()))
     assert counter(daemon, "edgemeta_labels_total", stream="sine", result="matched") == 30
     assert counter(daemon, "edgemeta_labels_total", stream="sine", result="unknown") == 1
-    assert daemon.streams.states["sine"].samples == 30
+    assert daemon.streams.view("sine").samples == 30
 
 
 @pytest.mark.parametrize("name, body, reason", [
@@ -239,7 +238,7 @@ def test_an_episode_completed_while_the_worker_restarts_waits_for_it(daemon):
     daemon.adapter.kill()
     assert run_until(daemon, lambda: not daemon.adapter.ready, timeout=5)
     write_trigger(daemon.settings.state_dir / "triggers", "adapt")
-    assert run_until(daemon, lambda: daemon.streams.states["sine"].collector.collecting, timeout=5)
+    assert run_until(daemon, lambda: daemon.streams.view("sine").phase == "collecting", timeout=5)
     feed(daemon, "w", 4.5, 2.5, 1)  # another task: a drift supersedes the manual collection
     assert daemon.streams.view("sine").phase == "waiting_for_worker" and not daemon.adapter.ready, \
         "the episode should wait for the worker, not fail"
@@ -266,7 +265,7 @@ def test_a_hung_adaptation_times_out_and_the_worker_is_replaced(tmp_path, sinuso
         frozen = d.adapter.pid
         os.kill(frozen, signal.SIGSTOP)
         write_trigger(d.settings.state_dir / "triggers", "adapt")
-        assert run_until(d, lambda: d.streams.states["sine"].collector.collecting, timeout=5)
+        assert run_until(d, lambda: d.streams.view("sine").phase == "collecting", timeout=5)
         feed(d, "t", 3.0, 1.0, 1)
         assert run_until(d, lambda: counter(d, "edgemeta_adaptations_total", stream="sine",
                                             result="timeout") == 1, timeout=15)
@@ -311,7 +310,7 @@ def test_a_bare_meta_initialization_is_adapted_on_the_first_labels_without_a_dri
     restarted = Daemon(load_config(cfg), metrics=Metrics())
     restarted.setup()  # serving v2 (source "initial"): nothing to collect at start
     try:
-        assert not restarted.streams.states["sine"].collector.collecting
+        assert restarted.streams.view("sine").phase != "collecting"
     finally:
         restarted.shutdown(drain_s=0.5)
 
@@ -320,7 +319,7 @@ def test_an_inconclusive_early_gate_waits_for_the_full_holdout(daemon):
     # A near-flat task (A = 0.2) that the meta-initialization already fits about as well as any
     # adaptation can: whatever the candidate does on 5 rows, it is no clear win.
     feed(daemon, "a", 0.2, 0.0, 2)
-    daemon.streams.alarm(daemon.streams.states["sine"], "adwin")  # as if the detector had fired
+    daemon.streams.alarm("sine", "adwin")  # as if the detector had fired
     feed(daemon, "b", 0.2, 0.0, 2)
     assert run_until(daemon, lambda: sum(counter(daemon, "edgemeta_adaptations_total",
                                                  stream="sine", result=r)

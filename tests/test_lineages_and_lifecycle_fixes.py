@@ -247,7 +247,7 @@ def test_a_rejected_drift_episode_is_retried_with_reason_retry(tmp_path, sinusoi
     try:
         state = d.streams.states["sine"]
         feed(d, "a", 1.0, 0.0, 4)
-        d.streams.alarm(state, "adwin")
+        d.streams.alarm("sine", "adwin")
         # A stuck label: 16 rows (early holdout) are refused, 30 more (the retry) are refused too.
         feed(d, "k", 1.0, 0.0, 1, n=46, label_fn=lambda y: np.full_like(y, 7.0))
         assert run_until(d, lambda: len(episodes(d)) >= 2, timeout=10)

@@ -61,9 +61,13 @@ def latency(daemon: Daemon, episodes: int, seed: int = 0) -> dict[str, Any]:
         daemon.drain(120)
         _, version = daemon.models.predict("sine", probe)
         done = time.perf_counter()
-        entry = daemon.journal.recent[-1]
+        # The episode that served the new task: the manual one, or (the detector watches the
+        # collection too) the drift episode that superseded it; a recall has no worker stages.
+        entry = next((e for e in reversed(daemon.journal.recent) if e["trigger"] != "recall"),
+                     daemon.journal.recent[-1])
         results.append(entry["result"])
-        if entry["result"] == "accepted" and version != before:
+        if (entry["result"] == "accepted" and version != before
+                and all(s in entry.get("timings_ms", {}) for s in stages)):
             totals.append(done - started)
             for stage in stages:
                 stages[stage].append(entry["timings_ms"][stage])

@@ -20,12 +20,13 @@ from collections.abc import Callable
 import numpy as np
 
 from edgemeta.daemon import lifecycle as lc
+from edgemeta.daemon.gate import per_sample_loss
 from edgemeta.daemon.journal import Journal
 from edgemeta.daemon.metrics import Metrics
 from edgemeta.daemon.models import Replaced, ServedModels
 from edgemeta.daemon.sanity import Probation
 from edgemeta.daemon.stream_state import StreamState
-from edgemeta.serve.predictor import Live
+from edgemeta.serve.predictor import Live, run
 from edgemeta.serve.registry import Manifest, RegistryError
 
 log = logging.getLogger("edgemeta.daemon")
@@ -61,6 +62,34 @@ class Promotion:
         manifest = self.models.rollback(lineage, to=to, note=note, replaced=replaced)
         self._tell_lineage(lineage, lc.RolledBack())
         return manifest
+
+    def judge(self, state: StreamState, x: np.ndarray, y: np.ndarray, losses: np.ndarray,
+              judged: np.ndarray | None, normalize: Callable[[np.ndarray], np.ndarray],
+              kind: str) -> str | None:
+        """Probation: score the rows the new version served with the version it replaced as
+        well; roll back at once when they show it worse. Returns the verdict once there is one;
+        ``'changed'`` (the replaced version errs unlike it did on the holdout: the world changed)
+        is the caller's drift."""
+        probation = state.probation
+        if self.models.version(state.name) != probation.new_version:
+            state.probation = None  # another swap (or a rollback) has replaced it already
+            return None
+        mask = np.ones(len(x), bool) if judged is None else np.asarray(judged, bool)
+        if not mask.any():
+            return None
+        old = run(probation.previous.live, normalize(x[mask]))
+        probation.add(losses[mask], per_sample_loss(kind, old, np.asarray(y)[mask]))
+        verdict = probation.verdict()
+        if verdict is not None:
+            state.probation = None
+        if verdict == "worse":
+            self.probation_failed(state, probation)
+        elif verdict == "changed":
+            log.warning("stream=%s: on the rows after v%d was swapped in, the v%d it replaced "
+                        "errs unlike it did on the holdout: the world changed (a drift, not a "
+                        "verdict on v%d)", state.name, probation.new_version,
+                        probation.previous_version, probation.new_version)
+        return verdict
 
     def probation_failed(self, state: StreamState, probation: Probation) -> None:
         """The rows after a swap showed the new version worse than the one it replaced."""

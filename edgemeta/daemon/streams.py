@@ -169,8 +169,9 @@ class Streams:
         state.samples += len(y)
         state.last_loss = float(np.mean(losses))
         self.metrics.stream_loss.labels(stream).set(state.last_loss)
-        if state.probation is not None:
-            self._judge_probation(state, x, y, losses, judged)
+        if state.probation is not None and self.promotion.judge(
+                state, x, y, losses, judged, self.bundle.normalize, self.kind) == "changed":
+            self.alarm(state.name, "probation")
         m = state.machine
         served = self.models.version(stream)
         for i in range(len(y)):
@@ -203,9 +204,10 @@ class Streams:
             if state.monitor.update_features(row):
                 self.drift(state, "feature")
 
-    def alarm(self, state: StreamState, detector: str) -> None:
+    def alarm(self, stream: str, detector: str) -> None:
         """A drift found by other evidence than the error detector's own alarm (probation; a
         test standing in for the detector): the detector re-baselines as after its own."""
+        state = self.states[stream]
         state.monitor.declare()
         self.drift(state, detector)
 
@@ -441,33 +443,6 @@ class Streams:
         if action.result != "accepted":
             log.warning("adaptation %s stream=%s reason=%s version=%s", action.result,
                         state.name, action.why, self.models.version(state.name))
-
-    # -- probation ---------------------------------------------------------------------------------
-    def _judge_probation(self, state: StreamState, x: np.ndarray, y: np.ndarray,
-                         losses: np.ndarray, judged: np.ndarray | None) -> None:
-        """Score the rows the new version served with the version it replaced as well; roll
-        back at once when they show it worse, and call a drift when they show the world
-        changed under both."""
-        probation = state.probation
-        if self.models.version(state.name) != probation.new_version:
-            state.probation = None  # another swap (or a rollback) has replaced it already
-            return
-        mask = np.ones(len(x), bool) if judged is None else np.asarray(judged, bool)
-        if not mask.any():
-            return
-        old = run(probation.previous.live, self.bundle.normalize(x[mask]))
-        probation.add(losses[mask], per_sample_loss(self.kind, old, np.asarray(y)[mask]))
-        verdict = probation.verdict()
-        if verdict is not None:
-            state.probation = None
-        if verdict == "worse":
-            self.promotion.probation_failed(state, probation)
-        elif verdict == "changed":
-            log.warning("stream=%s: on the rows after v%d was swapped in, the v%d it replaced "
-                        "errs unlike it did on the holdout: the world changed (a drift, not a "
-                        "verdict on v%d)", state.name, probation.new_version,
-                        probation.previous_version, probation.new_version)
-            self.alarm(state, "probation")
 
     # -- status ------------------------------------------------------------------------------------
     def view(self, name: str) -> StreamView:
