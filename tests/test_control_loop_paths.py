@@ -283,3 +283,38 @@ def test_rows_a_replaced_version_predicted_never_judge_the_version_that_replaced
         assert after.superseded == before.superseded and after.restarts == before.restarts
     finally:
         d.shutdown(drain_s=0.5)
+
+
+def test_a_recall_is_judged_only_on_labels_that_pass_the_sanity_checks(monkeypatch):
+    """The recall used to run before the label sanity check: a stuck label source (every label
+    the same) could pick and serve a remembered model."""
+    import types
+
+    import edgemeta.daemon.recall as recall_module
+    from edgemeta.config import parse_config
+    from edgemeta.daemon.memory import Concept
+    from edgemeta.daemon.recall import Recall
+    from edgemeta.daemon.stream_state import StreamState
+
+    settings = parse_config({"bundle": {"path": "/b"}, "state": {"dir": "/s"},
+                             "streams": [{"name": "s", "features": ["x"], "label": "y"}]})
+    # A remembered model that answers 2.0 everywhere, a serving one that answers 0.0.
+    monkeypatch.setattr(recall_module, "run",
+                        lambda live, x: np.full((len(x), 1), live, np.float32))
+    served = types.SimpleNamespace(version=3, weights={"w": np.zeros(1)},
+                                   predictor=types.SimpleNamespace(live=0.0), bare=False)
+    promoted = []
+    promotion = types.SimpleNamespace(promote=lambda *a, **k: promoted.append(a) or
+                                      types.SimpleNamespace(version=9))
+    bundle = types.SimpleNamespace(kind="regression", target_range=(-5.0, 5.0),
+                                   normalize=lambda x: x)
+    journal = types.SimpleNamespace(record=lambda *a, **k: None)
+    recall = Recall(settings, bundle, types.SimpleNamespace(of=lambda name: served), promotion,
+                    journal, Metrics(), lambda state, event: None, lambda exc, what: None)
+    recall.memory.remember("s", Concept(2, b"", 2.0, {"w": np.ones(1)}, {}))
+    state = StreamState("s", "s", None, None, lc.Lifecycle(lc.Policy()), None)
+    x = np.linspace(-5, 5, 20)[:, None]
+    assert not recall.attempt(state, x, np.full(20, 2.0))  # stuck labels: refused
+    assert not promoted
+    assert recall.attempt(state, x, 2.0 + np.random.default_rng(0).normal(0, 0.1, 20))
+    assert len(promoted) == 1

@@ -67,6 +67,15 @@ def test_a_short_two_process_run_converges_like_one_process_and_only_rank_0_writ
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # nothing else written
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a live process, from /proc (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("inf")  # gone: nothing more to wait for
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _rank_pid(marker: str, rank: int) -> int | None:
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -97,7 +106,11 @@ def test_a_dying_rank_ends_the_job_with_the_best_bundle_so_far(tmp_path):
             pid = _rank_pid(marker, 1)
             time.sleep(0.2)
         assert pid is not None, "rank 1 never started"
-        time.sleep(8)  # let it train and validate a few times
+        # Let it train and validate a few times: a wait on the work done (CPU seconds), which a
+        # busy machine stretches in wall-clock time but not in iterations.
+        deadline = time.monotonic() + 120
+        while _cpu_seconds(pid) < 4.0 and time.monotonic() < deadline:
+            time.sleep(0.2)
         os.kill(pid, signal.SIGKILL)
         stdout, stderr = job.communicate(timeout=90)
     finally:
