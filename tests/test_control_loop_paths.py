@@ -202,11 +202,11 @@ def test_rows_are_learned_only_once_their_file_is_moved(daemon, monkeypatch):
     real = daemon.layout.processed
     failures = []
 
-    def full_disk_once(stream, path):
+    def full_disk_once(stream, path, *name):
         if not failures:
             failures.append(path)
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(stream, path)
+        return real(stream, path, *name)
 
     monkeypatch.setattr(daemon.layout, "processed", full_disk_once)
     sine_file(inbox(daemon), "once", 1.0, 0.0, n=40)

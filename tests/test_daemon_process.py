@@ -102,7 +102,7 @@ def test_daemon_speaks_the_systemd_notify_protocol_and_serves_metrics(tmp_path, 
                         "--no-wait"], check=True, cwd=ROOT, capture_output=True)
         done = tmp_path / "state" / "triggers" / "done"
         deadline = time.monotonic() + 30
-        while not any(done.glob("adapt-*.result.json")) and time.monotonic() < deadline:
+        while not any(done.glob("*adapt-*.result.json")) and time.monotonic() < deadline:
             systemd.pump(0.1)  # the daemon answers the trigger (it keeps pinging meanwhile)
         sine_file(inbox, "c000", 2.0, 1.0, seed=7)
         hang = time.monotonic()

@@ -25,7 +25,7 @@ def test_wait_reports_the_collection_and_the_verdict_of_a_manual_adaptation(tmp_
         daemon.wait_ready()
         waiting = trigger(cfg, "adapt", "--wait", "--timeout", "120")
         done = tmp_path / "state" / "triggers" / "done"
-        daemon.wait(lambda: done.is_dir() and any(done.glob("adapt-*.result.json")), 60,
+        daemon.wait(lambda: done.is_dir() and any(done.glob("*adapt-*.result.json")), 60,
                     "the trigger to be answered")  # "collecting 30 labelled samples"
         sine_file(tmp_path / "state" / "inbox" / "sine", "new-task", 4.5, 2.5, n=60, seed=3)
         out, err = waiting.communicate(timeout=150)

@@ -169,9 +169,9 @@ class Streams:
         state.samples += len(y)
         state.last_loss = float(np.mean(losses))
         self.metrics.stream_loss.labels(stream).set(state.last_loss)
-        if state.probation is not None and self.promotion.judge(
-                state, x, y, losses, judged, self.bundle.normalize, self.kind) == "changed":
-            self.alarm(state.name, "probation")
+        changed = state.probation is not None and self.promotion.judge(
+            state, x, y, losses, judged, self.bundle.normalize, self.kind) == "changed"
+        drifts = state.drifts
         m = state.machine
         served = self.models.version(stream)
         for i in range(len(y)):
@@ -187,6 +187,10 @@ class Streams:
                 self._offer(state, x[i], y[i])
             else:
                 state.history.append(float(y[i]))
+        if changed and state.drifts == drifts:
+            # Probation saw the world change in these rows: a drift, called once the detector
+            # has them too (its new baseline and the backfill are this batch's rows).
+            self.alarm(state.name, "probation")
         if self.settings.continual.enabled and m.phase is lc.Phase.WATCHING and state.regime.due:
             self._event(state, lc.Due())
         self.changed = True
