@@ -48,10 +48,11 @@ class Concept:
     weights: dict[str, np.ndarray] = field(repr=False)
     regime: dict[str, Any]
     recalls: int = 0
+    # The weights' hash, computed once: every recall compares it with the serving model's.
+    key: str = field(init=False, repr=False, default="")
 
-    @property
-    def key(self) -> str:
-        return weights_key(self.weights)
+    def __post_init__(self) -> None:
+        self.key = weights_key(self.weights)
 
 
 def weights_key(weights: Mapping[str, np.ndarray]) -> str:
