@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -22,14 +23,23 @@ from edgemeta.daemon.triggers import write_trigger
 from tests.conftest import counter, feed, inbox, run_until, sine_file, write_config
 
 
-@pytest.fixture
-def daemon(tmp_path, sinusoid_bundle):
-    cfg = write_config(tmp_path, sinusoid_bundle.path, metrics={"enabled": False})
+@contextmanager
+def running_daemon(tmp_path, bundle, **sections):
+    """An in-process daemon on ``sections`` (over the test config), its worker up."""
+    cfg = write_config(tmp_path, bundle, metrics={"enabled": False}, **sections)
     d = Daemon(load_config(cfg), metrics=Metrics())
     d.setup()
-    assert d.adapter.wait_ready(120)
-    yield d
-    d.shutdown(drain_s=0.5)
+    try:
+        assert d.adapter.wait_ready(120)
+        yield d
+    finally:
+        d.shutdown(drain_s=0.5)
+
+
+@pytest.fixture
+def daemon(tmp_path, sinusoid_bundle):
+    with running_daemon(tmp_path, sinusoid_bundle.path) as d:
+        yield d
 
 
 @pytest.mark.slow
@@ -145,13 +155,8 @@ def test_a_drift_during_probation_is_a_drift_not_a_rollback(daemon):
 
 
 def test_a_drift_while_a_continued_fit_is_in_the_worker_supersedes_it(tmp_path, sinusoid_bundle):
-    cfg = write_config(tmp_path, sinusoid_bundle.path, metrics={"enabled": False},
-                       continual={"enabled": True, "every": 50, "budget_ms_per_row": 200.0,
-                                  "max_steps": 10**6})
-    d = Daemon(load_config(cfg), metrics=Metrics())
-    d.setup()
-    try:
-        assert d.adapter.wait_ready(120)
+    fit = {"enabled": True, "every": 50, "budget_ms_per_row": 200.0, "max_steps": 10**6}
+    with running_daemon(tmp_path, sinusoid_bundle.path, continual=fit) as d:
         feed(d, "a", 1.0, 0.0, 2)
         assert run_until(d, lambda: d.streams.view("sine").reason == "continual", timeout=20)
         feed(d, "b", 4.5, 2.5, 1)  # the fit is still running (its guard is 10 s)
@@ -160,8 +165,6 @@ def test_a_drift_while_a_continued_fit_is_in_the_worker_supersedes_it(tmp_path, 
         assert counter(d, "edgemeta_adaptations_total", stream="sine", result="superseded") >= 1
         records = [json.loads(p.read_text()) for p in (d.settings.state_dir / "episodes").glob("*")]
         assert any(r["trigger"] == "continual" and r["result"] == "superseded" for r in records)
-    finally:
-        d.shutdown(drain_s=0.5)
 
 
 def test_a_support_file_given_while_an_episode_is_in_flight_seeds_the_manual_episode(daemon):
@@ -228,12 +231,7 @@ def test_refused_rows_do_not_block_the_candidates_built_on_the_honest_rows_after
         tmp_path, sinusoid_bundle):
     """Labels scaled x1000 are refused (out_of_range); they used to stay in the regime's rows,
     so every continued fit for the next 2,000 rows was refused for them too."""
-    cfg = write_config(tmp_path, sinusoid_bundle.path, metrics={"enabled": False},
-                       continual={"enabled": True})
-    d = Daemon(load_config(cfg), metrics=Metrics())
-    d.setup()
-    try:
-        assert d.adapter.wait_ready(120)
+    with running_daemon(tmp_path, sinusoid_bundle.path, continual={"enabled": True}) as d:
         d.feed("sine", *_sine(1.0, 0.0, 300, 0))
         d.drain()
         poisoned_x, poisoned_y = _sine(1.0, 0.0, 60, 1)
@@ -250,8 +248,6 @@ def test_refused_rows_do_not_block_the_candidates_built_on_the_honest_rows_after
         fits = [r for r in records if r["time"] > poison_end and r["trigger"] == "continual"]
         assert fits and not any(r.get("reason") == "out_of_range" for r in fits), \
             [(r["trigger"], r["result"], r.get("reason")) for r in fits]
-    finally:
-        d.shutdown(drain_s=0.5)
 
 
 def test_rows_a_replaced_version_predicted_never_judge_the_version_that_replaced_it(
@@ -261,12 +257,8 @@ def test_rows_a_replaced_version_predicted_never_judge_the_version_that_replaced
     misfit of the recalled model at once: a second drift, which superseded the episode the
     first had opened."""
     # A lenient gate (recall looks at 0.1) so the remembered model is recalled for sure.
-    cfg = write_config(tmp_path, sinusoid_bundle.path, metrics={"enabled": False},
-                       continual={"enabled": True}, gate={"alpha": 0.2})
-    d = Daemon(load_config(cfg), metrics=Metrics())
-    d.setup()
-    try:
-        assert d.adapter.wait_ready(120)
+    with running_daemon(tmp_path, sinusoid_bundle.path, continual={"enabled": True},
+                        gate={"alpha": 0.2}) as d:
         for seed, task in ((0, (1.0, 0.0)), (100, (4.5, 2.5)), (200, (1.0, 0.0))):
             for i in range(16):  # each regime long enough for continued fits to fit it well
                 d.feed("sine", *_sine(*task, 50, seed + i))
@@ -281,8 +273,6 @@ def test_rows_a_replaced_version_predicted_never_judge_the_version_that_replaced
         assert counter(d, "edgemeta_recalls_total", stream="sine") == recalls + 1
         assert after.drifts == before.drifts + 1
         assert after.superseded == before.superseded and after.restarts == before.restarts
-    finally:
-        d.shutdown(drain_s=0.5)
 
 
 def test_a_recall_is_judged_only_on_labels_that_pass_the_sanity_checks(monkeypatch):
