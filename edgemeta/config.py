@@ -29,6 +29,11 @@ FEATURE_DETECTORS = ("none", "adwin", "kswin")
 # "cusum": the alarm threshold is log(1 / delta), 10 nats.
 CONFIDENCE_DEFAULTS = {"adwin": 0.002, "cusum": 4.54e-5, "hddm_a": 0.001, "hddm_w": 0.001,
                        "kswin": 1e-5}
+# Keys an earlier release read, with what replaced them (a config that still sets one is refused
+# with this advice rather than as a typo).
+REMOVED = {"continual.budget_ms_per_row": "a continued fit's effort is counted in steps so that "
+           "it does not depend on the machine's load: set continual.steps_per_row (and "
+           "continual.max_seconds, the guard)"}
 DEFAULT_PORT = 9781  # not in the Prometheus default-port allocations
 _STREAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -83,9 +88,12 @@ class ContinualSettings:
     every: int = 50               # at least this many new labelled rows between fits
     growth: float = 0.5           # ... and at least this share of the rows at the last fit
     max_every: int = 250          # ... but no more rows than this between fits
-    max_steps: int = 300          # Adam steps per start (one per row, up to this)
+    max_steps: int = 300          # Adam steps per start (at most one per row, up to this)
     lr: float = 0.003  # Adam's learning rate in continued fits
-    budget_ms_per_row: float = 2.0  # a fit may spend this much worker time per new row
+    steps_per_row: float = 4.0    # optimizer steps a fit may take per new row, over its starts
+    # Guard: a fit still running this long stops with its best so far, and is counted (at most
+    # 3/4 of adaptation.timeout_s, which kills the worker).
+    max_seconds: float = 15.0
 
 
 @dataclass
@@ -242,6 +250,9 @@ def _typed(section: str, cls, raw: Any):
     if not isinstance(raw, dict):
         raise ConfigError(f"{section}: must be a table, got {type(raw).__name__}")
     known = {f.name: f for f in fields(cls)}
+    for name in raw:
+        if f"{section}.{name}" in REMOVED:
+            raise ConfigError(f"{section}.{name}: no longer a setting; {REMOVED[f'{section}.{name}']}")
     unknown = sorted(set(raw) - set(known))
     if unknown:
         raise ConfigError(f"{section}.{unknown[0]}: unknown key (known: {', '.join(known)})")
@@ -356,7 +367,8 @@ def parse_config(raw: dict[str, Any], source: Path | None = None) -> Settings:
     if a.device not in ("auto", "cpu") and not a.device.startswith("cuda"):
         raise ConfigError(f"adaptation.device: use auto, cpu or cuda[:N], got {a.device!r}")
     c = settings.continual
-    for key in ("window", "every", "growth", "max_every", "max_steps", "lr", "budget_ms_per_row"):
+    for key in ("window", "every", "growth", "max_every", "max_steps", "lr", "steps_per_row",
+                "max_seconds"):
         _positive(f"continual.{key}", getattr(c, key))
     if c.window < a.holdout_size + 10:
         raise ConfigError(f"continual.window: {c.window} rows cannot hold adaptation.holdout_size "

@@ -111,6 +111,31 @@ def drop_drifting_stream(inbox) -> None:
 
 
 # -- driving an in-process Daemon ------------------------------------------------------------
+class CpuBurners:
+    """CPU-bound processes beside the code under test (two: as many as the machine's cores):
+    devices are small and busy, and what the daemon learns must not depend on that."""
+
+    def __init__(self, n: int = 2):
+        self.n = n
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self) -> CpuBurners:
+        self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                      for _ in range(self.n)]
+        return self
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.kill()
+            p.wait()
+
+    def __enter__(self) -> CpuBurners:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
 def run_until(daemon, predicate, timeout=20.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -4,8 +4,6 @@ switches tasks in its first seconds, and a detector that watches in every phase.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -14,22 +12,10 @@ import numpy as np
 import pytest
 
 from edgemeta.bench.harness import DaemonProcess, drop, free_port, sine_csv, write_config
+from tests.conftest import CpuBurners
 
 TASK_A = (1.0, 0.0)   # amplitude, phase
 TASK_B = (4.5, 2.5)
-
-
-class CpuBurners:
-    """Two CPU-bound processes beside the daemon for the whole test: devices are small and busy."""
-
-    def __init__(self, n: int = 2):
-        self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
-                      for _ in range(n)]
-
-    def stop(self) -> None:
-        for p in self.procs:
-            p.kill()
-            p.wait()
 
 
 class Producer(threading.Thread):
@@ -103,7 +89,7 @@ def test_a_switch_in_the_first_seconds_is_detected_and_adapted_to_on_a_busy_mach
     task B at about 150 labelled rows/s, starting as soon as the daemon serves, while two
     CPU-bound processes run beside it. The worker's cold start, the initial adaptation and the
     continued fits all overlap the stream; the detector must see the switch anyway."""
-    burners = CpuBurners()
+    burners = CpuBurners().start()
     daemon = None
     try:
         daemon = start_daemon(tmp_path, sinusoid_bundle.path)

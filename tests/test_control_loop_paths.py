@@ -53,7 +53,8 @@ def test_eight_fits_queued_at_once_are_each_timed_from_their_own_start(sinusoid_
         x = np.linspace(-5, 5, 60)[:, None].astype(np.float32)
         y = np.sin(x[:, 0]).astype(np.float32)
         # Each fit runs to its 0.8 s guard: 8 of them take ~6.4 s, far over the 2.5 s timeout.
-        ids = [client.submit(x, y, fit={"max_steps": 10**6, "lr": 1e-3, "max_seconds": 0.8,
+        ids = [client.submit(x, y, fit={"max_steps": 10**6, "steps": 10**9, "lr": 1e-3,
+                                        "max_seconds": 0.8,
                                         "seed": i}) for i in range(8)]
         outcomes = {}
         deadline = time.monotonic() + 120
@@ -155,11 +156,11 @@ def test_a_drift_during_probation_is_a_drift_not_a_rollback(daemon):
 
 
 def test_a_drift_while_a_continued_fit_is_in_the_worker_supersedes_it(tmp_path, sinusoid_bundle):
-    fit = {"enabled": True, "every": 50, "budget_ms_per_row": 200.0, "max_steps": 10**6}
+    fit = {"enabled": True, "every": 50, "steps_per_row": 10**4, "max_steps": 10**6}
     with running_daemon(tmp_path, sinusoid_bundle.path, continual=fit) as d:
         feed(d, "a", 1.0, 0.0, 2)
         assert run_until(d, lambda: d.streams.view("sine").reason == "continual", timeout=20)
-        feed(d, "b", 4.5, 2.5, 1)  # the fit is still running (its guard is 10 s)
+        feed(d, "b", 4.5, 2.5, 1)  # the fit is still running (to its 15 s guard)
         view = d.streams.view("sine")
         assert view.drifts >= 1 and view.superseded >= 1
         assert counter(d, "edgemeta_adaptations_total", stream="sine", result="superseded") >= 1

@@ -179,7 +179,8 @@ class AdapterClient:
                         rid, bool(header.get("ok")), arrays, header.get("losses", []),
                         header.get("reason", ""), header.get("error", ""),
                         header.get("seconds", 0.0),
-                        {k: header[k] for k in ("start", "steps", "validation_loss")
+                        {k: header[k] for k in ("start", "steps", "validation_loss",
+                                                  "budget_steps", "budget_exhausted")
                          if k in header}))
             elif kind == "eof":
                 outcomes += self._worker_died("worker exited")

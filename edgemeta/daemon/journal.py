@@ -98,7 +98,11 @@ class Journal:
         body = {"format": EPISODE_FORMAT, **entry, "bundle": self.bundle,
                 "support": {"x": support[0].tolist(), "y": support[1].tolist()},
                 "holdout": {"x": holdout[0].tolist(), "y": holdout[1].tolist()}}
-        name = f"{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9:09d}-{stream}.json"
+        # One clock reading for both parts: the names sort in the order the episodes ended (two
+        # readings could straddle a second and put a later episode first).
+        now = time.time_ns()
+        name = (f"{time.strftime('%Y%m%dT%H%M%S', time.localtime(now // 10**9))}-"
+                f"{now % 10**9:09d}-{stream}.json")
         self.stop_following(stream)  # an older episode keeps what it has
         try:
             atomic_write(self.directory / name, json.dumps(body, default=float).encode())

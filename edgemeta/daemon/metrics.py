@@ -57,6 +57,10 @@ class Metrics:
         self.drift_restarts = Counter("edgemeta_drift_restarts_total", "Drift collections "
                                       "restarted from a new change point by a further drift",
                                       ["stream"], registry=r)
+        self.fit_budget_exhausted = Counter(
+            "edgemeta_fit_budget_exhausted_total", "Continued fits stopped by their time guard "
+            "(continual.max_seconds) before their step budget: the machine is too slow for it",
+            ["stream"], registry=r)
         self.recalls = Counter("edgemeta_recalls_total", "Models of earlier regimes served again "
                                "after a drift (concept memory)", ["stream"], registry=r)
         self.stage_duration = Histogram("edgemeta_adaptation_stage_duration_seconds",
@@ -126,6 +130,7 @@ class Metrics:
             for result in ("accepted", "rejected", "failed", "timeout", "superseded"):
                 self.adaptations.labels(stream, result)
             self.drift_restarts.labels(stream)
+            self.fit_budget_exhausted.labels(stream)
             self.recalls.labels(stream)
             # NaN until the first gate: "no figure yet", not a loss of 0.
             self.holdout_current.labels(stream).set(float("nan"))

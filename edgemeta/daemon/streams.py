@@ -12,6 +12,7 @@ after the actions of the event before it, never in the middle of them. Changing 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -244,7 +245,13 @@ class Streams:
             state = self.states[job.stream]
             if outcome.ok:
                 job.outcome = outcome
-                fit = {"fit": {**outcome.info, "budget_s": job.fit["max_seconds"]}} if job.fit else {}
+                fit = {"fit": {**outcome.info, "budget": job.fit["steps"]}} if job.fit else {}
+                if outcome.info.get("budget_exhausted"):
+                    self.metrics.fit_budget_exhausted.labels(state.name).inc()
+                    log.warning("stream=%s: continued fit %d hit its time guard "
+                                "(continual.max_seconds = %g) before its %d steps per start; "
+                                "it keeps its best weights so far", state.name, job.job,
+                                job.fit["max_seconds"], outcome.info.get("budget_steps", 0))
                 job.figures.update(support_losses=outcome.losses, worker_seconds=outcome.seconds,
                                    **fit)
                 self._event(state, lc.WeightsReady(job.job))
@@ -326,12 +333,14 @@ class Streams:
 
     def _fit(self, state: StreamState, job_id: int) -> None:
         """A continued fit: the regime's older rows to learn from, its newest to judge on; the
-        fit may spend ``continual.budget_ms_per_row`` per labelled row since the last one."""
+        fit may take ``continual.steps_per_row`` optimizer steps per labelled row since the
+        last one (a count, so what is learned does not depend on the machine's load), with
+        ``continual.max_seconds`` only as a guard."""
         c = self.settings.continual
-        budget = c.budget_ms_per_row * state.regime.since_fit / 1e3
+        steps = math.ceil(c.steps_per_row * state.regime.since_fit)
         state.completed = state.regime.take()
-        options = {"max_steps": c.max_steps, "lr": c.lr, "seed": job_id,
-                   "max_seconds": min(budget, self.settings.adaptation.timeout_s / 2)}
+        options = {"max_steps": c.max_steps, "lr": c.lr, "seed": job_id, "steps": steps,
+                   "max_seconds": min(c.max_seconds, 0.75 * self.settings.adaptation.timeout_s)}
         self._start(state, job_id, fit=options)
 
     def _start(self, state: StreamState, job_id: int, fit: dict | None = None) -> None:

@@ -33,6 +33,26 @@ class AdaptResult:
     steps: int
     start: str = "meta-init"  # what a continued fit started from (``meta-init`` or ``current``)
     validation_loss: float | None = None
+    budget_steps: int | None = None  # a continued fit: the steps each start was allowed
+    budget_exhausted: bool = False  # a continued fit stopped by its time guard, not its steps
+
+
+class _Guard:
+    """A wall-clock safety cap: checked between steps, it records that it fired.
+
+    Time never decides how much is learned in the normal case (that would make the weights depend
+    on the machine's load); it only stops a fit on a machine far too slow for its step budget.
+    """
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self._deadline = time.perf_counter() + seconds
+        self.fired = False
+
+    def __call__(self) -> bool:
+        if not self.fired and time.perf_counter() > self._deadline:
+            self.fired = True
+        return self.fired
 
 
 class Adapter:
@@ -124,8 +144,9 @@ class Adapter:
         return AdaptResult(weights, losses, steps)
 
     def fit(self, x: np.ndarray, y: np.ndarray, init: Mapping[str, np.ndarray] | None = None,
-            max_steps: int = 300, lr: float = 3e-3, max_seconds: float = 5.0, batch: int = 256,
-            seed: int = 0, recent_rows: int = 50, max_validation: int = 100) -> AdaptResult:
+            max_steps: int = 300, lr: float = 3e-3, steps: int | None = None,
+            max_seconds: float = 30.0, batch: int = 256, seed: int = 0, recent_rows: int = 50,
+            max_validation: int = 100) -> AdaptResult:
         """Continued learning on every labelled row of a regime, beyond the few-shot inner loop.
 
         Starts compete: the meta-initialization after its own inner loop run on all the rows for
@@ -138,8 +159,14 @@ class Adapter:
         early-stopped on the newest rows (a fifth, at most ``max_validation``: the rows closest
         to what comes next), and the start and step with the lowest validation loss win, so a
         stationary regime keeps all its rows and a drifting one learns from the recent ones.
-        Steps grow with the rows (one per row, up to ``max_steps``) and the whole fit stops after
-        ``max_seconds``, which bounds what a labelled row costs.
+
+        The effort is counted in steps, never in time, so the same rows and ``seed`` give the
+        same weights on an idle machine and a loaded one: ``steps`` in all (default: one per
+        row per start), shared evenly by the starts, each start at least 20 and at most
+        ``max_steps``; each stops early once its validation loss stops improving.
+        ``max_seconds`` is only a guard against a machine too slow for the budget: when it fires
+        the fit returns its best so far and says so (``budget_exhausted``), and the caller
+        counts it.
         """
         xt, yt = self.prepare(x, y)
         n = len(yt)
@@ -147,15 +174,17 @@ class Adapter:
             raise AdaptationFailed(f"a continued fit needs at least 10 rows, got {n}")
         n_val = max(2, min(n // 5, max_validation))
         tx, ty, vx, vy = xt[:-n_val], yt[:-n_val], xt[-n_val:], yt[-n_val:]
-        deadline = time.perf_counter() + max_seconds
+        guard = _Guard(max_seconds)
         windows = []  # the newest half, quarter, ... of the training rows
         m = len(ty) // 2
         while init is not None and m >= recent_rows and len(windows) < 4:
             windows.append(m)
             m //= 2
-        per_start = max_seconds / (1 + (init is not None) + len(windows))
+        n_starts = 1 + (init is not None) + len(windows)
+        total = n_starts * len(ty) if steps is None else int(steps)
+        per_start = max(20, min(int(max_steps), total // n_starts))
         # Each start: its weights and how many of the newest training rows it learns from.
-        adapted = self._inner_path(tx, ty, vx, vy, max_steps, time.perf_counter() + per_start / 2)
+        adapted = self._inner_path(tx, ty, vx, vy, per_start, guard)
         starts = {"meta-init": (adapted, len(ty))}
         if init is not None:
             serving = {**adapted, **self._tensors(init)}
@@ -167,17 +196,17 @@ class Adapter:
         best: tuple[float, str, int, dict[str, torch.Tensor]] | None = None
         curve: list[float] = []
         for name, (params, m) in starts.items():
-            stop_at = min(deadline, time.perf_counter() + per_start)
-            steps = 0 if protonet else min(int(max_steps), max(20, m))
-            loss, step, weights, losses = self._train(params, tx[-m:], ty[-m:], vx, vy, steps,
-                                                      lr, batch, generator, stop_at)
+            budget = 0 if protonet or guard.fired else per_start
+            loss, step, weights, losses = self._train(params, tx[-m:], ty[-m:], vx, vy, budget,
+                                                      lr, batch, generator, guard)
             if best is None or loss < best[0]:
                 best, curve = (loss, name, step, weights), losses
         loss, name, step, weights = best
         if not np.isfinite(loss):
             raise AdaptationFailed("every start of the continued fit diverged")
         out = {n_: p.detach().cpu().numpy().astype(np.float32) for n_, p in weights.items()}
-        return AdaptResult(out, curve, step, start=name, validation_loss=float(loss))
+        return AdaptResult(out, curve, step, start=name, validation_loss=float(loss),
+                           budget_steps=per_start, budget_exhausted=guard.fired)
 
     def _inner_step(self, fast: dict[str, torch.Tensor], batch: TaskBatch) -> dict[str, torch.Tensor]:
         """One first-order step of the bundle's inner loop (its learned rates kept in ``fast``)."""
@@ -186,7 +215,7 @@ class Adapter:
         return {**fast, **{n: p[0].detach() for n, p in stepped.items()}}
 
     def _inner_path(self, tx: torch.Tensor, ty: torch.Tensor, vx: torch.Tensor, vy: torch.Tensor,
-                    max_steps: int, stop_at: float, every: int = 5, patience: int = 4
+                    max_steps: int, guard: _Guard, every: int = 5, patience: int = 4
                     ) -> dict[str, torch.Tensor]:
         """The meta-initialization adapted by its own inner loop on all training rows, for as many
         steps as the validation rows keep improving: the inner loop was meta-trained for K rows
@@ -202,8 +231,8 @@ class Adapter:
         worse = 0
         for step in range(1, max(1, int(max_steps)) + 1):
             fast = self._inner_step(fast, batch)
-            late = time.perf_counter() > stop_at
-            if step % every and not late:
+            late = guard()
+            if step % every and step != max_steps and not late:
                 continue
             val = self.loss(self.learner_.network(fast), vx, vy)
             if not np.isfinite(val):
@@ -218,7 +247,7 @@ class Adapter:
 
     def _train(self, params: dict[str, torch.Tensor], tx: torch.Tensor, ty: torch.Tensor,
                vx: torch.Tensor, vy: torch.Tensor, steps: int, lr: float, batch: int,
-               generator: torch.Generator, stop_at: float, patience: int = 5, every: int = 10
+               generator: torch.Generator, guard: _Guard, patience: int = 5, every: int = 10
                ) -> tuple[float, int, dict[str, torch.Tensor], list[float]]:
         """Adam from ``params``; returns the best validation loss, its step and weights."""
         leaves = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
@@ -236,7 +265,7 @@ class Adapter:
             out = torch.func.functional_call(self.model_, leaves, (bx,))
             output_loss(self.kind_, out, by).backward()
             opt.step()
-            late = time.perf_counter() > stop_at
+            late = guard()
             if step % every and step != steps and not late:
                 continue
             val = self.loss(leaves, vx, vy)

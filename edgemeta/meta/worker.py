@@ -15,7 +15,7 @@ import sys
 import time
 import traceback
 
-FIT_OPTIONS = ("max_steps", "lr", "max_seconds", "batch", "seed")
+FIT_OPTIONS = ("max_steps", "lr", "steps", "max_seconds", "batch", "seed")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,7 +85,9 @@ def serve(args: argparse.Namespace) -> int:
                 result = adapter.adapt(arrays["support_x"], arrays["support_y"],
                                        steps=header.get("steps"), init=init)
             reply.update(ok=True, losses=result.support_losses, steps=result.steps,
-                         start=result.start, validation_loss=result.validation_loss)
+                         start=result.start, validation_loss=result.validation_loss,
+                         budget_steps=result.budget_steps,
+                         budget_exhausted=result.budget_exhausted)
             out = result.weights
         except AdaptationFailed as exc:
             reply.update(ok=False, error=str(exc), reason="diverged")

@@ -6,8 +6,9 @@ labelled rows since the estimated change point (at most ``window`` of them, the 
 says when a continued fit is due: after ``every`` new rows, and no sooner than the regime has grown
 by ``growth`` since the last fit, so the fits come on a geometric schedule while a regime is young
 (at 50, 100, 150, 225, 337, ... rows with the defaults), and at least every ``max_every`` rows
-after that: a fit's steps are capped (``continual.max_steps``) and its time is paid from the rows
-since the last one (``budget_ms_per_row``), so the cost per labelled row stays bounded while a
+after that: a fit's optimizer steps are paid from the rows since the last one
+(``continual.steps_per_row``, a count, so what is learned does not depend on the machine's load),
+so the cost per labelled row stays bounded while a
 long regime that drifts slowly, or changed unseen, is still followed.
 
 A fit learns from the older rows and is judged on the newest ones (a fifth, between
