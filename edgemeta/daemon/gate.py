@@ -228,7 +228,8 @@ def evaluate(kind: str, template: OnnxTemplate, serving: Live, weights: Mapping[
         return Verdict("failed", "bad_weights", error=str(exc))
     timings = {"patch": time.perf_counter() - t}
     t = time.perf_counter()
-    current_rows = row_losses(kind, run(serving, holdout_x), holdout_y)
+    serving_out = run(serving, holdout_x)
+    current_rows = row_losses(kind, serving_out, holdout_y)
     try:
         live = load(model)
         candidate_out = run(live, holdout_x)
@@ -244,8 +245,12 @@ def evaluate(kind: str, template: OnnxTemplate, serving: Live, weights: Mapping[
     # holdout's own mean (skill <= 0: R^2, or the share of the majority-class error removed)
     # learned nothing from x, which is what random or shuffled labels give. A candidate that
     # halves the serving model's loss is kept to the ordinary rule: after a real change the
-    # serving model is far off and even a weak adaptation is worth serving.
-    no_signal = candidate > 0.5 * current and skill(kind, holdout_y, rows) <= 0
+    # serving model is far off and even a weak adaptation is worth serving. And the rule holds
+    # the candidate to no more than the serving model meets: when the serving model does no
+    # better than the constant either, a candidate that beats it by the paired test is served.
+    serving_skill = skill(kind, holdout_y, per_sample_loss(kind, serving_out, holdout_y))
+    no_signal = (candidate > 0.5 * current and skill(kind, holdout_y, rows) <= 0
+                 and serving_skill > 0)
     if early and not decision.accepted and decision.reason != "non_finite":
         result, reason = "inconclusive", "not_clear"
     elif decision.accepted and no_signal:

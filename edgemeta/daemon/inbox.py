@@ -20,7 +20,6 @@ import numpy as np
 from edgemeta.bundle_format import BundleInfo
 from edgemeta.config import Settings
 from edgemeta.daemon.degraded import DegradedMode
-from edgemeta.daemon.gate import per_sample_loss
 from edgemeta.daemon.metrics import Metrics
 from edgemeta.daemon.models import ServedModels
 from edgemeta.daemon.streams import Streams
@@ -185,8 +184,7 @@ class Inbox:
         def learn() -> None:
             for row_id in joined:
                 self.cache.pop(stream, row_id)
-            self.streams.learn(stream, np.asarray(xs), y,
-                               per_sample_loss(self.kind, np.asarray(outs), y), judged)
+            self.streams.learn(stream, np.asarray(xs), y, np.asarray(outs), judged)
         return learn
 
     # -- rows, from a file or from a caller in this process ---------------------------------------
@@ -211,7 +209,7 @@ class Inbox:
             return
         if y is not None:
             self.metrics.labels.labels(stream, "inline").inc(len(y))
-            self.streams.learn(stream, x, y, per_sample_loss(self.kind, outputs, y))
+            self.streams.learn(stream, x, y, outputs)
             return
         for i, row_id in enumerate(ids if ids is not None else range(len(x))):
             self.cache.put(stream, str(row_id), x[i], outputs[i], version)

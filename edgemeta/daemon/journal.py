@@ -56,6 +56,9 @@ class StreamView:
     restarts: int = 0        # drift collections restarted by a further drift
     superseded: int = 0      # open episodes a drift ended
     on_probation: bool = False  # a new version is being judged against the one it replaced
+    # Alarms because the serving model was significantly worse than the trivial predictor
+    # (stream/trivial.py); each is also one of ``drifts``.
+    worse_than_trivial: int = 0
 
 
 EPISODE_FORMAT = 1
@@ -276,7 +279,9 @@ def render_status(status: dict[str, Any], now: float | None = None) -> str:
         bare = (", the bare meta-initialization" if s.get("meta_init")
                 and s["source"] != "meta-init" else "")
         lines.append(f"  stream {name}: v{s['version']} ({s['source']}{bare}) on {s['provider']}; "
-                     f"{_state_line(s)}; {s['samples']} labelled samples, last loss {loss}")
+                     f"{_state_line(s)}; {s['samples']} labelled samples, last loss {loss}"
+                     + (f"; {s['worse_than_trivial']} time(s) worse than the trivial predictor"
+                        if s.get("worse_than_trivial") else ""))
     for e in status["last_adaptations"]:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["time"]))
         timings = e.get("timings_ms", {})

@@ -124,7 +124,8 @@ class Metrics:
                 self.files.labels(stream, result)
             for reason in REASONS:
                 self.quarantined.labels(stream, reason)
-            for det in {detector, "feature"} if feature_detector != "none" else {detector}:
+            # "trivial": the serving model was worse than a constant (stream/trivial.py)
+            for det in {detector, "trivial"} | ({"feature"} if feature_detector != "none" else set()):
                 self.drift_detections.labels(stream, det)
             self.drift_active.labels(stream).set(0)
             for result in ("accepted", "rejected", "failed", "timeout", "superseded"):

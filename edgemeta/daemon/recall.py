@@ -27,7 +27,7 @@ from edgemeta.daemon.memory import Concept, ConceptMemory, regime_stats, weights
 from edgemeta.daemon.metrics import Metrics
 from edgemeta.daemon.models import ServedModels
 from edgemeta.daemon.promotion import Promotion
-from edgemeta.daemon.sanity import degenerate_labels
+from edgemeta.daemon.sanity import degenerate_labels, skill
 from edgemeta.daemon.stream_state import StreamState
 from edgemeta.fsio import is_storage_error
 from edgemeta.serve.predictor import run
@@ -95,7 +95,15 @@ class Recall:
         decision = decide(current, rows, g.alpha / LOOKS, g.min_gain)
         if not decision.accepted:
             return False
-        expected = float(per_sample_loss(self.kind, out, y).mean())
+        recalled_rows = per_sample_loss(self.kind, out, y)
+        if skill(self.kind, y, recalled_rows) <= 0:
+            # Held to what any candidate is held to: a model no better than the labels' own
+            # mean (or majority class) on these rows is not served, however bad the serving
+            # one is (the drift episode's adaptation will challenge that).
+            log.info("stream=%s: v%d beats the serving model on %d rows since the change but "
+                     "not the trivial predictor; not recalled", state.name, best.version, len(y))
+            return False
+        expected = float(recalled_rows.mean())
         try:
             manifest = self.promotion.promote(
                 state, best.model, best.live, best.weights, source="recall",

@@ -14,6 +14,7 @@ from edgemeta.daemon.sanity import Probation
 from edgemeta.stream.buffers import Episode, SupportCollector
 from edgemeta.stream.drift import DriftMonitor
 from edgemeta.stream.regime import RegimeBuffer
+from edgemeta.stream.trivial import TrivialCheck
 
 
 @dataclass
@@ -24,10 +25,12 @@ class StreamState:
     collector: SupportCollector
     machine: lc.Lifecycle
     regime: RegimeBuffer
+    trivial: TrivialCheck
     samples: int = 0
     drifts: int = 0  # detections so far (status shows them; so does the detections counter)
     restarts: int = 0  # drift collections restarted by a further drift
     superseded: int = 0  # open episodes and collections a drift ended
+    worse_than_trivial: int = 0  # alarms: the serving model was worse than a constant
     last_loss: float | None = None
     drift_started: float | None = None
     # Labels seen while not collecting: the stream's recent history, against which a support

@@ -37,6 +37,7 @@ from edgemeta.serve.predictor import run
 from edgemeta.stream.buffers import Episode, SupportCollector
 from edgemeta.stream.drift import DriftMonitor
 from edgemeta.stream.regime import RegimeBuffer
+from edgemeta.stream.trivial import TrivialCheck
 
 log = logging.getLogger("edgemeta.daemon")
 
@@ -89,7 +90,8 @@ class Streams:
 
     def _fresh(self, name: str) -> StreamState:
         return StreamState(name, self.models.lineage_of[name], *self._parts(name),
-                           lc.Lifecycle(policy(self.settings)), self._regime())
+                           lc.Lifecycle(policy(self.settings)), self._regime(),
+                           TrivialCheck(self.kind, self.bundle.outputs))
 
     @property
     def busy(self) -> bool:
@@ -121,8 +123,7 @@ class Streams:
         outputs, _ = self.models.predict(stream, self.bundle.normalize(x))
         # The operator's chosen rows, not live traffic: they fill the collection but say
         # nothing about how the serving model meets the stream, so the detector never sees them.
-        self.learn(stream, x, y, per_sample_loss(self.kind, outputs, y),
-                   judged=np.zeros(len(y), bool))
+        self.learn(stream, x, y, outputs, judged=np.zeros(len(y), bool))
         return f"support file gave {len(y)} labelled rows on stream {stream}"
 
     def rolled_back(self, lineage: str, to: int | None = None) -> str:
@@ -157,16 +158,18 @@ class Streams:
             self.journal.stop_following(state.name)  # keep what the episode has so far
             self._event(state, lc.Stopping())
 
-    def learn(self, stream: str, x: np.ndarray, y: np.ndarray, losses: np.ndarray,
+    def learn(self, stream: str, x: np.ndarray, y: np.ndarray, outputs: np.ndarray,
               judged: np.ndarray | None = None) -> None:
-        """Labelled rows: each feeds the drift detector, whatever the phase, then the open
-        collection or the stream's history.
+        """Labelled rows (with the raw ``outputs`` that served them): each feeds the drift
+        detector and the trivial-predictor check, whatever the phase, then the open collection
+        or the stream's history.
 
         ``judged`` marks the rows whose prediction the serving version made: a late label for a
         prediction of an earlier version says nothing about the model serving now, so it may
         seed a support set but never feeds the detector.
         """
         state = self.states[stream]
+        losses = per_sample_loss(self.kind, outputs, y)
         state.samples += len(y)
         state.last_loss = float(np.mean(losses))
         self.metrics.stream_loss.labels(stream).set(state.last_loss)
@@ -182,6 +185,18 @@ class Streams:
             if mine and state.monitor.update_error(losses[i], (x[i], y[i])):
                 self.drift(state, state.monitor.detector)
                 continue  # the row is in the backfill already
+            if mine and state.trivial.update(outputs[i], y[i], served) and m.phase in (
+                    lc.Phase.WATCHING, lc.Phase.REFINING):
+                # Worse than a constant: the detector took a bad model's error as normal. An
+                # alarm of its own, so a collection opens (while an episode is already in
+                # flight, that episode is what replaces the model).
+                state.worse_than_trivial += 1
+                log.warning("stream=%s: v%d is significantly worse than the trivial predictor "
+                            "on the last %d rows (t = %.1f)", stream, served,
+                            state.trivial.rows, state.trivial.last_t)
+                state.monitor.declare()
+                self.drift(state, "trivial")
+                continue
             state.regime.add(x[i], y[i])
             self.journal.labelled(stream, x[i], y[i])
             if m.collecting:
@@ -224,6 +239,7 @@ class Streams:
         rows = state.monitor.rows_since_change() if backfill else []
         state.regime.restart(rows)
         state.recalled = False
+        state.trivial.reset()  # a new regime: its rows alone judge the model against a constant
         state.probation = None  # a drift is not a verdict on the model that serves
         state.drifts += 1
         self.metrics.drift_detections.labels(state.name, detector).inc()
@@ -469,4 +485,5 @@ class Streams:
                           state.drift_started, state.drifts, state.samples, state.last_loss,
                           state.collector.collected if m.collecting else 0,
                           state.collector.needed if m.collecting else 0, served.bare,
-                          state.restarts, state.superseded, state.probation is not None)
+                          state.restarts, state.superseded, state.probation is not None,
+                          state.worse_than_trivial)

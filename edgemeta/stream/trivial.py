@@ -1,0 +1,114 @@
+"""Is the serving model significantly worse than the trivial predictor on the recent rows?
+
+Why: a drift detector learns what "normal" error is from the model it watches. A model that is
+bad from its first row (a recall on a few lucky rows, a candidate that beat an even worse one)
+sets a bad baseline, and the detector then calls its error stable for ever. The candidates are
+held to a test the serving model never met: beat the trivial predictor (the recent labels' mean,
+or their class frequencies). This check holds the serving model to it too.
+
+Each labelled row is scored by the serving model and by the trivial predictor fitted on the
+labels *before* it in the window (prequential: the trivial predictor never sees the row it is
+scored on, as the model did not). The per-row differences of the recent ``window`` rows are
+tested with a one-sided t-test every ``every`` rows once ``min_rows`` are in; a t statistic above
+``threshold`` (4 by default: about 3e-5 one-sided per look under normality, so the repeated looks
+of a long stable stream stay far from false alarms) says the model is worse than a constant.
+Classification is scored by cross-entropy, not 0/1 error: a model at 55% error on a balanced
+binary stream is about 0.05 per row worse than the majority class by 0/1 error, which takes
+thousands of rows to see, but it is confidently wrong and far worse by cross-entropy.
+
+>>> rng = np.random.default_rng(0)
+>>> check = TrivialCheck("regression", min_rows=50)
+>>> y = rng.normal(3.0, 1.0, 60)
+>>> any(check.update(np.array([-3.0]), v, version=1) for v in y)  # far off the labels' mean
+True
+>>> check = TrivialCheck("regression", min_rows=50)
+>>> any(check.update(np.array([v + rng.normal(0, 0.3)]), v, version=1) for v in y)
+False
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import numpy as np
+
+
+class TrivialCheck:
+    def __init__(self, kind: str, classes: int = 0, window: int = 200, min_rows: int = 100,
+                 every: int = 25, threshold: float = 4.0, min_history: int = 5):
+        self.kind = kind
+        self.classes = classes
+        self.window = window
+        self.min_rows = min_rows
+        self.every = every
+        self.threshold = threshold
+        self.min_history = min_history
+        self._labels: deque[float] = deque(maxlen=window)
+        self._diffs: deque[float] = deque(maxlen=window)
+        self._label_sum = 0.0
+        self._counts: dict[int, int] = {}
+        self._since_look = 0
+        self._version: int | None = None
+        self.last_t = 0.0
+
+    @property
+    def rows(self) -> int:
+        """Paired rows in the window (what the last look judged)."""
+        return len(self._diffs)
+
+    def reset(self) -> None:
+        """A new regime or a new model: the rows so far say nothing about it."""
+        self._labels.clear()
+        self._diffs.clear()
+        self._label_sum = 0.0
+        self._counts.clear()
+        self._since_look = 0
+        self.last_t = 0.0
+
+    def _served_loss(self, outputs: np.ndarray, y: float) -> float:
+        out = np.asarray(outputs, dtype=np.float64).ravel()
+        if self.kind == "regression":
+            return float((out[0] - y) ** 2)
+        shifted = out - out.max()
+        return float(np.log(np.exp(shifted).sum()) - shifted[int(y)])
+
+    def _trivial_loss(self, y: float) -> float:
+        n = len(self._labels)
+        if self.kind == "regression":
+            return (y - self._label_sum / n) ** 2
+        # Class frequencies with one pseudo-count per class: never a zero probability.
+        k = max(self.classes, len(self._counts), int(y) + 1)
+        return -math.log((self._counts.get(int(y), 0) + 1) / (n + k))
+
+    def _push_label(self, y: float) -> None:
+        if len(self._labels) == self._labels.maxlen:
+            old = self._labels[0]
+            self._label_sum -= old
+            if self.kind != "regression":
+                self._counts[int(old)] -= 1
+        self._labels.append(y)
+        self._label_sum += y
+        if self.kind != "regression":
+            self._counts[int(y)] = self._counts.get(int(y), 0) + 1
+
+    def update(self, outputs: np.ndarray, y: float, version: int) -> bool:
+        """One labelled row the serving ``version`` predicted (its raw ``outputs``); True when
+        this row's look finds that version significantly worse than the trivial predictor."""
+        if version != self._version:
+            self.reset()
+            self._version = version
+        y = float(y)
+        if len(self._labels) >= self.min_history:
+            d = self._served_loss(outputs, y) - self._trivial_loss(y)
+            if math.isfinite(d):
+                self._diffs.append(d)
+                self._since_look += 1
+        self._push_label(y)
+        if self._since_look < self.every or len(self._diffs) < self.min_rows:
+            return False
+        self._since_look = 0
+        d = np.fromiter(self._diffs, dtype=np.float64, count=len(self._diffs))
+        mean, sd = float(d.mean()), float(d.std(ddof=1))
+        self.last_t = mean / (sd / math.sqrt(len(d))) if sd > 0 else (math.inf if mean > 0 else 0.0)
+        return self.last_t > self.threshold
