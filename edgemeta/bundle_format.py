@@ -46,10 +46,17 @@ class BundleInfo:
     parameter_names: tuple[str, ...]
 
     @property
-    def shots(self) -> int | None:
-        """The K the bundle was meta-trained for (per class for classification), if recorded."""
-        shots = ((self.meta.get("task") or {}).get("distribution") or {}).get("shots")
-        return int(shots) if isinstance(shots, int) and shots > 0 else None
+    def support_rows(self) -> int | None:
+        """Rows of one meta-training support set (K, or K per class times the classes), if the
+        bundle records its task distribution: what an adaptation should see."""
+        return _task_rows((self.meta.get("task") or {}).get("distribution") or {}, "shots",
+                          self.outputs)
+
+    @property
+    def query_rows(self) -> int | None:
+        """Rows of one meta-training query set, counted like :attr:`support_rows`."""
+        return _task_rows((self.meta.get("task") or {}).get("distribution") or {}, "queries",
+                          self.outputs)
 
     @property
     def classes(self) -> int | None:
@@ -58,6 +65,20 @@ class BundleInfo:
     def normalize(self, x: np.ndarray) -> np.ndarray:
         """Raw feature rows as the model takes them (the bundle's feature normalization)."""
         return ((np.asarray(x) - self.mean) / self.std).astype(np.float32)
+
+
+def _task_rows(spec: dict[str, Any], key: str, outputs: int) -> int | None:
+    """``shots`` or ``queries`` of a task distribution's ``describe()`` as rows per task: the
+    N-way distributions (``array``; ``folder`` for classification) count them per class."""
+    if spec.get("name") == "mixed":  # a warm start's new family sets the shape
+        spec = spec.get("new") or {}
+    n = spec.get(key)
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        return None
+    per_class = spec.get("name") == "array" or (spec.get("name") == "folder"
+                                                and spec.get("kind") == "classification")
+    ways = spec.get("n_way", outputs)
+    return n * int(ways) if per_class and isinstance(ways, int) else n
 
 
 def read_verified_meta(path: Path) -> dict[str, Any]:

@@ -364,14 +364,19 @@ def cmd_config(args: argparse.Namespace) -> int:
     settings = _config(args.file)
     checked = ""
     if not args.skip_bundle:  # the same check `run` makes, so a config that passes here starts
+        from edgemeta.config import ConfigError, fit_to_bundle
         from edgemeta.daemon.runtime import StartupError, open_bundle
 
         try:
             bundle, _ = open_bundle(settings)
-        except StartupError as exc:
+            settings, notes = fit_to_bundle(settings, bundle.support_rows, bundle.query_rows)
+        except (StartupError, ConfigError) as exc:
             raise CliError(f"{args.file}: {exc} (--skip-bundle checks the rest when the bundle "
                            "is installed later)") from exc
-        checked = f" (bundle {settings.bundle}: {bundle.features} feature(s), checksums verified)"
+        for note in notes:
+            print(f"{args.file}: warning: {note}", file=sys.stderr)
+        checked = (f" (bundle {settings.bundle}: {bundle.features} feature(s), adapts on "
+                   f"{settings.adaptation.support_size} rows, checksums verified)")
     print(json.dumps(settings.as_dict(), indent=2, default=str))
     print(f"{args.file}: OK{checked}", file=sys.stderr)
     _warn_runtime_conflict()

@@ -162,6 +162,9 @@ class Settings:
     ingest: IngestSettings = field(default_factory=IngestSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     source: Path | None = None
+    # The "section.key"s the file set; the others are defaults, and some defaults follow the
+    # bundle (:func:`fit_to_bundle`).
+    given: frozenset[str] = frozenset()
 
     def stream(self, name: str) -> StreamSettings:
         for s in self.streams:
@@ -171,6 +174,7 @@ class Settings:
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        data.pop("given")
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in data.items()}
 
 
@@ -337,7 +341,14 @@ def parse_config(raw: dict[str, Any], source: Path | None = None) -> Settings:
         metrics=_typed("metrics", MetricsSettings, raw.get("metrics", {})),
         ingest=_typed("ingest", IngestSettings, raw.get("ingest", {})),
         retention=_typed("retention", RetentionSettings, raw.get("retention", {})),
-        source=source)
+        source=source,
+        given=frozenset(f"{section}.{key}" for section in SECTIONS
+                        for key in raw.get(section, {})))
+    return validate(settings)
+
+
+def validate(settings: Settings) -> Settings:
+    """Every cross-key check; run again after :func:`fit_to_bundle` fills the bundle's shape."""
     d, a = settings.drift, settings.adaptation
     _choice("drift.detector", d.detector, ERROR_DETECTORS)
     _choice("drift.feature_detector", d.feature_detector, FEATURE_DETECTORS)
@@ -416,6 +427,57 @@ def parse_config(raw: dict[str, Any], source: Path | None = None) -> Settings:
                   allow_zero=True)
     _positive("serving.intra_op_threads", settings.serving.intra_op_threads, allow_zero=True)
     return settings
+
+
+def fit_to_bundle(settings: Settings, support_rows: int | None, query_rows: int | None
+                  ) -> tuple[Settings, list[str]]:
+    """The settings with the bundle's shape as the default, and warnings about a config that
+    asks for less than the bundle was meta-trained on.
+
+    An initialization meta-trained on K rows per task (K per class times the classes, for
+    classification) expects about K rows to adapt on: ``adaptation.support_size`` defaults to
+    that, and the gate's holdout to at least the bundle's query rows (never fewer than the usual
+    20: the paired test needs them). Defaults that would then conflict (refinements no larger
+    than the support, a diverse-selection window smaller than it) follow; a value the file set
+    is kept and warned about instead.
+
+    >>> s = parse_config({"bundle": {"path": "/b"}, "state": {"dir": "/s"},
+    ...                   "streams": [{"name": "s", "features": ["x"], "label": "y"}]})
+    >>> fitted, notes = fit_to_bundle(s, support_rows=50, query_rows=100)
+    >>> fitted.adaptation.support_size, fitted.adaptation.holdout_size, fitted.adaptation.refine
+    (50, 100, [100])
+    """
+    a = settings.adaptation
+    given = settings.given
+    notes: list[str] = []
+    changes: dict[str, Any] = {}
+    if support_rows:
+        if "adaptation.support_size" not in given:
+            changes["support_size"] = support_rows
+        elif a.support_size < support_rows:
+            notes.append(f"adaptation.support_size: {a.support_size} rows is fewer than the "
+                         f"bundle was meta-trained to adapt on ({support_rows}); the adaptation "
+                         f"may miss classes or fit noise (remove the key to use the bundle's)")
+    if query_rows and "adaptation.holdout_size" not in given:
+        changes["holdout_size"] = max(a.holdout_size, query_rows)
+    k = changes.get("support_size", a.support_size)
+    if "adaptation.refine" not in given:
+        changes["refine"] = [r for r in a.refine if r > k]
+    if "adaptation.window" not in given and a.window < k:
+        changes["window"] = 2 * k
+    if not changes:
+        return settings, notes
+    from dataclasses import replace
+
+    fitted = replace(settings, adaptation=replace(a, **changes))
+    h = fitted.adaptation.holdout_size
+    if "continual.window" not in given and fitted.continual.window < h + 10:
+        fitted = replace(fitted, continual=replace(fitted.continual, window=10 * h))
+    try:
+        return validate(fitted), notes
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (with the bundle's support of {support_rows} rows and "
+                          f"holdout of {h}; set adaptation.support_size to choose)") from exc
 
 
 def load_config(path: str | Path) -> Settings:

@@ -319,15 +319,23 @@ class Chaos:
                     out[p.name] = json.loads((p / "manifest.json").read_text())
         return out
 
-    def _last_manual_outcome(self) -> str:
-        for path in sorted((self.state / "episodes").glob("*.json"), reverse=True):
+    def _manual_episodes(self) -> list[dict[str, Any]]:
+        """The manual episodes recorded so far, oldest first."""
+        out = []
+        for path in sorted((self.state / "episodes").glob("*.json")):
             with contextlib.suppress(OSError, ValueError):
                 e = json.loads(path.read_text())
                 if e.get("trigger") == "manual":
-                    return (f"{e.get('result')}/{e.get('reason')} "
-                            f"{e.get('holdout_current', float('nan')):.3g}->"
-                            f"{e.get('holdout_candidate', float('nan')):.3g}")
-        return "none"
+                    out.append(e)
+        return out
+
+    @staticmethod
+    def _outcome(e: dict[str, Any] | None) -> str:
+        if e is None:
+            return "none"
+        return (f"{e.get('result')}/{e.get('reason')} "
+                f"{e.get('holdout_current', float('nan')):.3g}->"
+                f"{e.get('holdout_candidate', float('nan')):.3g}")
 
     def poison(self, daemon: DaemonProcess) -> dict[str, Any]:
         """Manual adapt triggers followed by a burst of poisoned labels, then honest ones."""
@@ -345,6 +353,7 @@ class Chaos:
                 self.send_valid()  # honest labels between tries: the serving model fits them
             daemon.wait(lambda: self.inbox_empty(), 60, "the inbox to drain")
             before = self._manifests()
+            decided = len(self._manual_episodes())
             write_trigger(triggers, "adapt", {"stream": "sine"})
             daemon.wait(lambda: not any(p.is_file() for p in triggers.iterdir()), 30,
                         "the adapt trigger")
@@ -358,11 +367,17 @@ class Chaos:
             drop(self.inbox(), name, sine_csv([f"{name}-{j}" for j in range(30)], x, y))
             self.sent[name], self.valid_rows[name] = "valid", 30
             daemon.wait(lambda: self.inbox_empty(), 60, "the poisoned file")
-            time.sleep(1.5)  # the worker adapts and the gate decides
+            # This try's manual episode is decided (accepted, rejected, or superseded by a
+            # drift), however long the worker takes on a busy machine: a later try must not
+            # count its swap.
+            with contextlib.suppress(TimeoutError):
+                daemon.wait(lambda n=decided: len(self._manual_episodes()) > n, 60,
+                            "the manual episode's decision")
             new = {k: m for k, m in self._manifests().items() if k not in before}
             tried[kind] += 1
             accepted[kind] += sum(1 for m in new.values() if m.get("source") == "manual")
-            outcomes.append(f"{kind}:{self._last_manual_outcome()}")
+            mine = self._manual_episodes()[decided:]
+            outcomes.append(f"{kind}:{self._outcome(mine[0] if mine else None)}")
             for _ in range(2):
                 self.send_valid()  # honest labels after the burst: a probation rollback if needed
             daemon.wait(lambda: self.inbox_empty(), 60, "the inbox to drain")

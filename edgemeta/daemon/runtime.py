@@ -25,6 +25,7 @@ from edgemeta.config import (
     ConfigError,
     Settings,
     changed_keys,
+    fit_to_bundle,
     load_config,
     reloadable,
 )
@@ -100,6 +101,10 @@ class Daemon:
     def setup(self) -> None:
         s = self.settings
         self.bundle, self.template = open_bundle(s)
+        s, notes = fit_to_bundle(s, self.bundle.support_rows, self.bundle.query_rows)
+        self.settings = s
+        for note in notes:
+            log.warning("%s", note)
         try:
             self.layout.ensure(st.name for st in s.streams)
             (s.state_dir / "episodes").mkdir(parents=True, exist_ok=True)
@@ -161,7 +166,7 @@ class Daemon:
     def _after_rows(self, s: Settings) -> int:
         if s.retention.episode_after_rows is not None:
             return s.retention.episode_after_rows
-        return int((self.bundle.shots or s.adaptation.support_size) * (self.bundle.classes or 1))
+        return int(self.bundle.support_rows or s.adaptation.support_size)
 
     # -- the loop --------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -286,7 +291,10 @@ class Daemon:
             return None
         try:
             new = load_config(self.settings.source)
-            open_bundle(new)  # what start-up checks: features per stream, detector, checksums
+            bundle, _ = open_bundle(new)  # start-up's checks: features, detector, checksums
+            new, notes = fit_to_bundle(new, bundle.support_rows, bundle.query_rows)
+            for note in notes:
+                log.warning("reload: %s", note)
         except (ConfigError, StartupError) as exc:
             log.error("reload refused, the running config stays: %s", exc)
             self.metrics.reloads.labels("refused").inc()

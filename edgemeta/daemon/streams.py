@@ -81,7 +81,8 @@ class Streams:
         monitor = DriftMonitor(d.detector, self.kind, d.delta, d.feature_detector,
                                d.cooldown_samples, d.min_samples,
                                n_features=len(self.settings.stream(name).features))
-        return monitor, SupportCollector(a.support_size, a.holdout_size, a.selection, a.window)
+        return monitor, SupportCollector(a.support_size, a.holdout_size, a.selection, a.window,
+                                         self.bundle.classes or 0)
 
     def _regime(self) -> RegimeBuffer:
         c = self.settings.continual

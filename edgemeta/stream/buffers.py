@@ -4,7 +4,10 @@ After a change only post-drift samples describe the new task, so collection star
 the next K labelled samples are the support set and the following H the holdout set (the gate's
 judge, never seen by the inner loop). With ``selection="diverse"`` a post-drift window is kept and
 the support set is chosen from it by greedy farthest-point sampling, which covers the input range
-better than the K most recent samples when those happen to bunch together. A collection with a
+better than the K most recent samples when those happen to bunch together; for a classifier
+(``classes``) every class in the window gets support rows, as evenly as K allows, because an
+N-way initialization adapted on rows of half its classes learns nothing of the others. A
+collection with a
 smaller holdout than usual (the early gate's, right after a drift) does not wait for the window:
 it is the K+H rows that have arrived.
 
@@ -41,15 +44,40 @@ def farthest_point_indices(x: np.ndarray, k: int) -> list[int]:
     return chosen
 
 
+def class_balanced_indices(x: np.ndarray, y: np.ndarray, k: int) -> list[int]:
+    """``k`` rows with every class of ``y`` in them as evenly as the counts allow (round-robin
+    quotas), each class's rows spread over its inputs by farthest-point sampling.
+
+    >>> y = np.array([0] * 8 + [1] * 2)
+    >>> sorted(set(y[class_balanced_indices(np.arange(10.0)[:, None], y, 4)].tolist()))
+    [0, 1]
+    """
+    classes, counts = np.unique(y, return_counts=True)
+    quota = np.zeros(len(classes), dtype=int)
+    left = min(k, len(y))
+    while left > 0:
+        for i in range(len(classes)):
+            if left and quota[i] < counts[i]:
+                quota[i] += 1
+                left -= 1
+    chosen: list[int] = []
+    for c, q in zip(classes, quota, strict=True):
+        if q:
+            members = np.flatnonzero(y == c)
+            chosen += members[farthest_point_indices(x[members], int(q))].tolist()
+    return sorted(chosen)
+
+
 class SupportCollector:
     """Idle until :meth:`start`; then gathers labelled rows until an :class:`Episode` is complete."""
 
     def __init__(self, support_size: int = 10, holdout_size: int = 20, selection: str = "recent",
-                 window: int = 100):
+                 window: int = 100, classes: int = 0):
         self.support_size = support_size
         self.holdout_size = holdout_size
         self.selection = selection
         self.window = window
+        self.classes = classes
         self._x: list[Sequence[float]] = []
         self._y: list[float] = []
         self._k = support_size
@@ -99,6 +127,7 @@ class SupportCollector:
         k, h = self._k, self._h
         if self.selection == "diverse":
             pool = len(y_all) - h
-            idx = farthest_point_indices(x_all[:pool], k)
+            idx = (class_balanced_indices(x_all[:pool], y_all[:pool], k) if self.classes
+                   else farthest_point_indices(x_all[:pool], k))
             return Episode(x_all[idx], y_all[idx], x_all[pool:], y_all[pool:])
         return Episode(x_all[:k], y_all[:k], x_all[k:k + h], y_all[k:k + h])
