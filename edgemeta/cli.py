@@ -139,6 +139,14 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"(validation loss {result.best_val:.4f}); not writing {args.out}. Train longer "
                 "(--time-budget, --iterations), check --inner-lr/--outer-lr, or pass "
                 "--allow-untrained to write it anyway")
+        if result.chance is not None and not result.chance.learned:
+            learned_nothing = (
+                f"the bundle learned nothing measurable: {result.chance.describe()}, after "
+                f"{result.iterations_done} iterations ({result.seconds:.0f} s). Train longer "
+                "(--time-budget, --iterations) or check --inner-lr/--outer-lr")
+            if args.require_better_than_chance:
+                raise CliError(f"{learned_nothing}; not writing {args.out}")
+            print(f"warning: {learned_nothing}", file=sys.stderr)
         if result.interrupted:
             print(f"interrupted at iteration {result.iterations_done}; writing the best bundle so far",
                   file=sys.stderr)
@@ -695,6 +703,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "distribution, so it is not forgotten (default: %(default)s)")
     t.add_argument("--allow-untrained", action="store_true",
                    help="write the bundle even when no validation beat the initialization")
+    t.add_argument("--require-better-than-chance", action="store_true",
+                   help="refuse to write a bundle whose adapted validation loss is within noise "
+                        "of the no-adaptation predictor's (default: write it with a warning)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 

@@ -166,3 +166,33 @@ def test_val_fraction_zero_validates_a_task_folder_on_held_out_rows(tmp_path):
     proc = run_edgemeta("train", "--out", str(tmp_path / "c"), "--tasks", "folder", "--data",
                     str(short), "--val-fraction", "0", "--test-fraction", "0.25", "--quiet")
     assert proc.returncode == 2 and "--val-fraction 0 validates on held-out rows" in proc.stderr
+
+
+def test_train_and_eval_say_when_a_bundle_learned_nothing(tmp_path, digits_npz):
+    """One meta-iteration on 5-way digits: the bundle adapts about as well as the predictor that
+    ignores x (ln 5). train warns and writes it; --require-better-than-chance refuses it; eval
+    prints the same warning."""
+    common = ["--tasks", "array", "--data", str(digits_npz), "--ways", "5", "--shots", "1",
+              "--queries", "5", "--val-fraction", "0", "--test-fraction", "0.5",
+              "--iterations", "1", "--val-every", "1", "--quiet", "--allow-untrained"]
+    proc = run_edgemeta("train", "--out", str(tmp_path / "b"), *common)
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: the bundle learned nothing measurable" in proc.stderr
+    assert "after 1 iterations" in proc.stderr
+    meta = json.loads((tmp_path / "b" / "bundle.json").read_text())
+    assert meta["training"]["versus_chance"]["learned"] is False
+    refused = run_edgemeta("train", "--out", str(tmp_path / "strict"), *common,
+                           "--require-better-than-chance")
+    assert refused.returncode == 2 and "not writing" in refused.stderr
+    assert not (tmp_path / "strict").exists()
+    proc = run_edgemeta("eval", str(tmp_path / "b"), "--tasks", "100", "--seeds", "1",
+                        "--no-baselines")
+    assert proc.returncode == 0, proc.stderr
+    assert "WARNING: this bundle learned nothing measurable" in proc.stdout
+
+
+def test_eval_of_a_trained_bundle_shows_the_chance_level_without_a_warning(sinusoid_bundle):
+    proc = run_edgemeta("eval", str(sinusoid_bundle.path), "--tasks", "100", "--seeds", "1",
+                        "--no-baselines")
+    assert proc.returncode == 0, proc.stderr
+    assert "no-adaptation predictor" in proc.stdout and "WARNING" not in proc.stdout

@@ -19,6 +19,7 @@ import torch
 
 from edgemeta.meta.algorithms import MetaLearner, make_learner
 from edgemeta.meta.bundle import Bundle
+from edgemeta.meta.chance import chance_losses, versus_chance
 from edgemeta.meta.inner import batch_loss, batch_predict, output_loss
 from edgemeta.meta.models import build_model, head_names
 from edgemeta.meta.tasks import (
@@ -173,6 +174,13 @@ def evaluate(bundle: Bundle, shots: int | None = None, steps: Sequence[int] = (0
     if baselines:
         results["methods"]["no-adaptation"] = [score(plain, learner.network(init), batches,
                                                      0, scale)]
+    trained = learner.inner_steps
+    losses = torch.cat([task_scores(learner, init, b, trained, scale)["loss"] for b in batches])
+    chance = torch.cat([chance_losses(kind, b, tasks.out_features) for b in batches]) * scale
+    check = versus_chance(losses, chance)
+    results["versus_chance"] = {"steps": trained, "loss": check.loss, "chance_loss": check.chance,
+                                "noise": check.noise, "learned": check.learned,
+                                "text": check.describe()}
     if target is not None:
         results["speed"] = speed_view(results, learner, init, tasks, target, shot_grid, seed,
                                       scale)
@@ -220,6 +228,13 @@ def format_table(results: dict[str, Any]) -> str:
             if loss["diverged"]:
                 line += f"  ({loss['diverged']} of {loss['diverged'] + loss['tasks']} tasks diverged)"
             lines.append(line)
+    chance = results.get("versus_chance")
+    if chance:
+        lines.append(f"no-adaptation predictor (the support's mean or class frequencies): "
+                     f"{chance['chance_loss']:.4f}")
+        if not chance["learned"]:
+            lines.append(f"WARNING: this bundle learned nothing measurable: after "
+                         f"{chance['steps']} step(s), {chance['text']}")
     if "speed" in results:
         s = results["speed"]
         needed = ", ".join(f"{k}: {v if v is not None else 'not reached'}"

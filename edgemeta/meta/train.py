@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from edgemeta.meta.algorithms import ALGORITHMS, make_learner
+from edgemeta.meta.chance import ChanceCheck, chance_losses, versus_chance
 from edgemeta.meta.distributed import Context, PeerLost
 from edgemeta.meta.inner import batch_loss
 from edgemeta.meta.models import build_model, head_names
@@ -101,6 +102,9 @@ class TrainResult:
     tasks: Any
     head: list[str]
     settings: TrainSettings
+    # The best weights on the validation tasks against the predictor that ignores x
+    # (meta/chance.py); None on the ranks that do not validate.
+    chance: ChanceCheck | None = None
 
     @property
     def untrained(self) -> bool:
@@ -108,7 +112,11 @@ class TrainResult:
         return self.best_iteration == 0
 
     def summary(self) -> dict[str, Any]:
+        chance = ({"loss": self.chance.loss, "chance_loss": self.chance.chance,
+                   "noise": self.chance.noise, "learned": self.chance.learned}
+                  if self.chance is not None else None)
         return {"best_val_loss": self.best_val, "best_iteration": self.best_iteration,
+                "versus_chance": chance,
                 "iterations": self.iterations_done, "seconds": round(self.seconds, 2),
                 "interrupted": self.interrupted, "settings": asdict(self.settings)}
 
@@ -132,6 +140,16 @@ def meta_validate(learner, params, tasks, n_tasks: int, seed: int, device, split
                              first_order=True)
     loss = batch_loss(learner.model, learner.kind, fast, batch.query_x, batch.query_y)
     return float(loss.mean().detach())
+
+
+def chance_check(learner, params, tasks, n_tasks: int, seed: int, device) -> ChanceCheck:
+    """``params`` adapted on the validation tasks against the no-adaptation predictor on the same
+    rows (standardized units, as the validation loss)."""
+    batch = tasks.sample(n_tasks, np.random.default_rng(seed), split="val").to(device)
+    with torch.enable_grad():
+        fast = learner.adapt({n: p.detach() for n, p in params.items()}, batch, first_order=True)
+    losses = batch_loss(learner.model, learner.kind, fast, batch.query_x, batch.query_y)
+    return versus_chance(losses, chance_losses(learner.kind, batch, tasks.out_features))
 
 
 def train(settings: TrainSettings, tasks,
@@ -250,9 +268,14 @@ def train(settings: TrainSettings, tasks,
             val = validate()
             if progress:
                 progress(it, loss.item(), val)
+    chance = None
+    if ctx.writer:
+        with contextlib.suppress(KeyboardInterrupt):
+            chance = chance_check(learner, best, tasks, max(settings.val_tasks, 200),
+                                  settings.seed + 1, device)
     return TrainResult({n: p.cpu() for n, p in best.items()}, best_val, best_it, it,
                        time.perf_counter() - start, interrupted, history, model.cpu(), tasks,
-                       head, settings)
+                       head, settings, chance)
 
 
 class ProgressBar:

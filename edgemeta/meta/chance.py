@@ -1,0 +1,75 @@
+"""Did a bundle learn anything? Its adapted query loss against the no-adaptation predictor's.
+
+Why: a time budget on a busy machine can end meta-training after a few dozen iterations, and the
+bundle then adapts no better than a predictor that ignores x. Its loss is a number like any
+other (2.218 looks like progress until one knows chance is ln 10 = 2.303), so ``train`` and
+``eval`` say it outright.
+
+The no-adaptation predictor sees the same support set and ignores the inputs: regression predicts
+the support labels' mean; classification predicts the support's class frequencies (one pseudo-count
+per class, so uniform, ln C, on a balanced N-way task). Both are scored on the same query rows as
+the bundle, per task. The bundle learned something when its mean loss is below chance by more
+than twice the standard error of the paired per-task differences *and* by at least
+``MIN_GAIN`` of chance: one inner step from random weights already beats chance measurably on
+hundreds of tasks, and 2.218 against ln 10 = 2.303 is not a bundle worth shipping.
+
+>>> check = versus_chance(torch.tensor([0.5, 0.6, 0.4]), torch.tensor([1.0, 1.1, 0.9]))
+>>> check.learned, round(check.chance, 2)
+(True, 1.0)
+>>> versus_chance(torch.tensor([1.0, 0.9, 1.1]), torch.tensor([1.0, 1.0, 1.0])).learned
+False
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from edgemeta.meta.tasks import TaskBatch
+
+MIN_GAIN = 0.1  # a bundle must cut the no-adaptation predictor's loss by at least this share
+
+
+@dataclass(frozen=True)
+class ChanceCheck:
+    loss: float    # the bundle's mean query loss after adaptation
+    chance: float  # the no-adaptation predictor's, on the same rows
+    noise: float   # twice the standard error of the per-task difference
+    tasks: int
+
+    @property
+    def learned(self) -> bool:
+        gain = self.chance - self.loss
+        return gain > self.noise and gain >= MIN_GAIN * self.chance
+
+    def describe(self) -> str:
+        return (f"loss {self.loss:.4g} against {self.chance:.4g} for the no-adaptation predictor "
+                f"(the support's mean or class frequencies; noise +-{self.noise:.2g} over "
+                f"{self.tasks} tasks; a bundle must be at least {MIN_GAIN:.0%} below it)")
+
+
+def chance_losses(kind: str, batch: TaskBatch, classes: int) -> torch.Tensor:
+    """Per-task query loss of the predictor that ignores x (in the batch's units)."""
+    if kind == "regression":
+        sy = batch.support_y.reshape(len(batch.support_y), -1).double()
+        qy = batch.query_y.reshape(len(batch.query_y), -1).double()
+        return ((qy - sy.mean(1, keepdim=True)) ** 2).mean(1)
+    sy, qy = batch.support_y.long(), batch.query_y.long()
+    counts = torch.nn.functional.one_hot(sy, classes).sum(1).double() + 1.0
+    p = counts / counts.sum(1, keepdim=True)
+    return -torch.log(torch.gather(p, 1, qy)).mean(1)
+
+
+def versus_chance(losses: torch.Tensor, chance: torch.Tensor) -> ChanceCheck:
+    """The paired comparison of per-task ``losses`` with per-task ``chance``."""
+    losses, chance = losses.detach().double().flatten(), chance.detach().double().flatten()
+    keep = torch.isfinite(losses) & torch.isfinite(chance)
+    losses, chance = losses[keep], chance[keep]
+    n = len(losses)
+    if n == 0:
+        return ChanceCheck(math.nan, math.nan, math.nan, 0)
+    d = chance - losses
+    se = float(d.std(unbiased=True)) / math.sqrt(n) if n > 1 else math.inf
+    return ChanceCheck(float(losses.mean()), float(chance.mean()), 2 * se, n)
