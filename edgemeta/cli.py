@@ -171,7 +171,9 @@ def _inherit(settings, meta: dict) -> None:
     settings.algorithm = meta["algorithm"]
     settings.model = dict(meta["model"])
     settings.inner_steps = int(meta["inner"]["steps"])
-    settings.inner_lr = float(meta["inner"]["lr"])
+    from edgemeta.meta.warmstart import user_inner_lr
+
+    settings.inner_lr = user_inner_lr(meta)
     dist = meta["task"]["distribution"]
     for key in ("shots", "queries"):
         if key in dist:

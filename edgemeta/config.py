@@ -62,6 +62,9 @@ class DriftSettings:
     feature_detector: str = "none"  # on unlabelled rows' features: none, adwin, kswin
     cooldown_samples: int = 50  # rows after an alarm or a swap before the next alarm
     min_samples: int = 30  # rows a fresh detector sees before it may alarm
+    # The serving model against the trivial predictor (the recent labels' mean or class
+    # frequencies): a paired t above this is an alarm of its own (stream/trivial.py); 0: off.
+    trivial_threshold: float = 4.0
 
 
 @dataclass
@@ -363,6 +366,7 @@ def validate(settings: Settings) -> Settings:
             raise ConfigError(f"drift.delta: must be in (0, 1), got {d.delta!r}")
     _positive("drift.cooldown_samples", d.cooldown_samples, allow_zero=True)
     _positive("drift.min_samples", d.min_samples, allow_zero=True)
+    _positive("drift.trivial_threshold", d.trivial_threshold, allow_zero=True)
     _positive("adaptation.support_size", a.support_size)
     _positive("adaptation.holdout_size", a.holdout_size)
     if a.steps is not None:

@@ -69,8 +69,12 @@ def write_config(tmp_path, bundle_path, streams=None, **sections) -> Path:  # no
         "adaptation": {"support_size": 10, "holdout_size": 20, "timeout_s": 20,
                        "adapt_on_start": False, "refine": []},
         # ... and without continued fits, which would add versions of their own
-        # (tests/test_continual_learning.py turns them on).
+        # (tests/test_continual_learning.py turns them on) ...
         "continual": {"enabled": False},
+        # ... and without the trivial-predictor alarm: this small bundle's meta-initialization
+        # is worse than a constant on amplitude-1 tasks, which would open episodes of its own
+        # (tests/test_trivial_baseline.py and the real-daemon scenarios keep it on).
+        "drift": {"trivial_threshold": 0},
         "metrics": {"port": free_port()},
         "ingest": {"settle_s": 0.05, "rescan_interval_s": 1.0},
     }

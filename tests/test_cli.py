@@ -161,7 +161,10 @@ def test_val_fraction_zero_validates_a_task_folder_on_held_out_rows(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "task folder: 16 files; meta-train 12; validation: held-out rows of the training " \
            "tasks" in proc.stderr
-    assert "warning" not in proc.stderr
+    # 30 iterations learn nothing measurable (said so); no other warning.
+    others = [ln for ln in proc.stderr.splitlines()
+              if "warning" in ln and "learned nothing measurable" not in ln]
+    assert not others, others
     short = _task_folder(tmp_path / "short", 4, rows=20)  # 20 rows: no room for held-out rows
     proc = run_edgemeta("train", "--out", str(tmp_path / "c"), "--tasks", "folder", "--data",
                     str(short), "--val-fraction", "0", "--test-fraction", "0.25", "--quiet")

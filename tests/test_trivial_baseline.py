@@ -128,3 +128,21 @@ def test_a_candidate_that_beats_a_skill_less_serving_model_is_not_refused_as_no_
                        load=lambda model: predictor.load(model, 2))
     assert verdict.candidate > 0.5 * verdict.current  # not the "halves the loss" exemption
     assert verdict.result == "accepted", verdict
+
+
+def test_an_alarm_that_changed_nothing_backs_off_until_the_model_changes():
+    """When what an alarm opened could not replace the model, alarming every 100 rows would
+    only churn the worker: each alarm acted on doubles the wait, and a new version resets it."""
+    def run(check, rows, version):
+        hits = []
+        for i in range(rows):
+            if check.update(np.array([5.0]), float(i % 2), version):
+                check.acted()
+                hits.append(i)
+        return hits
+
+    check = TrivialCheck("regression", min_rows=100, every=25)
+    hits = run(check, 1500, version=1)
+    gaps = np.diff(hits)
+    assert len(hits) >= 3 and all(b >= 2 * a - 25 for a, b in zip(gaps, gaps[1:], strict=False))
+    assert run(check, 130, version=2)  # a new version is judged afresh

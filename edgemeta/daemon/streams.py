@@ -91,8 +91,11 @@ class Streams:
 
     def _fresh(self, name: str) -> StreamState:
         return StreamState(name, self.models.lineage_of[name], *self._parts(name),
-                           lc.Lifecycle(policy(self.settings)), self._regime(),
-                           TrivialCheck(self.kind, self.bundle.outputs))
+                           lc.Lifecycle(policy(self.settings)), self._regime(), self._trivial())
+
+    def _trivial(self) -> TrivialCheck:
+        return TrivialCheck(self.kind, self.bundle.outputs,
+                            threshold=self.settings.drift.trivial_threshold)
 
     @property
     def busy(self) -> bool:
@@ -146,6 +149,7 @@ class Streams:
             monitor, fresh = self._parts(name)
             if detector:
                 state.monitor = monitor
+                state.trivial = self._trivial()
             if regime:
                 old, state.regime = state.regime, self._regime()
                 state.regime.restart(old.rows())
@@ -192,6 +196,7 @@ class Streams:
                 # alarm of its own, so a collection opens (while an episode is already in
                 # flight, that episode is what replaces the model).
                 state.worse_than_trivial += 1
+                state.trivial.acted()
                 log.warning("stream=%s: v%d is significantly worse than the trivial predictor "
                             "on the last %d rows (t = %.1f)", stream, served,
                             state.trivial.rows, state.trivial.last_t)

@@ -434,6 +434,12 @@ class StandardizedTargets:
     Meta-training, adaptation and continued learning see standardized targets; the exported
     model maps its output back (``meta.bundle.append_output_scaling``), so predictions come out
     in the user's units. Everything else is the wrapped distribution's.
+
+    The inner loop's step size keeps its published meaning, a step on the loss in the user's
+    units (the MAML paper's 0.01 on sinusoid MSE): on standardized targets the same step is
+    ``inner_lr * std**2`` (:meth:`inner_lr`), since the user-unit MSE is ``std**2`` times the
+    standardized one. Running the paper's 0.01 on standardized sinusoid targets (std about 2)
+    made each step 4x smaller, and steps 2 to 10 lost most of their effect (docs/BENCHMARKS.md).
     """
 
     def __init__(self, tasks, mean: float, std: float):
@@ -451,6 +457,10 @@ class StandardizedTargets:
     @property
     def scaling(self) -> dict[str, float]:
         return {"mean": self.mean, "std": self.std}
+
+    def inner_lr(self, user_lr: float) -> float:
+        """The standardized-target step size equal to ``user_lr`` on the user-unit loss."""
+        return user_lr * self.std ** 2
 
     def __getattr__(self, name: str):
         return getattr(self.inner, name)

@@ -121,6 +121,15 @@ class TrainResult:
                 "interrupted": self.interrupted, "settings": asdict(self.settings)}
 
 
+def effective_inner_lr(settings: TrainSettings, tasks) -> float:
+    """``--inner-lr`` is a step on the user-unit loss; the inner loop runs on standardized
+    regression targets, where that step is larger by the target variance
+    (:meth:`StandardizedTargets.inner_lr`)."""
+    if isinstance(tasks, StandardizedTargets):
+        return tasks.inner_lr(settings.inner_lr)
+    return settings.inner_lr
+
+
 def build_for(settings: TrainSettings, tasks) -> tuple[torch.nn.Module, list[str]]:
     spec = dict(settings.model)
     if spec.get("arch") == "mlp":
@@ -176,7 +185,7 @@ def train(settings: TrainSettings, tasks,
     model, head = build_for(settings, tasks)
     model.to(device)
     learner = make_learner(settings.algorithm, model, tasks.kind, settings.inner_steps,
-                           settings.inner_lr, head)
+                           effective_inner_lr(settings, tasks), head)
     net = {n: p.detach().clone() for n, p in model.named_parameters()}
     params = {**net, **learner.extra_params(net)}
     if init is not None:
@@ -341,7 +350,10 @@ def bundle_meta(result: TrainResult) -> dict[str, Any]:
         "output": output,
         "model": s.model,
         "algorithm": s.algorithm,
-        "inner": {"steps": s.inner_steps, "lr": s.inner_lr, "adapts": adapts,
+        # lr: the step the inner loop takes on the (standardized) targets it runs on, which the
+        # devices use as it is; user_lr: --inner-lr, the step on the user-unit loss.
+        "inner": {"steps": s.inner_steps, "lr": effective_inner_lr(s, tasks),
+                  "user_lr": s.inner_lr, "adapts": adapts,
                   "learned_lr": s.algorithm == "metasgd"},
         "training": result.summary(),
     }

@@ -16,6 +16,11 @@ Classification is scored by cross-entropy, not 0/1 error: a model at 55% error o
 binary stream is about 0.05 per row worse than the majority class by 0/1 error, which takes
 thousands of rows to see, but it is confidently wrong and far worse by cross-entropy.
 
+When what an alarm opens cannot fix it (no candidate beats the serving model, which happens
+when the bundle knows nothing better than a constant for this stream), alarming again every
+``min_rows`` rows would only churn the worker: each alarm the caller acts on
+(:meth:`acted`) doubles the rows the next one waits for, until the serving version changes.
+
 >>> rng = np.random.default_rng(0)
 >>> check = TrivialCheck("regression", min_rows=50)
 >>> y = rng.normal(3.0, 1.0, 60)
@@ -50,6 +55,8 @@ class TrivialCheck:
         self._counts: dict[int, int] = {}
         self._since_look = 0
         self._version: int | None = None
+        self._alarms = 0        # alarms acted on since the serving version last changed
+        self._since_alarm = 0   # rows since the last of them
         self.last_t = 0.0
 
     @property
@@ -65,6 +72,11 @@ class TrivialCheck:
         self._counts.clear()
         self._since_look = 0
         self.last_t = 0.0
+
+    def acted(self) -> None:
+        """The caller raised an alarm on this check's finding: back off until the model changes."""
+        self._alarms += 1
+        self._since_alarm = 0
 
     def _served_loss(self, outputs: np.ndarray, y: float) -> float:
         out = np.asarray(outputs, dtype=np.float64).ravel()
@@ -98,6 +110,10 @@ class TrivialCheck:
         if version != self._version:
             self.reset()
             self._version = version
+            self._alarms = self._since_alarm = 0
+        if self.threshold <= 0:
+            return False
+        self._since_alarm += 1
         y = float(y)
         if len(self._labels) >= self.min_history:
             d = self._served_loss(outputs, y) - self._trivial_loss(y)
@@ -105,7 +121,9 @@ class TrivialCheck:
                 self._diffs.append(d)
                 self._since_look += 1
         self._push_label(y)
-        if self._since_look < self.every or len(self._diffs) < self.min_rows:
+        wait = self.min_rows * 2 ** min(self._alarms, 5)
+        if (self._since_look < self.every or len(self._diffs) < self.min_rows
+                or (self._alarms and self._since_alarm < wait)):
             return False
         self._since_look = 0
         d = np.fromiter(self._diffs, dtype=np.float64, count=len(self._diffs))
