@@ -171,9 +171,7 @@ def _inherit(settings, meta: dict) -> None:
     settings.algorithm = meta["algorithm"]
     settings.model = dict(meta["model"])
     settings.inner_steps = int(meta["inner"]["steps"])
-    from edgemeta.meta.warmstart import user_inner_lr
-
-    settings.inner_lr = user_inner_lr(meta)
+    settings.inner_lr = float(meta["inner"]["lr"])
     dist = meta["task"]["distribution"]
     for key in ("shots", "queries"):
         if key in dist:

@@ -56,3 +56,28 @@ def test_a_bundle_for_offset_targets_serves_and_adapts_in_the_users_units(tmp_pa
     patched = OnnxTemplate(model, read_bundle(path).network_weights()).patch(adapted.weights)
     after = np.mean((predict(patched, xn[20:]) - y[20:]) ** 2)
     assert after < 0.5 * np.mean((predict(model, xn[20:]) - y[20:]) ** 2)
+
+
+def test_unit_scale_targets_are_trained_as_they_are_so_the_inner_lr_keeps_its_meaning(tmp_path):
+    """The MAML paper's sinusoid (targets within +-5, std about 2) is not standardized: one
+    inner step of the bundle is one SGD step of --inner-lr on the MSE in the user's units, as
+    published. Standardizing it made each step about 4x smaller (issue 26)."""
+    import torch
+
+    from edgemeta.meta.tasks import SinusoidTasks
+
+    result = train(TrainSettings(algorithm="maml", iterations=20, val_every=10, seed=0,
+                                 inner_lr=0.01, device="cpu"), SinusoidTasks(shots=5, queries=10))
+    bundle = read_bundle(save_bundle(result, tmp_path / "sine"))
+    assert bundle.meta["output"]["scaling"] is None and bundle.meta["inner"]["lr"] == 0.01
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-5, 5, (5, 1)).astype(np.float32)
+    y = (3.0 * np.sin(x[:, 0] - 1.0)).astype(np.float32)
+    adapted = Adapter(bundle).adapt(x, y, steps=1).weights
+    model = bundle.build_model()
+    params = {n: torch.tensor(w, requires_grad=True) for n, w in bundle.network_weights().items()}
+    out = torch.func.functional_call(model, params, (torch.as_tensor(x),))
+    loss = ((out[:, 0] - torch.as_tensor(y)) ** 2).mean()
+    grads = torch.autograd.grad(loss, list(params.values()))
+    for (name, p), g in zip(params.items(), grads, strict=True):
+        np.testing.assert_allclose(adapted[name], (p - 0.01 * g).detach().numpy(), atol=1e-5)

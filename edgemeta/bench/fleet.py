@@ -70,8 +70,7 @@ def _retrain(base: Path, folder: Path, out: Path, budget: float, replay: float, 
     spec = {"name": "folder", "path": str(folder), "shots": meta["task"]["distribution"]["shots"],
             "queries": meta["task"]["distribution"]["queries"]}
     settings = TrainSettings(algorithm=meta["algorithm"], tasks=spec, model=dict(meta["model"]),
-                             inner_steps=meta["inner"]["steps"],
-                             inner_lr=warmstart.user_inner_lr(meta),
+                             inner_steps=meta["inner"]["steps"], inner_lr=meta["inner"]["lr"],
                              iterations=10**9, time_budget=budget, val_every=500, seed=seed,
                              device="cpu")
     tasks = warmstart.warm_start_tasks(parent, spec, replay)

@@ -435,12 +435,17 @@ class StandardizedTargets:
     model maps its output back (``meta.bundle.append_output_scaling``), so predictions come out
     in the user's units. Everything else is the wrapped distribution's.
 
-    The inner loop's step size keeps its published meaning, a step on the loss in the user's
-    units (the MAML paper's 0.01 on sinusoid MSE): on standardized targets the same step is
-    ``inner_lr * std**2`` (:meth:`inner_lr`), since the user-unit MSE is ``std**2`` times the
-    standardized one. Running the paper's 0.01 on standardized sinusoid targets (std about 2)
-    made each step 4x smaller, and steps 2 to 10 lost most of their effect (docs/BENCHMARKS.md).
+    Only where the scale needs it (:meth:`needed`): targets already near unit scale (the MAML
+    paper's sinusoid, std about 2) are left in the user's units, so ``--inner-lr`` keeps its
+    published meaning there. Standardizing them anyway made each of the paper's 0.01 steps 4x
+    smaller and steps 2 to 10 lost most of their effect; running the paper's lr times std^2 on
+    standardized targets instead is not the same inner loop either (the output layer's steps
+    grow by std^2) and measured worse (docs/BENCHMARKS.md, issue 26).
     """
+
+    #: Targets whose spread is within this factor of 1, and whose mean is within this many units
+    #: of 0, are trained on as they are.
+    UNIT = 4.0
 
     def __init__(self, tasks, mean: float, std: float):
         self.inner = tasks
@@ -458,9 +463,17 @@ class StandardizedTargets:
     def scaling(self) -> dict[str, float]:
         return {"mean": self.mean, "std": self.std}
 
-    def inner_lr(self, user_lr: float) -> float:
-        """The standardized-target step size equal to ``user_lr`` on the user-unit loss."""
-        return user_lr * self.std ** 2
+    def needed(self) -> bool:
+        """Whether the targets are far enough from unit scale that standardizing them pays:
+        a family around 15 with spread 5 starts hundreds off in MSE, and no inner rate that
+        suits unit-scale targets suits it.
+
+        >>> StandardizedTargets(None, mean=0.3, std=1.9).needed()
+        False
+        >>> StandardizedTargets(None, mean=14.0, std=5.0).needed()
+        True
+        """
+        return (abs(self.mean) > self.UNIT or not 1 / self.UNIT <= self.std <= self.UNIT)
 
     def __getattr__(self, name: str):
         return getattr(self.inner, name)

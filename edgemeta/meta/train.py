@@ -121,15 +121,6 @@ class TrainResult:
                 "interrupted": self.interrupted, "settings": asdict(self.settings)}
 
 
-def effective_inner_lr(settings: TrainSettings, tasks) -> float:
-    """``--inner-lr`` is a step on the user-unit loss; the inner loop runs on standardized
-    regression targets, where that step is larger by the target variance
-    (:meth:`StandardizedTargets.inner_lr`)."""
-    if isinstance(tasks, StandardizedTargets):
-        return tasks.inner_lr(settings.inner_lr)
-    return settings.inner_lr
-
-
 def build_for(settings: TrainSettings, tasks) -> tuple[torch.nn.Module, list[str]]:
     spec = dict(settings.model)
     if spec.get("arch") == "mlp":
@@ -176,8 +167,11 @@ def train(settings: TrainSettings, tasks,
     if settings.meta_batch < ctx.world:
         raise SettingsError(f"meta_batch: {settings.meta_batch} tasks cannot be split over "
                             f"{ctx.world} processes; use at least {ctx.world}")
-    if tasks.kind == "regression" and not isinstance(tasks, StandardizedTargets):
-        tasks = StandardizedTargets.fit(tasks, seed=settings.seed + 11)
+    if tasks.kind == "regression" and init is None and not isinstance(tasks, StandardizedTargets):
+        # A warm start (init) stays in its parent's scale, whatever it was.
+        fitted = StandardizedTargets.fit(tasks, seed=settings.seed + 11)
+        if fitted.needed():
+            tasks = fitted
     device = settings.resolved_device()
     torch.manual_seed(settings.seed)  # the same initial weights on every rank
     rng = np.random.default_rng(settings.seed if ctx.world == 1 else [settings.seed, ctx.rank])
@@ -185,7 +179,7 @@ def train(settings: TrainSettings, tasks,
     model, head = build_for(settings, tasks)
     model.to(device)
     learner = make_learner(settings.algorithm, model, tasks.kind, settings.inner_steps,
-                           effective_inner_lr(settings, tasks), head)
+                           settings.inner_lr, head)
     net = {n: p.detach().clone() for n, p in model.named_parameters()}
     params = {**net, **learner.extra_params(net)}
     if init is not None:
@@ -341,8 +335,8 @@ def bundle_meta(result: TrainResult) -> dict[str, Any]:
         probe = raw.sample(200, np.random.default_rng(s.seed + 11), split="train")
         ys = np.concatenate([probe.support_y.numpy().ravel(), probe.query_y.numpy().ravel()])
         output["target_range"] = [float(np.quantile(ys, 0.001)), float(np.quantile(ys, 0.999))]
-        if isinstance(tasks, StandardizedTargets):
-            output["scaling"] = tasks.scaling
+        # None: trained on the targets as they are (near unit scale, StandardizedTargets.needed)
+        output["scaling"] = tasks.scaling if isinstance(tasks, StandardizedTargets) else None
     return {
         "task": {"kind": tasks.kind, "distribution": tasks.describe()},
         "input": {"features": tasks.in_features, "feature_names": names,
@@ -350,10 +344,7 @@ def bundle_meta(result: TrainResult) -> dict[str, Any]:
         "output": output,
         "model": s.model,
         "algorithm": s.algorithm,
-        # lr: the step the inner loop takes on the (standardized) targets it runs on, which the
-        # devices use as it is; user_lr: --inner-lr, the step on the user-unit loss.
-        "inner": {"steps": s.inner_steps, "lr": effective_inner_lr(s, tasks),
-                  "user_lr": s.inner_lr, "adapts": adapts,
+        "inner": {"steps": s.inner_steps, "lr": s.inner_lr, "adapts": adapts,
                   "learned_lr": s.algorithm == "metasgd"},
         "training": result.summary(),
     }

@@ -29,18 +29,6 @@ def new_tasks_spec(parent: Bundle, spec: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
-def user_inner_lr(meta: dict[str, Any]) -> float:
-    """The parent's inner step on the user-unit loss (``--inner-lr``). A bundle from before
-    ``user_lr`` was recorded ran its inner loop at ``lr`` on its standardized targets, which is
-    ``lr / std**2`` in user units; continuing with it keeps the step the weights were trained
-    for."""
-    inner = meta["inner"]
-    if "user_lr" in inner:
-        return float(inner["user_lr"])
-    std = float((meta["output"].get("scaling") or {}).get("std", 1.0))
-    return float(inner["lr"]) / std ** 2
-
-
 def warm_start_tasks(parent: Bundle, spec: dict[str, Any], replay_ratio: float):
     """The distribution to continue on: the new tasks (and the parent's, replayed), standardized
     with the parent's target scaling."""
