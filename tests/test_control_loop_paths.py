@@ -276,9 +276,9 @@ def test_rows_a_replaced_version_predicted_never_judge_the_version_that_replaced
         assert after.superseded == before.superseded and after.restarts == before.restarts
 
 
-def test_a_recall_is_judged_only_on_labels_that_pass_the_sanity_checks(monkeypatch):
-    """The recall used to run before the label sanity check: a stuck label source (every label
-    the same) could pick and serve a remembered model."""
+def linear_recall(monkeypatch, serving: float, remembered: float):
+    """A Recall over fakes: every model answers ``factor * x`` (the serving one ``serving``,
+    one remembered concept ``remembered``); returns it, a stream state and the promotions."""
     import types
 
     import edgemeta.daemon.recall as recall_module
@@ -289,21 +289,27 @@ def test_a_recall_is_judged_only_on_labels_that_pass_the_sanity_checks(monkeypat
 
     settings = parse_config({"bundle": {"path": "/b"}, "state": {"dir": "/s"},
                              "streams": [{"name": "s", "features": ["x"], "label": "y"}]})
-    # A remembered model that answers y = x, a serving one that answers 0.0.
     monkeypatch.setattr(recall_module, "run",
                         lambda live, x: (live * x[:, :1]).astype(np.float32))
     served = types.SimpleNamespace(version=3, weights={"w": np.zeros(1)},
-                                   predictor=types.SimpleNamespace(live=0.0), bare=False)
-    promoted = []
+                                   predictor=types.SimpleNamespace(live=serving), bare=False)
+    promoted: list = []
     promotion = types.SimpleNamespace(promote=lambda *a, **k: promoted.append(a) or
                                       types.SimpleNamespace(version=9))
     bundle = types.SimpleNamespace(kind="regression", target_range=(-5.0, 5.0),
                                    normalize=lambda x: x)
-    journal = types.SimpleNamespace(record=lambda *a, **k: None)
     recall = Recall(settings, bundle, types.SimpleNamespace(of=lambda name: served), promotion,
-                    journal, Metrics(), lambda state, event: None, lambda exc, what: None)
-    recall.memory.remember("s", Concept(2, b"", 1.0, {"w": np.ones(1)}, {}))
+                    types.SimpleNamespace(record=lambda *a, **k: None), Metrics(),
+                    lambda state, event: None, lambda exc, what: None)
+    recall.memory.remember("s", Concept(2, b"", remembered, {"w": np.ones(1)}, {}))
     state = StreamState("s", "s", None, None, lc.Lifecycle(lc.Policy()), None, None)
+    return recall, state, promoted
+
+
+def test_a_recall_is_judged_only_on_labels_that_pass_the_sanity_checks(monkeypatch):
+    """The recall used to run before the label sanity check: a stuck label source (every label
+    the same) could pick and serve a remembered model."""
+    recall, state, promoted = linear_recall(monkeypatch, serving=0.0, remembered=1.0)
     x = np.linspace(-5, 5, 20)[:, None]
     assert not recall.attempt(state, x, np.full(20, 2.0))  # stuck labels: refused
     assert not promoted
@@ -315,31 +321,8 @@ def test_a_recalled_model_must_also_beat_the_trivial_predictor(monkeypatch):
     """Beating a serving model that is far off is not enough: a remembered model that does
     worse than the labels' own mean on the rows since the change is not recalled (the Agrawal
     report: a recall on 16 rows served an error worse than the majority class for 1,900)."""
-    import types
-
-    import edgemeta.daemon.recall as recall_module
-    from edgemeta.config import parse_config
-    from edgemeta.daemon.memory import Concept
-    from edgemeta.daemon.recall import Recall
-    from edgemeta.daemon.stream_state import StreamState
-
-    settings = parse_config({"bundle": {"path": "/b"}, "state": {"dir": "/s"},
-                             "streams": [{"name": "s", "features": ["x"], "label": "y"}]})
-    monkeypatch.setattr(recall_module, "run",
-                        lambda live, x: (live * x[:, :1]).astype(np.float32))
     # The serving model answers 4x, the remembered one 2x; the labels are noise about 0.
-    served = types.SimpleNamespace(version=3, weights={"w": np.zeros(1)},
-                                   predictor=types.SimpleNamespace(live=4.0), bare=False)
-    promoted = []
-    promotion = types.SimpleNamespace(promote=lambda *a, **k: promoted.append(a) or
-                                      types.SimpleNamespace(version=9))
-    bundle = types.SimpleNamespace(kind="regression", target_range=(-5.0, 5.0),
-                                   normalize=lambda x: x)
-    recall = Recall(settings, bundle, types.SimpleNamespace(of=lambda name: served), promotion,
-                    types.SimpleNamespace(record=lambda *a, **k: None), Metrics(),
-                    lambda state, event: None, lambda exc, what: None)
-    recall.memory.remember("s", Concept(2, b"", 2.0, {"w": np.ones(1)}, {}))
-    state = StreamState("s", "s", None, None, lc.Lifecycle(lc.Policy()), None, None)
+    recall, state, promoted = linear_recall(monkeypatch, serving=4.0, remembered=2.0)
     x = np.linspace(-5, 5, 20)[:, None]
     assert not recall.attempt(state, x, np.random.default_rng(1).normal(0, 1, 20))
     assert not promoted
