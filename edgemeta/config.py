@@ -467,10 +467,17 @@ def fit_to_bundle(settings: Settings, support_rows: int | None, query_rows: int 
     if query_rows and "adaptation.holdout_size" not in given:
         changes["holdout_size"] = max(a.holdout_size, query_rows)
     k = changes.get("support_size", a.support_size)
-    if "adaptation.refine" not in given:
-        changes["refine"] = [r for r in a.refine if r > k]
-    if "adaptation.window" not in given and a.window < k:
+    refine = [r for r in a.refine if r > k]
+    if refine != a.refine:
+        changes["refine"] = refine
+        if "adaptation.refine" in given:
+            notes.append(f"adaptation.refine: {[r for r in a.refine if r <= k]} not larger than "
+                         f"the bundle's support of {k} rows; refining on {refine} only")
+    if a.window < k:
         changes["window"] = 2 * k
+        if "adaptation.window" in given and a.selection == "diverse":
+            notes.append(f"adaptation.window: {a.window} rows cannot hold the bundle's support of "
+                         f"{k}; using {2 * k}")
     if not changes:
         return settings, notes
     from dataclasses import replace
