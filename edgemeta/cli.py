@@ -372,13 +372,11 @@ def cmd_config(args: argparse.Namespace) -> int:
     settings = _config(args.file)
     checked = ""
     if not args.skip_bundle:  # the same check `run` makes, so a config that passes here starts
-        from edgemeta.config import ConfigError, fit_to_bundle
-        from edgemeta.daemon.runtime import StartupError, open_bundle
+        from edgemeta.daemon.runtime import StartupError, open_fitted
 
         try:
-            bundle, _ = open_bundle(settings)
-            settings, notes = fit_to_bundle(settings, bundle.support_rows, bundle.query_rows)
-        except (StartupError, ConfigError) as exc:
+            settings, bundle, _, notes = open_fitted(settings)
+        except StartupError as exc:
             raise CliError(f"{args.file}: {exc} (--skip-bundle checks the rest when the bundle "
                            "is installed later)") from exc
         for note in notes:

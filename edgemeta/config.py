@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import re
 import tomllib
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -480,8 +480,6 @@ def fit_to_bundle(settings: Settings, support_rows: int | None, query_rows: int 
                          f"{k}; using {2 * k}")
     if not changes:
         return settings, notes
-    from dataclasses import replace
-
     fitted = replace(settings, adaptation=replace(a, **changes))
     h = fitted.adaptation.holdout_size
     if "continual.window" not in given and fitted.continual.window < h + 10:

@@ -9,7 +9,7 @@ import torch
 
 from edgemeta.bench.stream import daemon_config
 from edgemeta.config import load_config
-from edgemeta.daemon.gate import evaluate
+from edgemeta.daemon.gate import evaluate, row_losses
 from edgemeta.daemon.metrics import Metrics
 from edgemeta.daemon.runtime import Daemon
 from edgemeta.meta.bundle import read_bundle, write_bundle
@@ -94,7 +94,8 @@ def test_a_model_as_good_as_the_labels_allow_never_alarms():
         y = int(rng.random() < 0.5)
         right = rng.random() < 0.8
         logits = np.array([0.0, 1.5]) if (y == 1) == right else np.array([1.5, 0.0])
-        alarms += check.update(logits, y, version=1)
+        loss = row_losses("classification", logits[None], np.array([y]))[0]
+        alarms += check.update(loss, y, version=1)
     assert alarms == 0
 
 
@@ -136,7 +137,7 @@ def test_an_alarm_that_changed_nothing_backs_off_until_the_model_changes():
     def run(check, rows, version):
         hits = []
         for i in range(rows):
-            if check.update(np.array([5.0]), float(i % 2), version):
+            if check.update((5.0 - i % 2) ** 2, float(i % 2), version):  # answers 5
                 check.acted()
                 hits.append(i)
         return hits

@@ -80,6 +80,18 @@ def open_bundle(settings: Settings) -> tuple[BundleInfo, OnnxTemplate]:
     return bundle, template
 
 
+def open_fitted(settings: Settings) -> tuple[Settings, BundleInfo, OnnxTemplate, list[str]]:
+    """:func:`open_bundle`, then the settings with the bundle's shape as their defaults
+    (``config.fit_to_bundle``) and the warnings about them: what start-up, reload and
+    ``config check`` all run."""
+    bundle, template = open_bundle(settings)
+    try:
+        fitted, notes = fit_to_bundle(settings, bundle.support_rows, bundle.query_rows)
+    except ConfigError as exc:
+        raise StartupError(str(exc)) from exc
+    return fitted, bundle, template, notes
+
+
 class Daemon:
     def __init__(self, settings: Settings, metrics: Metrics | None = None,
                  notifier: Notifier | None = None):
@@ -99,9 +111,7 @@ class Daemon:
 
     # -- start-up --------------------------------------------------------------------------------
     def setup(self) -> None:
-        s = self.settings
-        self.bundle, self.template = open_bundle(s)
-        s, notes = fit_to_bundle(s, self.bundle.support_rows, self.bundle.query_rows)
+        s, self.bundle, self.template, notes = open_fitted(self.settings)
         self.settings = s
         for note in notes:
             log.warning("%s", note)
@@ -291,8 +301,7 @@ class Daemon:
             return None
         try:
             new = load_config(self.settings.source)
-            bundle, _ = open_bundle(new)  # start-up's checks: features, detector, checksums
-            new, notes = fit_to_bundle(new, bundle.support_rows, bundle.query_rows)
+            new, _, _, notes = open_fitted(new)  # start-up's checks, and the bundle's shape
             for note in notes:
                 log.warning("reload: %s", note)
         except (ConfigError, StartupError) as exc:

@@ -23,7 +23,7 @@ from edgemeta.bundle_format import BundleInfo
 from edgemeta.config import Settings
 from edgemeta.daemon import lifecycle as lc
 from edgemeta.daemon.adapter import AdapterClient
-from edgemeta.daemon.gate import evaluate, per_sample_loss, split_alpha
+from edgemeta.daemon.gate import evaluate, per_sample_loss, row_losses, split_alpha
 from edgemeta.daemon.jobs import Job, JobTable
 from edgemeta.daemon.journal import Journal, StreamView
 from edgemeta.daemon.metrics import Metrics
@@ -175,6 +175,7 @@ class Streams:
         """
         state = self.states[stream]
         losses = per_sample_loss(self.kind, outputs, y)
+        gate_losses = row_losses(self.kind, outputs, y)  # what the trivial check scores
         state.samples += len(y)
         state.last_loss = float(np.mean(losses))
         self.metrics.stream_loss.labels(stream).set(state.last_loss)
@@ -190,7 +191,7 @@ class Streams:
             if mine and state.monitor.update_error(losses[i], (x[i], y[i])):
                 self.drift(state, state.monitor.detector)
                 continue  # the row is in the backfill already
-            if mine and state.trivial.update(outputs[i], y[i], served) and m.phase in (
+            if mine and state.trivial.update(gate_losses[i], y[i], served) and m.phase in (
                     lc.Phase.WATCHING, lc.Phase.REFINING):
                 # Worse than a constant: the detector took a bad model's error as normal. An
                 # alarm of its own, so a collection opens (while an episode is already in

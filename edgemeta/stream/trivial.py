@@ -24,10 +24,10 @@ when the bundle knows nothing better than a constant for this stream), alarming 
 >>> rng = np.random.default_rng(0)
 >>> check = TrivialCheck("regression", min_rows=50)
 >>> y = rng.normal(3.0, 1.0, 60)
->>> any(check.update(np.array([-3.0]), v, version=1) for v in y)  # far off the labels' mean
+>>> any(check.update((v + 3.0) ** 2, v, version=1) for v in y)  # answers -3: far off the mean
 True
 >>> check = TrivialCheck("regression", min_rows=50)
->>> any(check.update(np.array([v + rng.normal(0, 0.3)]), v, version=1) for v in y)
+>>> any(check.update(rng.normal(0, 0.3) ** 2, v, version=1) for v in y)
 False
 """
 
@@ -78,13 +78,6 @@ class TrivialCheck:
         self._alarms += 1
         self._since_alarm = 0
 
-    def _served_loss(self, outputs: np.ndarray, y: float) -> float:
-        out = np.asarray(outputs, dtype=np.float64).ravel()
-        if self.kind == "regression":
-            return float((out[0] - y) ** 2)
-        shifted = out - out.max()
-        return float(np.log(np.exp(shifted).sum()) - shifted[int(y)])
-
     def _trivial_loss(self, y: float) -> float:
         n = len(self._labels)
         if self.kind == "regression":
@@ -104,9 +97,10 @@ class TrivialCheck:
         if self.kind != "regression":
             self._counts[int(y)] = self._counts.get(int(y), 0) + 1
 
-    def update(self, outputs: np.ndarray, y: float, version: int) -> bool:
-        """One labelled row the serving ``version`` predicted (its raw ``outputs``); True when
-        this row's look finds that version significantly worse than the trivial predictor."""
+    def update(self, loss: float, y: float, version: int) -> bool:
+        """One labelled row the serving ``version`` predicted, with its loss (the gate's
+        ``row_losses``: squared error, or cross-entropy); True when this row's look finds that
+        version significantly worse than the trivial predictor."""
         if version != self._version:
             self.reset()
             self._version = version
@@ -116,7 +110,7 @@ class TrivialCheck:
         self._since_alarm += 1
         y = float(y)
         if len(self._labels) >= self.min_history:
-            d = self._served_loss(outputs, y) - self._trivial_loss(y)
+            d = float(loss) - self._trivial_loss(y)
             if math.isfinite(d):
                 self._diffs.append(d)
                 self._since_look += 1
