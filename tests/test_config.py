@@ -30,6 +30,7 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path):
     ("[adaptation]\nsupport_size = 'ten'\n", "adaptation.support_size: must be int, got 'ten'"),
     ("[adaptation]\nsupport_size = 0\n", "adaptation.support_size: must be > 0, got 0"),
     ("[gate]\nmin_gain = 1.5\n", "gate.min_gain: must be in [0, 1)"),
+    ("[adaptation]\ncpu_threads = 0\n", "adaptation.cpu_threads: must be > 0, got 0"),
     ("[metrics]\nport = 70000\n", "metrics.port: 70000 is not a TCP port"),
     ("[serving]\nproviders = 'CPU'\n", "serving.providers: must be a list of strings"),
     ("[adaptation]\nselection = 'diverse'\nwindow = 5\n", "adaptation.window: 5 is smaller"),

@@ -46,9 +46,10 @@ class AdaptOutcome:
 class AdapterClient:
     def __init__(self, bundle: Path, device: str = "auto", timeout_s: float = 30.0,
                  start_timeout_s: float = 120.0, backoff: tuple[float, float] = (0.5, 30.0),
-                 on_restart=None):
+                 on_restart=None, cpu_threads: int = 1):
         self.bundle = Path(bundle)
         self.device = device
+        self.cpu_threads = cpu_threads
         self.timeout_s = timeout_s
         self.start_timeout_s = start_timeout_s
         self.backoff = backoff
@@ -72,7 +73,8 @@ class AdapterClient:
         self._proc = subprocess.Popen(
             # -P: the working directory (a checkout named edgemeta, say) never shadows the package.
             [sys.executable, "-P", "-m", "edgemeta.meta.worker", "--bundle", str(self.bundle),
-             "--device", self.device], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+             "--device", self.device, "--cpu-threads", str(self.cpu_threads)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         self._ready = False
         self._started_at = time.monotonic()
         proc = self._proc

@@ -139,7 +139,8 @@ class Daemon:
         self.journal = Journal(s.state_dir, s.retention.keep_episodes,
                                bundle=self._bundle_identity(), after_rows=self._after_rows(s))
         self.adapter = AdapterClient(s.bundle, s.adaptation.device, s.adaptation.timeout_s,
-                                     on_restart=self.metrics.worker_restarts.inc)
+                                     on_restart=self.metrics.worker_restarts.inc,
+                                     cpu_threads=s.adaptation.cpu_threads)
         self.metrics.init_streams([st.name for st in s.streams],
                                   resolve_detector(s.drift.detector, self.bundle.kind),
                                   s.drift.feature_detector)

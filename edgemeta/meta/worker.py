@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edgemeta-worker")
     parser.add_argument("--bundle", required=True)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--cpu-threads", type=int, default=1)
     args = parser.parse_args(argv)
     # Ctrl-C in a terminal reaches the whole process group: the daemon stops the worker itself
     # (a stop frame, or closing the pipe), so the worker ignores SIGINT instead of dying mid-write
@@ -47,7 +48,7 @@ def serve(args: argparse.Namespace) -> int:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(max(1, args.cpu_threads))
     # A test hook: a worker as slow to start as a CUDA build on a small device (8 s and more),
     # so the tests can show the daemon serving and watching while it waits.
     time.sleep(float(os.environ.get("EDGEMETA_TEST_WORKER_START_DELAY_S", "0") or 0))
@@ -62,7 +63,7 @@ def serve(args: argparse.Namespace) -> int:
                     max_seconds=1.0)
     name = torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu"
     write_frame(proto_out, {"type": "ready", "device": device, "device_name": name,
-                            "pid": os.getpid()})
+                            "pid": os.getpid(), "cpu_threads": torch.get_num_threads()})
     while True:
         try:
             header, arrays = read_frame(proto_in)
