@@ -85,37 +85,22 @@ def wait_processed(daemon: DaemonProcess, producer: Producer, timeout: float = 1
 @pytest.mark.slow
 def test_a_switch_in_the_first_seconds_is_detected_and_adapted_to_on_a_busy_machine(
         tmp_path, sinusoid_bundle):
-    """The scenario that failed from outside: a fresh daemon, 600 rows of task A then task B at
-    about 150 labelled rows/s, starting as soon as the daemon serves, while two CPU-bound
-    processes run beside it. The worker's cold start, the initial adaptation and the continued
-    fits all overlap the stream; the detector must see the switch anyway.
-
-    How soon the adapted model serves depends on the machine (a loaded worker's cold start alone
-    can outlast task A), so task B goes on until its drift has been answered (a model accepted
-    after it, the stream watching again) and then 200 rows more: those are the rows judged."""
+    """The scenario that failed from outside: a fresh daemon, 600 rows of task A then 600 of
+    task B at about 150 labelled rows/s, starting as soon as the daemon serves, while two
+    CPU-bound processes run beside it. The worker's cold start, the initial adaptation and the
+    continued fits all overlap the stream; the detector must see the switch anyway."""
     burners = CpuBurners().start()
     daemon = None
-    settled = []
-
-    def more() -> bool:
-        status = daemon.status().get("streams", {}).get("sine", {})
-        if settled or (status.get("phase") == "watching"
-                       and daemon.total("edgemeta_drift_detections_total") >= 1
-                       and daemon.total("edgemeta_drift_active") == 0):
-            settled.append(True)
-        return len(settled) * 15 < 200
-
     try:
         daemon = start_daemon(tmp_path, sinusoid_bundle.path)
         producer = Producer(daemon.state / "inbox" / "sine",
-                            [("a", TASK_A, 600), ("b", TASK_B, 600)], more=more, limit=6000)
+                            [("a", TASK_A, 600), ("b", TASK_B, 600)])
         producer.start()
-        wait_processed(daemon, producer, timeout=180)
+        wait_processed(daemon, producer)
         assert daemon.total("edgemeta_drift_detections_total") >= 1, daemon.log_path.read_text()
         assert daemon.total("edgemeta_adaptations_total", result="accepted") >= 1
-        assert settled, "the episode settled before task B ran out"
         b = served_errors(daemon.state, producer, "b")
-        assert len(b) >= 600
+        assert len(b) == 600
         assert b[-200:].mean() <= 0.5 * b[:10].mean(), (b[:10].mean(), b[-200:].mean())
     finally:
         if daemon is not None:
