@@ -264,8 +264,7 @@ def test_a_swapped_version_that_the_next_labels_of_its_regime_show_worse_is_roll
     broken = {name: w * 1.7 for name, w in served.weights.items()}
     model = daemon.models.template.patch(broken)
     live = served.predictor.load(model, 0)
-    state = daemon.streams.states["sine"]
-    manifest = daemon.streams.promotion.promote(state, model, live, broken, source="manual",
+    manifest = daemon.streams.promotion.promote("sine", model, live, broken, source="manual",
                                                 previous_level=level)
     assert manifest.version == 2
     x = rng.uniform(-5, 5, (30, 1))

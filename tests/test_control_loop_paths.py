@@ -120,7 +120,7 @@ def test_every_promotion_tells_the_other_streams_of_its_lineage(sinusoid_bundle)
     told = []
     promotion = Promotion(_FakeModels(), Metrics(), None, states,
                           lambda st, ev: told.append((st.name, ev)), probation_rows=20)
-    manifest = promotion.promote(states["a"], b"", None, {}, source="recall",
+    manifest = promotion.promote("a", b"", None, {}, source="recall",
                                  previous_level=1.0)
     assert manifest.version == 2
     assert told == [("b", lc.Swapped())]

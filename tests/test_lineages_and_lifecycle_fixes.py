@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from edgemeta.config import ConfigError, DriftSettings, load_config, parse_config
-from edgemeta.daemon.lifecycle import Phase
 from edgemeta.daemon.metrics import Metrics
 from edgemeta.daemon.runtime import Daemon
 from edgemeta.daemon.triggers import write_trigger
@@ -124,8 +123,7 @@ def test_a_manual_trigger_during_a_drift_adaptation_is_committed_as_manual(
         os.kill(d.adapter.pid, signal.SIGSTOP)  # hold the drift episode in the worker
         try:
             feed(d, "b", 4.5, 2.5, 4)
-            state = d.streams.states["sine"]
-            assert run_until(d, lambda: state.machine.phase is Phase.ADAPTING, timeout=5)
+            assert run_until(d, lambda: d.streams.view("sine").phase == "adapting", timeout=5)
             write_trigger(d.settings.state_dir / "triggers", "adapt")
             assert run_until(d, lambda: counter(d, "edgemeta_trigger_files_total", result="ok",
                                                 reason="") == 1, timeout=5)
@@ -133,7 +131,7 @@ def test_a_manual_trigger_during_a_drift_adaptation_is_committed_as_manual(
             os.kill(d.adapter.pid, signal.SIGCONT)
         assert run_until(d, lambda: len(episodes(d)) >= 1, timeout=30)
         assert episodes(d)[0]["trigger"] == "drift"
-        assert state.machine.reason.value == "manual", "the operator's request is not lost"
+        assert d.streams.view("sine").reason == "manual", "the operator's request is not lost"
         feed(d, "m", 3.0, -1.0, 1)  # 50 rows complete the manual collection
         assert run_until(d, lambda: len(episodes(d)) >= 2, timeout=30)
         manual = episodes(d)[1]
@@ -149,8 +147,7 @@ def test_a_reload_keeps_an_open_collection_open_for_the_same_reason(tmp_path, si
     previous = {}
     try:
         write_trigger(d.settings.state_dir / "triggers", "adapt")
-        state = d.streams.states["sine"]
-        assert run_until(d, lambda: state.machine.phase is Phase.COLLECTING, timeout=5)
+        assert run_until(d, lambda: d.streams.view("sine").phase == "collecting", timeout=5)
         d.settings.source.write_text(d.settings.source.read_text().replace(
             "holdout_size = 20", "holdout_size = 15"))
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGHUP, signal.SIGTERM,
@@ -158,8 +155,9 @@ def test_a_reload_keeps_an_open_collection_open_for_the_same_reason(tmp_path, si
         d.install_signal_handlers()
         os.kill(os.getpid(), signal.SIGHUP)  # the handler only enqueues; the loop reloads
         assert run_until(d, lambda: d.settings.adaptation.holdout_size == 15, timeout=5)
-        assert state.collector.collecting and state.machine.reason.value == "manual"
-        assert state.collector.needed == 25  # the new settings apply to the reopened collection
+        view = d.streams.view("sine")
+        assert view.phase == "collecting" and view.reason == "manual"
+        assert view.needed == 25  # the new settings apply to the reopened collection
         feed(d, "m", 3.0, -1.0, 1)
         assert run_until(d, lambda: len(episodes(d)) == 1, timeout=30)
         assert episodes(d)[0]["trigger"] == "manual"
@@ -211,11 +209,9 @@ def test_an_accepted_drift_episode_is_refined_on_more_rows_starting_from_the_ser
               adaptation={"support_size": 10, "holdout_size": 20, "timeout_s": 20,
                           "adapt_on_start": False, "refine": [40], "start_from": "current"})
     try:
-        state = d.streams.states["sine"]
         feed(d, "a", 1.0, 0.0, 8)
         feed(d, "b", 4.5, 2.5, 4)
         assert run_until(d, lambda: accepted(d, "sine") >= 1)
-        assert state.machine.fit_level is not None
         feed(d, "c", 4.5, 2.5, 2)  # more rows: 40 support + 20 holdout complete the refinement
         assert run_until(d, lambda: len(episodes(d)) >= 2, timeout=30)
         drift, refine = episodes(d)[:2]
@@ -234,7 +230,7 @@ def test_an_accepted_drift_episode_is_refined_on_more_rows_starting_from_the_ser
         # The worker's losses are on standardized targets (the bundle's target scaling).
         std = (d.bundle.meta["output"].get("scaling") or {}).get("std", 1.0)
         assert refine["support_losses"][0] == pytest.approx(mse / std ** 2, rel=1e-3)
-        assert state.machine.phase is Phase.WATCHING  # one refinement stage configured
+        assert d.streams.view("sine").phase == "watching"  # one refinement stage configured
     finally:
         d.shutdown(drain_s=0.5)
 
@@ -245,7 +241,6 @@ def test_a_rejected_drift_episode_is_retried_with_reason_retry(tmp_path, sinusoi
                           "adapt_on_start": False, "refine": [], "retries": 1,
                           "backfill": False})
     try:
-        state = d.streams.states["sine"]
         feed(d, "a", 1.0, 0.0, 4)
         d.streams.alarm("sine", "adwin")
         # A stuck label: 16 rows (early holdout) are refused, 30 more (the retry) are refused too.
@@ -253,7 +248,8 @@ def test_a_rejected_drift_episode_is_retried_with_reason_retry(tmp_path, sinusoi
         assert run_until(d, lambda: len(episodes(d)) >= 2, timeout=10)
         assert [(e["trigger"], e["reason"]) for e in episodes(d)] == [
             ("drift", "constant_labels"), ("retry", "constant_labels")]
-        assert state.machine.phase is Phase.WATCHING and state.machine.unresolved
+        view = d.streams.view("sine")
+        assert view.phase == "watching" and view.drift_active
         assert counter(d, "edgemeta_drift_active", stream="sine") == 1
     finally:
         d.shutdown(drain_s=0.5)

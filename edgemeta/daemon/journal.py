@@ -59,6 +59,8 @@ class StreamView:
     # Alarms because the serving model was significantly worse than the trivial predictor
     # (stream/trivial.py); each is also one of ``drifts``.
     worse_than_trivial: int = 0
+    regime_rows: int = 0    # labelled rows since the last change point: what a continued fit has
+    baseline_rows: int = 0  # labelled rows the error detector's baseline holds
 
 
 EPISODE_FORMAT = 1
@@ -279,7 +281,9 @@ def render_status(status: dict[str, Any], now: float | None = None) -> str:
         bare = (", the bare meta-initialization" if s.get("meta_init")
                 and s["source"] != "meta-init" else "")
         lines.append(f"  stream {name}: v{s['version']} ({s['source']}{bare}) on {s['provider']}; "
-                     f"{_state_line(s)}; {s['samples']} labelled samples, last loss {loss}"
+                     f"{_state_line(s)}; {s['samples']} labelled samples"
+                     + (f" ({s['regime_rows']} since the last change)" if "regime_rows" in s
+                        else "") + f", last loss {loss}"
                      + (f"; {s['worse_than_trivial']} time(s) worse than the trivial predictor"
                         if s.get("worse_than_trivial") else ""))
     for e in status["last_adaptations"]:

@@ -43,13 +43,14 @@ class Promotion:
         self.emit = emit
         self.probation_rows = probation_rows  # adaptation.holdout_size (a reload may change it)
 
-    def promote(self, state: StreamState, model: bytes, live: Live,
+    def promote(self, stream: str, model: bytes, live: Live,
                 weights: dict[str, np.ndarray], source: str, previous_level: float | None,
                 timings: dict[str, float] | None = None, **manifest_fields) -> Manifest:
-        """Serve a judged model on ``state``'s lineage. Raises OSError when it cannot be
+        """Serve a judged model on ``stream``'s lineage. Raises OSError when it cannot be
         stored (nothing changed). ``previous_level``: the replaced model's loss on the rows that
         judged the new one, against which probation tells a changed world from a worse model."""
-        manifest, replaced = self.models.promote(state.name, model, live, weights, source=source,
+        state = self.states[stream]
+        manifest, replaced = self.models.promote(stream, model, live, weights, source=source,
                                                  timings=timings, **manifest_fields)
         state.probation = Probation(self.probation_rows, replaced, replaced.version,
                                     manifest.version, previous_level)

@@ -106,7 +106,7 @@ class Recall:
         expected = float(recalled_rows.mean())
         try:
             manifest = self.promotion.promote(
-                state, best.model, best.live, best.weights, source="recall",
+                state.name, best.model, best.live, best.weights, source="recall",
                 previous_level=float(per_sample_loss(self.kind, run(served.predictor.live, xn),
                                                      y).mean()),
                 holdout={"current": decision.current, "candidate": decision.candidate},

@@ -194,6 +194,12 @@ class DriftMonitor:
         self._cooldown = self.cooldown_samples
         return True
 
+    @property
+    def seen(self) -> int:
+        """Labelled rows in the detector's baseline: since its last reset or alarm (a fresh
+        detector may not alarm before ``min_samples``)."""
+        return self._seen
+
     def declare(self) -> None:
         """A drift found by other evidence (probation saw the world change): the detector takes
         the new regime as its baseline, as after its own alarm."""
