@@ -287,6 +287,9 @@ def cmd_trigger(args: argparse.Namespace) -> int:
     from edgemeta.daemon.triggers import write_trigger
 
     settings = _config(args.config)
+    if not args.queue and _running_daemon(settings.state_dir) is None:
+        raise CliError(f"no daemon is running on state.dir {settings.state_dir}: nothing written "
+                       "(--queue leaves the trigger for the next start)")
     body: dict = {}
     if args.action == "adapt":
         if args.stream:
@@ -442,9 +445,13 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def _running_daemon(state: Path) -> int | None:
-    """The pid of the live daemon that wrote ``state``'s status.json, or None."""
+    """The pid of the live daemon holding ``state`` (its lock; for a daemon from before the
+    lock, the one that wrote status.json), or None."""
     from edgemeta.daemon.journal import daemon_alive, read_status
+    from edgemeta.daemon.state_lock import LOCK_NAME, holder
 
+    if (state / LOCK_NAME).exists():
+        return holder(state)
     try:
         status = read_status(state)
     except (OSError, ValueError):
@@ -873,6 +880,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "goes to a terminal); exit 0 done, 1 refused/rejected, 3 timed out")
     tr.add_argument("--timeout", type=float, default=300.0,
                     help="seconds --wait waits (default: %(default)s)")
+    tr.add_argument("--queue", action="store_true",
+                    help="with no daemon running, leave the trigger for the next start (without "
+                         "it, the command refuses and writes nothing)")
     tr.set_defaults(func=cmd_trigger)
 
     st = sub.add_parser("status", help="what the daemon is doing (from status.json)")

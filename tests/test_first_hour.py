@@ -86,3 +86,34 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path, sinusoid_bundle):
         os.close(write_end)
     assert out.returncode == 141
     assert out.stderr == ""
+
+
+def test_a_second_daemon_on_the_same_state_dir_refuses_naming_the_first_and_the_lock_is_freed(
+        tmp_path, sinusoid_bundle):
+    """Two daemons on one state dir would share an inbox and a registry: the second `run`
+    (another metrics port) refuses and names the pid that holds it; once the first stops, the
+    directory is free again."""
+    from edgemeta.config import load_config
+    from edgemeta.daemon.metrics import Metrics
+    from edgemeta.daemon.runtime import Daemon
+
+    first_cfg = write_config(tmp_path, sinusoid_bundle.path, metrics={"enabled": False})
+    first = Daemon(load_config(first_cfg), metrics=Metrics())
+    first.setup()
+    try:
+        second_cfg = tmp_path / "second.toml"
+        second_cfg.write_text(write_config(tmp_path, sinusoid_bundle.path).read_text())
+        out = subprocess.run([sys.executable, "-P", "-m", "edgemeta", "run", "--config",
+                              str(second_cfg)], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2
+        assert f"is in use by pid {os.getpid()}" in out.stderr, out.stderr[-2000:]
+        assert "Traceback" not in out.stderr
+        first.write_status()
+        status = subprocess.run([sys.executable, "-P", "-m", "edgemeta", "status", "--config",
+                                 str(second_cfg)], capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0 and f"pid {os.getpid()}" in status.stdout, status
+    finally:
+        first.shutdown(drain_s=0.2)
+    again = Daemon(load_config(first_cfg), metrics=Metrics())
+    again.setup()
+    again.shutdown(drain_s=0.2)

@@ -41,15 +41,20 @@ def test_wait_reports_the_collection_and_the_verdict_of_a_manual_adaptation(tmp_
         daemon.stop()
 
 
-def test_without_a_terminal_trigger_does_not_wait_and_with_no_daemon_wait_times_out(
+def test_with_no_daemon_trigger_refuses_at_once_unless_queued_and_a_queued_wait_times_out(
         tmp_path, sinusoid_bundle):
     cfg = write_config(tmp_path, sinusoid_bundle.path)
+    triggers = tmp_path / "state" / "triggers"
+    refused = trigger(cfg, "adapt", "--wait")
+    out, err = refused.communicate(timeout=60)
+    assert refused.returncode != 0 and "no daemon is running on state.dir" in err
+    assert not (triggers.exists() and any(triggers.iterdir())), "nothing left behind to fire later"
     started = time.monotonic()
-    quick = trigger(cfg, "reload")  # stdout is a pipe, not a terminal: no waiting by default
+    quick = trigger(cfg, "reload", "--queue")  # stdout is a pipe, not a terminal: no waiting
     out, _ = quick.communicate(timeout=60)
     assert quick.returncode == 0 and "trigger written" in out and "daemon:" not in out
     assert time.monotonic() - started < 30
-    stuck = trigger(cfg, "reload", "--wait", "--timeout", "1")
+    stuck = trigger(cfg, "reload", "--queue", "--wait", "--timeout", "1")
     out, _ = stuck.communicate(timeout=60)
     assert stuck.returncode == 3
     assert "no answer from the daemon after 1 s" in out

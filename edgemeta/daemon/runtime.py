@@ -36,6 +36,7 @@ from edgemeta.daemon.inbox import Inbox
 from edgemeta.daemon.journal import Journal
 from edgemeta.daemon.metrics import Metrics, serve_http
 from edgemeta.daemon.models import ModelsError, ServedModels
+from edgemeta.daemon.state_lock import StateLock, StateLocked
 from edgemeta.daemon.streams import Streams
 from edgemeta.daemon.systemd import Notifier
 from edgemeta.serve.onnx_weights import OnnxTemplate, WeightPatchError
@@ -108,6 +109,7 @@ class Daemon:
         self._worker_ready: bool | None = None
         self._status_failing = False
         self.watcher: InboxWatcher | None = None
+        self.lock = StateLock(settings.state_dir)
 
     # -- start-up --------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -115,6 +117,20 @@ class Daemon:
         self.settings = s
         for note in notes:
             log.warning("%s", note)
+        try:
+            s.state_dir.mkdir(parents=True, exist_ok=True)
+            self.lock = StateLock(s.state_dir).acquire()  # before anything in it is touched
+        except StateLocked as exc:
+            raise StartupError(str(exc)) from exc
+        except OSError as exc:
+            raise StartupError(f"state.dir: cannot prepare {s.state_dir}: {exc}") from exc
+        try:
+            self._setup(s)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _setup(self, s: Settings) -> None:
         try:
             self.layout.ensure(st.name for st in s.streams)
             (s.state_dir / "episodes").mkdir(parents=True, exist_ok=True)
@@ -361,5 +377,6 @@ class Daemon:
         if self._http is not None:
             self._http.shutdown()
         self.write_status()
+        self.lock.release()
         log.info("stopped")
         return 0
