@@ -154,8 +154,11 @@ def inbox(daemon, stream="sine"):
 
 
 def counter(daemon, name, **labels) -> float:
-    value = daemon.metrics.registry.get_sample_value(name, labels)
-    return value or 0.0
+    """The sum of ``name``'s samples whose labels include ``labels`` (a label left out is summed
+    over, as in PromQL's ``sum``)."""
+    return sum(sample.value for family in daemon.metrics.registry.collect()
+               for sample in family.samples
+               if sample.name == name and labels.items() <= sample.labels.items())
 
 
 def feed(daemon, prefix, amplitude, phase, files, n=50, stream="sine", **kw):

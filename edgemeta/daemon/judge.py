@@ -116,7 +116,7 @@ class Judge:
 
     def record(self, state: StreamState, action: lc.Record) -> None:
         job = self.jobs.pop(state.name, action.job)
-        self.metrics.adaptations.labels(state.name, action.result).inc()
+        self.metrics.adaptations.labels(state.name, action.result, action.reason.value).inc()
         for stage, seconds in job.timings.items():
             if stage != "total":
                 self.metrics.stage_duration.labels(stage).observe(seconds)

@@ -22,6 +22,9 @@ STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
 
 #: The stages of an adaptation, in order, as timed in each episode's ``timings_ms``.
 STAGES = ("adapt", "patch", "gate", "commit", "swap")
+# Why an episode opened (lifecycle.Reason): continued fits and refinements are rejected often by
+# design, so alerts count only the sources whose rejection means something (drift, retry, manual).
+SOURCES = ("initial", "drift", "retry", "refine", "continual", "manual")
 
 
 class Metrics:
@@ -50,8 +53,10 @@ class Metrics:
         self.drift_active = Gauge("edgemeta_drift_active", "1 while a detected drift awaits an "
                                   "accepted adaptation", ["stream"], registry=r)
         self.adaptations = Counter("edgemeta_adaptations_total", "Adaptation episodes by outcome "
-                                   "(superseded: a drift came while it was open)",
-                                   ["stream", "result"], registry=r)
+                                   "(superseded: a drift came while it was open) and source "
+                                   "(why the episode opened: initial, drift, retry, refine, "
+                                   "continual, manual)", ["stream", "result", "source"],
+                                   registry=r)
         self.reloads = Counter("edgemeta_reloads_total", "Config reloads: applied, or refused "
                                "(the running config stays)", ["result"], registry=r)
         self.drift_restarts = Counter("edgemeta_drift_restarts_total", "Drift collections "
@@ -129,7 +134,8 @@ class Metrics:
                 self.drift_detections.labels(stream, det)
             self.drift_active.labels(stream).set(0)
             for result in ("accepted", "rejected", "failed", "timeout", "superseded"):
-                self.adaptations.labels(stream, result)
+                for source in SOURCES:
+                    self.adaptations.labels(stream, result, source)
             self.drift_restarts.labels(stream)
             self.fit_budget_exhausted.labels(stream)
             self.recalls.labels(stream)
