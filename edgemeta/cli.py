@@ -384,8 +384,10 @@ def cmd_config(args: argparse.Namespace) -> int:
                            "is installed later)") from exc
         for note in notes:
             print(f"{args.file}: warning: {note}", file=sys.stderr)
-        checked = (f" (bundle {settings.bundle}: {bundle.features} feature(s), adapts on "
-                   f"{settings.adaptation.support_size} rows, checksums verified)")
+        kind = (f"classification, {bundle.classes} classes" if bundle.kind != "regression"
+                else "regression")
+        checked = (f" (bundle {settings.bundle}: {kind}, {bundle.features} feature(s), adapts "
+                   f"on {settings.adaptation.support_size} rows, checksums verified)")
     print(json.dumps(settings.as_dict(), indent=2, default=str))
     print(f"{args.file}: OK{checked}", file=sys.stderr)
     _warn_runtime_conflict()

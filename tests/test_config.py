@@ -98,6 +98,7 @@ def test_config_check_opens_the_bundle_as_run_does(tmp_path, sinusoid_bundle):
     ok = check(real)
     assert ok.returncode == 0, ok.stderr
     assert "OK (bundle" in ok.stderr and "checksums verified" in ok.stderr
+    assert ": regression, 1 feature(s)" in ok.stderr  # a classifier on a regression stream shows
     two_columns = real.replace('features = ["x"]', 'features = ["x", "z"]')
     assert two_columns != real
     wrong = check(two_columns)

@@ -117,3 +117,36 @@ def test_a_second_daemon_on_the_same_state_dir_refuses_naming_the_first_and_the_
     again = Daemon(load_config(first_cfg), metrics=Metrics())
     again.setup()
     again.shutdown(drain_s=0.2)
+
+
+def test_a_misspelt_inbox_folder_and_a_file_without_its_label_column_are_each_said_once(
+        tmp_path, sinusoid_bundle, caplog):
+    """Two silent acceptances a newcomer met: files in ``inbox/sensors/`` (no such stream) that
+    waited forever, and a CSV without the configured label column, served while the stream's
+    drift could never be watched. Each is one log line, not one per file or per rescan."""
+    import logging
+
+    from edgemeta.config import load_config
+    from edgemeta.daemon.metrics import Metrics
+    from edgemeta.daemon.runtime import Daemon
+    from tests.conftest import inbox, run_until
+
+    cfg = write_config(tmp_path, sinusoid_bundle.path, metrics={"enabled": False})
+    d = Daemon(load_config(cfg), metrics=Metrics())
+    d.setup()
+    caplog.set_level(logging.WARNING, logger="edgemeta")
+    try:
+        stray = d.settings.state_dir / "inbox" / "sensors"
+        stray.mkdir()
+        (stray / "a.csv").write_text("x,y\n1,2\n")
+        for i in range(3):
+            (inbox(d) / f"nolabel{i}.csv").write_text(f"id,x\nn{i}a,0.5\nn{i}b,1.5\n")
+            d.rescan()
+        assert run_until(d, lambda: not any(inbox(d).iterdir()), timeout=10)
+        text = caplog.text
+        assert text.count("inbox/sensors is not a configured stream (streams: sine)") == 1
+        assert text.count("has no label column 'y'") == 1
+        assert "drift on this stream cannot be detected" in text
+        assert (stray / "a.csv").exists()  # left alone, not lost
+    finally:
+        d.shutdown(drain_s=0.2)

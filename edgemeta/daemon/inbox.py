@@ -54,6 +54,7 @@ class Inbox:
         self.degraded = degraded
         self.settings = settings  # the settings in force (a reload replaces them)
         self.stuck: set[Path] = set()  # inputs that could not even be moved aside (logged once)
+        self.without_labels: set[str] = set()  # streams told their files lack the label column
 
     @property
     def limits(self) -> Limits:
@@ -150,6 +151,14 @@ class Inbox:
         if rows.refused:
             log.warning("stream=%s file=%s: %d row(s) refused, e.g. %s", stream, path.name,
                         len(rows.refused), next(iter(rows.refused.values())).message)
+        label = self.settings.stream(stream).label
+        if rows.y is None and label and stream not in self.without_labels:
+            # Legitimate with delayed labels (label files joined by id); silent otherwise, and a
+            # stream that never sees a label never has its drift watched. Said once.
+            self.without_labels.add(stream)
+            log.warning("stream=%s file=%s has no label column %r: its rows are served and wait "
+                        "for a label file joined by id; until labels arrive, drift on this "
+                        "stream cannot be detected", stream, path.name, label)
         return lambda: self.observe(stream, rows.x, outputs, version, rows.y, rows.ids)
 
     def _labels(self, stream: str, path: Path) -> Callable[[], None]:

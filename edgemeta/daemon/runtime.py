@@ -110,6 +110,7 @@ class Daemon:
         self._status_failing = False
         self.watcher: InboxWatcher | None = None
         self.lock = StateLock(settings.state_dir)
+        self._strangers: set[str] = set()  # inbox entries that are no stream's (logged once)
 
     # -- start-up --------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -260,6 +261,11 @@ class Daemon:
     def rescan(self) -> None:
         """watchdog can drop events when its queue overflows: look at the inboxes directly too."""
         self._last["rescan"] = time.monotonic()
+        for name in self.layout.strangers(self.streams.states):
+            if name not in self._strangers:
+                self._strangers.add(name)
+                log.warning("inbox/%s is not a configured stream (streams: %s): nothing in it is "
+                            "read", name, ", ".join(self.streams.states))
         for stream, path in self.layout.scan(self.streams.states):
             if path not in self.inbox.stuck:
                 self.pending.add(stream, path)

@@ -209,6 +209,15 @@ class StateLayout:
                 removed += sweep_temp(self.dir(kind, stream))
         return removed
 
+    def strangers(self, streams: Iterable[str]) -> list[str]:
+        """Entries of ``inbox/`` that are no configured stream's folder (a misspelt stream name:
+        files dropped there would otherwise wait forever without a word)."""
+        known = set(streams)
+        try:
+            return sorted(p.name for p in (self.root / "inbox").iterdir() if p.name not in known)
+        except OSError:
+            return []
+
     def scan(self, streams: Iterable[str]) -> list[tuple[str, Path]]:
         found = []
         for stream in streams:
