@@ -247,8 +247,10 @@ def _folder_tasks(bundle, args: argparse.Namespace):
 def _setup_logging(verbose: bool = False) -> None:
     import logging
 
+    # Under systemd the journal stamps every line itself; in a terminal or a log file, we do.
+    stamp = "" if "JOURNAL_STREAM" in os.environ else "%(asctime)s "
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+                        format=stamp + "%(levelname)s %(name)s: %(message)s")
 
 
 def _config(path: str):
@@ -748,26 +750,27 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="reproducible benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)
     f = bsub.add_parser("fewshot", help="sinusoid and digits few-shot benchmark")
-    f.add_argument("--out", default="bench-out/fewshot")
+    _out(f, "fewshot")
     f.add_argument("--quick", action="store_true", help="tiny budget, for smoke tests")
     f.add_argument("--seed", type=int, default=0)
     f.set_defaults(func=cmd_bench)
     for name, text in (("swap", "weight-patch hot swap: latency, under load, memory"),
                        ("serve", "serving cost: onnxruntime vs torch eager")):
         p = bsub.add_parser(name, help=text)
-        p.add_argument("--out", default=f"bench-out/{name}")
+        _out(p, name)
         p.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
         p.set_defaults(func=cmd_bench)
     for name, text in (("drift", "false alarms and detection delay of the default detectors"),
                        ("daemon", "drift-to-serving latency, ingest throughput, RSS")):
         p = bsub.add_parser(name, help=text)
-        p.add_argument("--out", default=f"bench-out/{name}")
-        p.add_argument("--bundle", default="bench-out/fewshot/sinusoid-maml")
+        _out(p, name)
+        p.add_argument("--bundle", default=str(BENCH_OUT / "fewshot" / "sinusoid-maml"),
+                       help="the bundle to run (default: the one `bench fewshot` wrote)")
         p.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
         p.set_defaults(func=cmd_bench)
 
     c = bsub.add_parser("chaos", help="the real daemon against hostile inputs, kills, a full disk")
-    c.add_argument("--out", default="bench-out/chaos", help="output folder (default: %(default)s)")
+    _out(c, "chaos")
     c.add_argument("--files", type=int, default=1100,
                    help="malformed inputs to send (default: %(default)s)")
     c.add_argument("--kills", type=int, default=60,
@@ -779,7 +782,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_bench)
 
     k = bsub.add_parser("soak", help="the real daemon under a steady stream: RSS, fds, threads")
-    k.add_argument("--out", default="bench-out/soak", help="output folder (default: %(default)s)")
+    _out(k, "soak")
     k.add_argument("--minutes", type=float, default=30.0, help="duration (default: %(default)s)")
     k.add_argument("--rate", type=int, default=1000, help="rows per second (default: %(default)s)")
     k.add_argument("--warmup", type=float, default=5.0,
@@ -789,7 +792,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     fl = bsub.add_parser("fleet", help="harvest a simulated fleet's episodes, re-meta-train with "
                          "--init, compare old and new bundle; 1 vs 2 torchrun processes")
-    fl.add_argument("--out", default="bench-out/fleet", help="output folder (default: %(default)s)")
+    _out(fl, "fleet")
     fl.add_argument("--seeds", type=_positive_int, default=3,
                     help="fleet seeds (devices' streams, re-training) (default: %(default)s)")
     fl.add_argument("--devices", type=_positive_int, default=8,
@@ -808,7 +811,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="rows of the fresh shifted switching stream (default: %(default)s)")
     fl.set_defaults(func=cmd_bench)
     v = bsub.add_parser("devices", help="CPU vs CUDA: meta-training, adaptation, drift-to-serving")
-    v.add_argument("--out", default="bench-out/devices", help="output folder (default: %(default)s)")
+    _out(v, "devices")
     v.add_argument("--bundle", default=None,
                    help="bundle for the adaptation figures (default: train a small one, 30 s)")
     v.add_argument("--devices", default=None,
@@ -817,12 +820,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_bench)
 
     s = bsub.add_parser("stream", help="continual adaptation vs an oracle, river and baselines")
-    s.add_argument("--out", default="bench-out/stream")
+    _out(s, "stream")
     s.add_argument("--families", default="sinusoid,hyperplane",
                    help="comma-separated; also sinusoid-recurring, hyperplane-recurring and "
                    "river's generators: river-hyperplane, river-rbf, river-sea, river-friedman")
-    s.add_argument("--seeds", type=int, default=3)
-    s.add_argument("--samples", type=int, default=20_000)
+    s.add_argument("--seeds", type=int, default=3,
+                   help="streams per family, seeds 0..N-1 (default: %(default)s)")
+    s.add_argument("--samples", type=int, default=20_000,
+                   help="rows per stream (default: %(default)s)")
     s.add_argument("--hazard", type=float, default=1 / 300, help="switch probability per sample")
     s.add_argument("--noise", type=float, default=None,
                    help="label noise: std (sinusoid, default 0.1) or flip rate (hyperplane, 0.05); "
@@ -864,14 +869,18 @@ def build_parser() -> argparse.ArgumentParser:
     tr_.add_argument("--json", action="store_true", help="the report as JSON")
     tr_.set_defaults(func=cmd_tasks_report)
 
-    r = sub.add_parser("run", help="the daemon")
-    r.add_argument("--config", required=True)
-    r.add_argument("--verbose", action="store_true")
+    r = sub.add_parser("run", help="the daemon", description="Serve the bundle's model on the "
+                       "configured streams, watch them for drift and adapt when they change; "
+                       "runs until SIGTERM or Ctrl-C (SIGHUP reloads the config). One daemon per "
+                       "state directory.")
+    r.add_argument("--config", required=True, help="the daemon's TOML config (edgemeta config "
+                   "check FILE validates it)")
+    r.add_argument("--verbose", action="store_true", help="log at DEBUG instead of INFO")
     r.set_defaults(func=cmd_run)
 
     tr = sub.add_parser("trigger", help="drop a trigger file safely")
     tr.add_argument("action", choices=["adapt", "rollback", "reload"])
-    tr.add_argument("--config", required=True)
+    tr.add_argument("--config", required=True, help="the running daemon's config file")
     tr.add_argument("--stream", help="adapt: the stream (default: the only one); rollback: the "
                     "stream whose model rolls back (default: every stream's)")
     tr.add_argument("--support", help="adapt: a labelled file, relative to <state>/inbox")
@@ -888,8 +897,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=cmd_trigger)
 
     st = sub.add_parser("status", help="what the daemon is doing (from status.json)")
-    st.add_argument("--config", required=True)
-    st.add_argument("--json", action="store_true")
+    st.add_argument("--config", required=True, help="the daemon's config file")
+    st.add_argument("--json", action="store_true", help="the status as JSON (with running and "
+                    "notes); exit 0 running, 3 not running")
     st.set_defaults(func=cmd_status)
 
     c = sub.add_parser("config", help="configuration tools")
@@ -921,14 +931,27 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the whole loop on a switching stream: train, serve, drift, "
                        "adapt, swap")
     d.add_argument("--workdir", help="where to cache the bundle (default: ~/.cache/edgemeta/demo)")
-    d.add_argument("--iterations", type=int, default=3000, help="meta-training iterations")
-    d.add_argument("--rows-per-task", type=int, default=400, help="rows before the task switches")
-    d.add_argument("--tasks", type=int, default=6, help="how many tasks the stream visits")
+    d.add_argument("--iterations", type=int, default=3000,
+                   help="meta-training iterations (default: %(default)s)")
+    d.add_argument("--rows-per-task", type=int, default=400,
+                   help="rows before the task switches (default: %(default)s)")
+    d.add_argument("--tasks", type=int, default=6,
+                   help="how many tasks the stream visits (default: %(default)s)")
     d.add_argument("--state-dir", help="the daemon's state directory (default: a new temp dir)")
     d.add_argument("--keep-running", action="store_true",
                    help="leave the daemon up to scrape it and drop trigger files")
     d.set_defaults(func=cmd_demo)
     return parser
+
+
+# Benchmarks write outside any checkout by default (a run in a clone must not rewrite the
+# committed figures); EDGEMETA_BENCH_OUT or --out chooses another place.
+BENCH_OUT = Path(os.environ.get("EDGEMETA_BENCH_OUT", "~/.cache/edgemeta/bench")).expanduser()
+
+
+def _out(parser: argparse.ArgumentParser, name: str) -> None:
+    parser.add_argument("--out", default=str(BENCH_OUT / name),
+                        help="output folder (default: %(default)s)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -428,6 +428,7 @@ class Chaos:
         started = time.monotonic()
         daemon.start()
         daemon.wait_ready()
+        phases = {"start": time.monotonic() - started}
         for _ in range(5):
             self.send_valid()
         total = self.n_malformed
@@ -457,8 +458,10 @@ class Chaos:
                 time.sleep(0.05)
                 self.check_alive(daemon)
         daemon.wait(lambda: self.inbox_empty(), 300, "the inbox to drain")
+        phases["hostile_and_kills"] = time.monotonic() - started - sum(phases.values())
         self.check_alive(daemon)
         poison = self.poison(daemon) if self.n_poison else {"tries": 0}
+        phases["poison"] = time.monotonic() - started - sum(phases.values())
         self.check_alive(daemon)
         daemon.wait(lambda: not any(p.name != "done" for p in (self.state / "triggers").iterdir()),
                     30, "the triggers to be handled")
@@ -472,6 +475,7 @@ class Chaos:
         result = {
             "machine": platform.platform(), "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
             "seconds": round(time.monotonic() - started, 1),
+            "phase_seconds": {k: round(v, 1) for k, v in phases.items()},
             "files_sent": len(self.sent),
             "malformed_sent": sum(1 for k in self.sent.values() if k == "malformed"),
             "valid_sent": sum(1 for k in self.sent.values() if k.startswith("valid")),
