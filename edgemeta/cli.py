@@ -80,7 +80,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         algorithm=args.algorithm, tasks=task_spec(args), model=model,
         inner_steps=args.inner_steps, inner_lr=args.inner_lr, outer_lr=args.outer_lr,
         meta_batch=args.meta_batch, iterations=args.iterations, time_budget=args.time_budget,
-        val_every=args.val_every, val_tasks=args.val_tasks, seed=args.seed, device=args.device)
+        val_every=args.val_every, val_tasks=args.val_tasks, seed=args.seed, device=args.device,
+        max_forgetting=args.max_forgetting)
     from edgemeta.meta import distributed
 
     parent = init = lineage = None
@@ -710,6 +711,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--replay", type=float, default=0.5,
                    help="with --init: share of each meta-batch drawn from the parent's own task "
                         "distribution, so it is not forgotten (default: %(default)s)")
+    t.add_argument("--max-forgetting", type=float, default=0.05,
+                   help="with --init and --replay: keep only weights whose validation loss on the "
+                        "parent's own tasks is at most this share above the parent's "
+                        "(default: %(default)s)")
     t.add_argument("--allow-untrained", action="store_true",
                    help="write the bundle even when no validation beat the initialization")
     t.add_argument("--require-better-than-chance", action="store_true",

@@ -11,7 +11,7 @@ import torch
 from edgemeta.meta.algorithms import make_learner
 from edgemeta.meta.bundle import read_bundle
 from edgemeta.meta.models import head_names
-from edgemeta.meta.tasks import MixedTasks, SinusoidTasks, TaskFolderTasks
+from edgemeta.meta.tasks import MixedTasks, SinusoidTasks, TaskFolderTasks, replayed_families
 from edgemeta.meta.train import TrainSettings, meta_validate, train
 from edgemeta.meta.warmstart import initial_params, warm_start_tasks
 
@@ -44,8 +44,10 @@ def test_iteration_zero_of_a_warm_start_is_the_parent_bundle(sinusoid_bundle, ha
     model = parent.build_model()
     learner = make_learner(meta["algorithm"], model, "regression", meta["inner"]["steps"],
                            meta["inner"]["lr"], head_names(model, meta["model"]))
-    expected = meta_validate(learner, initial_params(parent), tasks, 50, settings.seed + 1, "cpu")
-    assert result.history[0] == {"iteration": 0, "val_loss": pytest.approx(expected, rel=1e-6)}
+    new, old = (meta_validate(learner, initial_params(parent), family, 50, settings.seed + 1, "cpu")
+                for family in replayed_families(tasks))
+    assert result.history[0] == {"iteration": 0, "val_loss": pytest.approx(new, rel=1e-6),
+                                 "val_replayed": pytest.approx(old, rel=1e-6)}
     if result.best_iteration == 0:
         for name, w in parent.weights.items():
             assert torch.equal(result.params[name], torch.from_numpy(w))
@@ -104,3 +106,43 @@ def test_a_warm_start_that_cannot_fit_is_refused_with_the_reason(sinusoid_bundle
                 str(sinusoid_bundle.path), "--out", str(tmp_path / "y"))
     assert done.returncode == 2 and "in_features=3, the bundle 1" in done.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def _shifted_warm_start(parent_path, replay: float, **settings):
+    """Re-meta-train the parent on a shifted family (amplitudes 5-10, any phase: about 15x the
+    parent family's loss) with ``replay`` of its own tasks."""
+    parent = read_bundle(parent_path)
+    meta = parent.meta
+    tasks = MixedTasks(SinusoidTasks(amplitude=(5.0, 10.0), phase=(0.0, 6.28)),
+                       SinusoidTasks(), replay_ratio=replay)
+    settings = TrainSettings(algorithm=meta["algorithm"], model=dict(meta["model"]),
+                             inner_steps=meta["inner"]["steps"], inner_lr=meta["inner"]["lr"],
+                             val_every=20, val_tasks=100, seed=0, device="cpu", **settings)
+    return train(settings, tasks, init=initial_params(parent))
+
+
+def test_a_warm_start_keeps_only_weights_that_do_not_forget_the_parents_tasks(sinusoid_bundle):
+    """With little replay the shared initialization drifts away from the parent's family; the
+    weights kept are the best on the new family among those within max_forgetting of the parent
+    on its own tasks (the two validated apart), never the new family bought with the old."""
+    result = _shifted_warm_start(sinusoid_bundle.path, replay=0.1, outer_lr=0.003,
+                                 iterations=200, max_forgetting=0.02)
+    limit = result.history[0]["val_replayed"] * 1.02
+    kept = next(h for h in result.history if h["iteration"] == result.best_iteration)
+    assert kept["val_replayed"] <= limit
+    assert any(h["val_replayed"] > limit for h in result.history), \
+        "some weights forgot the parent's family (the guard had something to refuse)"
+    allowed = [h["val_loss"] for h in result.history if h["val_replayed"] <= limit]
+    assert kept["val_loss"] == min(allowed)
+
+
+def test_replay_is_a_share_of_the_objective_whatever_each_familys_loss_scale(sinusoid_bundle):
+    """Half the meta-batch replayed must be half the objective: the shifted family's losses are
+    about 15x the parent's, and summed as they are they own the gradient (before this change,
+    this run left the parent family 10% worse: 1.55 -> 1.70). Weighted each by its share and
+    relative to the parent's own level, both families improve together."""
+    result = _shifted_warm_start(sinusoid_bundle.path, replay=0.5, outer_lr=0.001,
+                                 iterations=300, max_forgetting=1.0)
+    first, last = result.history[0], result.history[-1]
+    assert last["val_loss"] < 0.9 * first["val_loss"], (first, last)
+    assert last["val_replayed"] <= 1.05 * first["val_replayed"], (first, last)

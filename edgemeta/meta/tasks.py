@@ -531,6 +531,21 @@ class MixedTasks:
                 "replay_ratio": self.replay_ratio}
 
 
+def replayed_families(tasks) -> tuple[Any, Any, float] | None:
+    """(new, replayed, replay ratio) of a warm start's mix, each distribution in the mix's target
+    scale, or None when nothing is replayed: what a warm start balances and validates apart."""
+    if isinstance(tasks, StandardizedTargets):
+        parts = replayed_families(tasks.inner)
+        if parts is None:
+            return None
+        new, old, ratio = parts
+        return (StandardizedTargets(new, tasks.mean, tasks.std),
+                StandardizedTargets(old, tasks.mean, tasks.std), ratio)
+    if isinstance(tasks, MixedTasks) and tasks.replay_ratio > 0:
+        return tasks.new, tasks.replay, tasks.replay_ratio
+    return None
+
+
 def build_tasks(spec: dict[str, Any]):
     """Recreate a task distribution from its ``describe()`` dict (stored in bundle.json)."""
     spec = dict(spec)

@@ -23,7 +23,7 @@ from edgemeta.meta.chance import ChanceCheck, chance_losses, versus_chance
 from edgemeta.meta.distributed import Context, PeerLost
 from edgemeta.meta.inner import batch_loss
 from edgemeta.meta.models import build_model, head_names
-from edgemeta.meta.tasks import StandardizedTargets
+from edgemeta.meta.tasks import StandardizedTargets, replayed_families
 
 
 class SettingsError(ValueError):
@@ -48,6 +48,10 @@ class TrainSettings:
     val_seconds: float | None = None
     seed: int = 0
     device: str = "auto"
+    #: A warm start that replays its parent's tasks keeps only weights whose validation loss on
+    #: those tasks is at most this much (relative) above the parent's own: re-meta-training must
+    #: not buy the new family with the old one.
+    max_forgetting: float = 0.05
 
     def validate(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -61,6 +65,9 @@ class TrainSettings:
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise SettingsError(f"{name}: must be a positive number, got {value!r}")
+        if not (isinstance(self.max_forgetting, int | float) and self.max_forgetting >= 0):
+            raise SettingsError(f"max_forgetting: must be a share >= 0, got "
+                                f"{self.max_forgetting!r}")
         if self.val_seconds is not None and not self.val_seconds > 0:
             raise SettingsError(f"val_seconds: must be positive seconds, got {self.val_seconds!r}")
         if self.time_budget is not None and not self.time_budget > 0:
@@ -196,10 +203,41 @@ def train(settings: TrainSettings, tasks,
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(params.values(), lr=settings.outer_lr)
     best = {n: p.detach().clone() for n, p in params.items()}
-    best_val = (meta_validate(learner, params, tasks, settings.val_tasks, settings.seed + 1, device)
-                if ctx.writer else math.inf)
+    # A warm start that replays its parent's tasks validates the two families apart: the best
+    # weights are those best on the new tasks among the ones within max_forgetting of the
+    # parent on its own (iteration 0, the parent, always qualifies).
+    families = replayed_families(tasks) if init is not None else None
+
+    def scores() -> dict[str, float]:
+        if families is None:
+            return {"val_loss": meta_validate(learner, params, tasks, settings.val_tasks,
+                                              settings.seed + 1, device)}
+        new, old = (meta_validate(learner, params, f, settings.val_tasks, settings.seed + 1,
+                                  device) for f in families[:2])
+        return {"val_loss": new, "val_replayed": old}
+
+    first = scores() if ctx.writer or families else {"val_loss": math.inf}
+
+    def outer_loss() -> torch.Tensor:
+        if families is None:
+            return learner.outer_loss(params, tasks.sample(local_batch, rng).to(device))
+        # Each family's loss relative to the parent's on it, weighted by its share of the
+        # meta-batch: a family whose tasks have 10x the loss (larger amplitudes, say) would
+        # otherwise own the gradient, and "replay half" would replay almost nothing.
+        new, old, ratio = families
+        n_old = int(round(local_batch * ratio))
+        total = torch.zeros((), device=device)
+        for family, n, share, scale in ((new, local_batch - n_old, 1 - ratio, first["val_loss"]),
+                                        (old, n_old, ratio, first["val_replayed"])):
+            if n > 0:
+                batch = family.sample(n, rng).to(device)
+                total = total + share * learner.outer_loss(params, batch) / max(scale, 1e-8)
+        return total
+
+    best_val = first["val_loss"]
+    replayed_limit = first.get("val_replayed", math.inf) * (1 + settings.max_forgetting)
     best_it = 0
-    history: list[dict[str, float]] = [{"iteration": 0, "val_loss": best_val}]
+    history: list[dict[str, float]] = [{"iteration": 0, **first}]
     start = last_val = time.perf_counter()
     interval = settings.validation_interval()
     interrupted = False
@@ -208,9 +246,10 @@ def train(settings: TrainSettings, tasks,
 
     def validate() -> float:
         nonlocal best_val, best_it, best, validated, last_val
-        val = meta_validate(learner, params, tasks, settings.val_tasks, settings.seed + 1, device)
-        history.append({"iteration": it, "meta_loss": loss.item(), "val_loss": val})
-        if val < best_val:
+        figures = scores()
+        val = figures["val_loss"]
+        history.append({"iteration": it, "meta_loss": loss.item(), **figures})
+        if val < best_val and figures.get("val_replayed", 0.0) <= replayed_limit:
             best_val, best_it = val, it
             best = {n: p.detach().clone() for n, p in params.items()}
         validated, last_val = it, time.perf_counter()
@@ -228,9 +267,8 @@ def train(settings: TrainSettings, tasks,
                 settings.time_budget and time.perf_counter() - start > settings.time_budget)
             if stop and ctx.world == 1:
                 break
-            batch = tasks.sample(local_batch, rng).to(device)
             try:
-                loss = learner.outer_loss(params, batch)
+                loss = outer_loss()
                 optimizer.zero_grad()
                 if torch.isfinite(loss):
                     loss.backward()
