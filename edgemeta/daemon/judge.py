@@ -25,6 +25,7 @@ from edgemeta.daemon.models import ServedModels
 from edgemeta.daemon.promotion import Promotion
 from edgemeta.daemon.stream_state import StreamState
 from edgemeta.fsio import is_storage_error
+from edgemeta.serve.heap import trim
 from edgemeta.serve.predictor import run
 from edgemeta.stream.buffers import Episode
 
@@ -125,5 +126,11 @@ class Judge:
                             self.models.version(state.name), (ep.support_x, ep.support_y),
                             (ep.holdout_x, ep.holdout_y), job.timings, job.figures)
         if action.result != "accepted":
-            log.warning("adaptation %s stream=%s reason=%s version=%s", action.result,
-                        state.name, action.why, self.models.version(state.name))
+            # A continued fit or a refinement that is not better is routine, not a warning.
+            routine = action.result == "rejected" and action.reason in (lc.Reason.CONTINUAL,
+                                                                        lc.Reason.REFINE)
+            log.log(logging.INFO if routine else logging.WARNING,
+                    "adaptation %s stream=%s source=%s reason=%s version=%s", action.result,
+                    state.name, action.reason.value, action.why, self.models.version(state.name))
+        job = None  # the candidate's session goes with it: hand its pages back (serve/heap.py)
+        trim()
