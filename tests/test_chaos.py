@@ -8,8 +8,10 @@ from edgemeta.bench.chaos import run_chaos
 
 
 @pytest.mark.slow
-def test_hostile_inputs_kills_a_full_disk_and_a_tampered_registry_lose_nothing(tmp_path):
-    result = run_chaos(tmp_path / "chaos", malformed_files=120, kills=6, poison_tries=5, seed=1)
+def test_hostile_inputs_kills_a_full_disk_and_a_tampered_registry_lose_nothing(tmp_path,
+                                                                               sinusoid_bundle):
+    result = run_chaos(tmp_path / "chaos", malformed_files=120, kills=6, poison_tries=5, seed=1,
+                       bundle=sinusoid_bundle.path)
     assert result["malformed_sent"] >= 100 and result["daemon_kills"] + result["worker_kills"] >= 6
     assert result["crashes"] == 0 and result["restarts_needed"] == 0
     assert result["inputs_lost"] == 0, result["lost_examples"]

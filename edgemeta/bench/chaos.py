@@ -168,8 +168,10 @@ def _registry_valid(state: Path) -> tuple[bool, str]:
 
 
 class Chaos:
-    def __init__(self, out: Path, malformed_files: int, kills: int, poison_tries: int, seed: int):
+    def __init__(self, out: Path, malformed_files: int, kills: int, poison_tries: int, seed: int,
+                 bundle: Path | None = None):
         self.out = out
+        self.bundle = bundle
         self.n_malformed = malformed_files
         self.n_kills = kills
         self.n_poison = poison_tries
@@ -420,7 +422,7 @@ class Chaos:
                 "valid_quarantined": len(wrong_place), "valid_quarantined_examples": wrong_place[:5]}
 
     def run(self) -> dict[str, Any]:
-        bundle = cached_bundle(self.out)
+        bundle = self.bundle or cached_bundle(self.out)
         port = free_port()
         config = write_config(self.work / "chaos.toml", bundle, self.state, port,
                               ingest={"max_file_bytes": 64 * 1024 * 1024})
@@ -490,9 +492,10 @@ class Chaos:
 
 
 def run_chaos(out: Path, malformed_files: int = 1100, kills: int = 60, poison_tries: int = 24,
-              seed: int = 0) -> dict[str, Any]:
+              seed: int = 0, bundle: Path | None = None) -> dict[str, Any]:
+    """``bundle``: a sinusoid bundle to serve (default: a small one trained once into ``out``)."""
     out.mkdir(parents=True, exist_ok=True)
-    result = Chaos(out, malformed_files, kills, poison_tries, seed).run()
+    result = Chaos(out, malformed_files, kills, poison_tries, seed, bundle).run()
     (out / "chaos.json").write_text(json.dumps(result, indent=2, default=str))
     keys = ("files_sent", "malformed_sent", "valid_sent", "hostile_triggers_sent", "daemon_kills",
             "worker_kills", "crashes", "restarts_needed", "inputs_lost", "valid_without_predictions",
