@@ -202,13 +202,16 @@ def split_report(tasks) -> list[str]:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from edgemeta.meta.bundle import BundleError, read_bundle
-    from edgemeta.meta.evaluate import evaluate, format_table
+    from edgemeta.meta.evaluate import compare, evaluate, format_comparison, format_table
     from edgemeta.meta.tasks import TaskDataError
 
     if len(args.bundle) > 1 and not args.tasks_folder:
         raise CliError("several bundles are compared on one task folder: add --tasks-folder DIR")
     outputs = []
-    for path in args.bundle:
+    for i, path in enumerate(args.bundle):
+        if len(args.bundle) > 1 or sys.stderr.isatty():
+            print(f"evaluating {path} ({i + 1} of {len(args.bundle)}): {args.seeds} seed(s) x "
+                  f"{args.tasks} tasks", file=sys.stderr, flush=True)
         try:
             bundle = read_bundle(path)
             tasks = _folder_tasks(bundle, args) if args.tasks_folder else None
@@ -221,10 +224,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.tasks_folder:
             results["tasks_folder"] = str(args.tasks_folder)
         outputs.append(results)
+    names = [str(p) for p in args.bundle]
+    comparison = compare(outputs, names) if len(outputs) > 1 else []
     if args.json:
-        print(json.dumps(outputs[0] if len(outputs) == 1 else outputs, indent=2))
+        print(json.dumps(outputs[0] if len(outputs) == 1 else
+                         {"bundles": outputs, "comparison": comparison}, indent=2))
     else:
-        print("\n\n".join(format_table(r) for r in outputs))
+        tables = [format_table(r, name if len(outputs) > 1 else None)
+                  for r, name in zip(outputs, names, strict=True)]
+        print("\n\n".join(tables + ([format_comparison(comparison)] if comparison else [])))
     return 0
 
 

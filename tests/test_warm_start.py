@@ -88,9 +88,21 @@ def test_train_init_writes_a_child_bundle_in_the_parents_scale_and_eval_compares
                 "--test-fraction", "1", "--tasks", "50", "--seeds", "2", "--steps", "0,1",
                 "--no-baselines", "--json")
     assert both.returncode == 0, both.stderr
-    results = json.loads(both.stdout)
+    report = json.loads(both.stdout)
+    results = report["bundles"]
     assert [r["bundle"] for r in results] == [str(sinusoid_bundle.path), str(child)]
     assert all(r["tasks_folder"] == str(harvested) and r["tasks"] == 100 for r in results)
+    # The child against the parent, paired by evaluation seed, with a verdict per step count.
+    assert [(c["bundle"], c["steps"]) for c in report["comparison"]] == [(str(child), 0),
+                                                                         (str(child), 1)]
+    assert all(c["verdict"] in ("better", "worse", "no significant difference")
+               for c in report["comparison"])
+    table = run_edgemeta("eval", str(sinusoid_bundle.path), str(child), "--tasks-folder",
+                         str(harvested), "--test-fraction", "1", "--tasks", "50", "--seeds", "2",
+                         "--steps", "1", "--no-baselines")
+    assert table.returncode == 0, table.stderr
+    assert f"{child}: maml bundle" in table.stdout and f"against {sinusoid_bundle.path}" in table.stdout
+    assert f"evaluating {child} (2 of 2)" in table.stderr
     assert read_bundle(child)  # checksums of the child verify
 
 

@@ -207,9 +207,10 @@ def speed_view(results: dict[str, Any], learner: MetaLearner, init, tasks, targe
             "shots_to_target_at_trained_steps": shots_needed, "shot_grid": list(shot_grid)}
 
 
-def format_table(results: dict[str, Any]) -> str:
+def format_table(results: dict[str, Any], name: str | None = None) -> str:
     seeds = results.get("seeds", [0])
-    lines = [f"{results['algorithm']} bundle, {results['shots']}-shot, {results['tasks']} "
+    title = f"{name}: " if name else ""
+    lines = [f"{title}{results['algorithm']} bundle, {results['shots']}-shot, {results['tasks']} "
              f"meta-test tasks from {len(seeds)} evaluation seed(s) {seeds[0]}..{seeds[-1]} "
              f"(mean +- 95% interval of query loss over tasks; the range of the per-seed means; "
              f"tasks whose loss grew {DIVERGED_RATIO:.0f}x counted as diverged and left out)"]
@@ -241,4 +242,53 @@ def format_table(results: dict[str, Any]) -> str:
                            for k, v in s["steps_to_target"].items())
         lines.append(f"target loss {s['target_loss']}: steps needed ({needed}); shots needed at "
                      f"the trained steps: {s['shots_to_target_at_trained_steps'] or 'not reached'}")
+    return "\n".join(lines)
+
+
+# Two-sided 95% Student t quantiles by degrees of freedom (seeds - 1); beyond 30, the normal's.
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+        9: 2.262, 10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def _t95(df: int) -> float:
+    return next((v for k, v in sorted(_T95.items()) if df <= k), 1.96)
+
+
+def compare(results: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
+    """Each bundle after the first against the first, on the same tasks: per step count, the
+    difference of query loss (negative: better) paired by evaluation seed (each seed draws the
+    same tasks for every bundle), its 95% interval over the seeds, and a verdict that says
+    "better" or "worse" only when the interval leaves 0 out."""
+    base = {r["steps"]: r["loss"] for r in results[0]["methods"][results[0]["algorithm"]]}
+    out = []
+    for other, name in zip(results[1:], names[1:], strict=True):
+        for row in other["methods"][other["algorithm"]]:
+            if row["steps"] not in base:
+                continue
+            a = np.asarray(base[row["steps"]].get("seed_means") or [base[row["steps"]]["mean"]])
+            b = np.asarray(row["loss"].get("seed_means") or [row["loss"]["mean"]])
+            if len(a) != len(b):
+                continue
+            d = b - a
+            half = (_t95(len(d) - 1) * float(d.std(ddof=1)) / math.sqrt(len(d))
+                    if len(d) > 1 else math.nan)
+            mean = float(d.mean())
+            verdict = ("no significant difference" if not half < abs(mean)
+                       else "better" if mean < 0 else "worse")
+            out.append({"bundle": name, "against": names[0], "steps": row["steps"],
+                        "difference": mean, "ci95": half,
+                        "relative": mean / float(a.mean()) if a.mean() else math.nan,
+                        "verdict": verdict})
+    return out
+
+
+def format_comparison(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    lines = [f"against {rows[0]['against']} (query loss, paired by evaluation seed; negative: "
+             f"lower loss)", f"{'bundle':<28} {'steps':>5} {'difference':>20} {'change':>8}  "
+             f"verdict"]
+    for r in rows:
+        lines.append(f"{r['bundle'][-28:]:<28} {r['steps']:>5} {r['difference']:>+10.4f} +- "
+                     f"{r['ci95']:<7.4f} {r['relative']:>+8.1%}  {r['verdict']}")
     return "\n".join(lines)
