@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -120,6 +121,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             signal.signal(signal.SIGTERM, _interrupt)
         quiet = args.quiet or not ctx.writer
         bar = None if quiet else ProgressBar(settings.iterations, settings.time_budget)
+        cpu_before = time.process_time()
         try:
             result = train(settings, tasks, progress=bar, init=init, ctx=ctx)
         finally:
@@ -151,12 +153,45 @@ def cmd_train(args: argparse.Namespace) -> int:
         if result.interrupted:
             print(f"interrupted at iteration {result.iterations_done}; writing the best bundle so far",
                   file=sys.stderr)
+        busy = _budget_starved(result, settings, time.process_time() - cpu_before)
+        if busy:
+            print(f"warning: {busy}", file=sys.stderr)
         path = save_bundle(result, args.out, lineage=lineage)
     except (SettingsError, TaskDataError, ModelSpecError, BundleError, FloatingPointError) as exc:
         raise CliError(str(exc)) from exc
-    print(f"bundle written to {path} (best meta-validation loss {result.best_val:.4f} at iteration "
-          f"{result.best_iteration}, {result.iterations_done} iterations in {result.seconds:.1f}s)")
+    print(f"bundle written to {path} (best meta-validation loss {result.best_val:.4f}"
+          f"{_loss_units(result)} at iteration {result.best_iteration}, "
+          f"{result.iterations_done} iterations in {result.seconds:.1f}s)")
     return 130 if result.interrupted else 0
+
+
+def _loss_units(result) -> str:
+    """The validation loss is on the training targets; when those were standardized, say so and
+    give it in the user's units too (what `eval` reports)."""
+    from edgemeta.meta.tasks import StandardizedTargets
+
+    tasks = result.tasks
+    if not isinstance(tasks, StandardizedTargets):
+        return ""
+    return (f" on standardized targets, {result.best_val * tasks.std ** 2:.4f} in the targets' "
+            f"own units")
+
+
+def _budget_starved(result, settings, cpu_seconds: float) -> str | None:
+    """A time budget that ended the run on a machine busy with other work: the process had less
+    than half a CPU over the run (meta-training a small model keeps about one busy), so an idle
+    machine would have done many more iterations."""
+    if not settings.time_budget or result.iterations_done >= settings.iterations:
+        return None
+    share = cpu_seconds / max(result.seconds, 1e-9)
+    if share >= 0.5:
+        return None
+    idle = int(result.iterations_done / max(share, 0.05))
+    return (f"the time budget ({settings.time_budget:g} s) ended the run after "
+            f"{result.iterations_done} iterations while this process had {share:.0%} of a CPU "
+            f"(other work on the machine): an idle machine would have done about "
+            f"{idle}. Give --iterations instead of a time budget for a result that does not "
+            f"depend on the machine's load")
 
 
 def _interrupt(signum, frame) -> None:
@@ -349,7 +384,6 @@ def _live_degraded(settings) -> dict[str, str] | None:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """0: the daemon runs; 3: it does not (its last status is shown as such)."""
-    import time
 
     from edgemeta.daemon.journal import read_status, render_status
 
@@ -417,7 +451,6 @@ def cmd_config_docs(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    import time
 
     from edgemeta.serve.registry import Registry, RegistryError
 

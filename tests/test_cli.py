@@ -199,3 +199,21 @@ def test_eval_of_a_trained_bundle_shows_the_chance_level_without_a_warning(sinus
                         "--no-baselines")
     assert proc.returncode == 0, proc.stderr
     assert "no-adaptation predictor" in proc.stdout and "WARNING" not in proc.stdout
+
+
+def test_train_says_when_a_busy_machine_starved_its_time_budget_and_in_which_units_it_reports():
+    from types import SimpleNamespace
+
+    from edgemeta.cli import _budget_starved, _loss_units
+    from edgemeta.meta.tasks import SinusoidTasks, StandardizedTargets
+    from edgemeta.meta.train import TrainSettings
+
+    settings = TrainSettings(iterations=10**9, time_budget=10.0)
+    run = SimpleNamespace(iterations_done=300, seconds=10.0)
+    starved = _budget_starved(run, settings, cpu_seconds=1.0)  # 10% of one CPU: others had it
+    assert starved and "300 iterations" in starved and "an idle machine would have done" in starved
+    assert _budget_starved(run, settings, cpu_seconds=10.0) is None  # it had its CPU
+    assert _budget_starved(run, TrainSettings(iterations=300, time_budget=10.0), 1.0) is None
+    scaled = SimpleNamespace(best_val=0.5, tasks=StandardizedTargets(SinusoidTasks(), 14.0, 5.0))
+    assert _loss_units(scaled) == " on standardized targets, 12.5000 in the targets' own units"
+    assert _loss_units(SimpleNamespace(best_val=0.5, tasks=SinusoidTasks())) == ""
