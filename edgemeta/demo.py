@@ -190,6 +190,12 @@ def _report(run: DemoRun, seen: set[str], drifts_seen: float, sample: int) -> fl
         ms = episode["timings_ms"]
         stages = ", ".join(f"{k} {v:.1f}" for k, v in ms.items() if k != "total")
         verdict = f"{episode['result']} ({episode['reason']})"
+        if episode["result"] == "rejected" and episode["reason"] == "not_better":
+            # A lower holdout MSE can still be "not better": say what the gate decided.
+            p = episode.get("p_value")
+            verdict = "rejected: not significantly better" + (
+                f" (p = {p:.2g}, alpha {episode.get('alpha', float('nan')):.2g})"
+                if p is not None else "")
         if episode["result"] == "accepted":
             # The swap happened between files: name the first sample the new version answered,
             # the same figure the summary table shows, not the sample at which we looked.
@@ -199,8 +205,9 @@ def _report(run: DemoRun, seen: set[str], drifts_seen: float, sample: int) -> fl
                 f" serving from sample {first}" if first is not None else " serving next")
         print(f"   by sample {sample}: adaptation ({episode['trigger']}) {verdict}; holdout MSE "
               f"{episode.get('holdout_current', float('nan')):.3f} -> "
-              f"{episode.get('holdout_candidate', float('nan')):.3f}; ms: {stages}"
-              + (f"; total {ms['total']:.1f}" if "total" in ms else ""))
+              f"{episode.get('holdout_candidate', float('nan')):.3f}"
+              + (f"; ms: {stages}" if stages else "")
+              + (f"; total {ms['total']:.1f} ms" if "total" in ms else ""))
     return max(drifts, drifts_seen)
 
 
