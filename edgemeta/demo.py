@@ -280,10 +280,24 @@ def plot(run: DemoRun, path: Path) -> None:
                 label="stream MSE per file")
     for i, s in enumerate(run.switches):
         ax.axvline(s, color="grey", ls="--", lw=1, label="task switch" if i == 0 else None)
-    swaps = [f["start"] for a, f in zip(run.files, run.files[1:], strict=False)
-             if f["version"] != a["version"]]
-    for i, s in enumerate(swaps):
-        ax.axvline(s, color="tab:green", lw=1.5, label="new version serving" if i == 0 else None)
+    # Each swap coloured by why its version exists (the registry's source: drift, refine,
+    # continual, recall, rollback...), so the kinds of change can be told apart.
+    from edgemeta.serve.registry import Registry
+
+    sources = {m.version: m.source for m in Registry(run.state_dir, writable=False).manifests()}
+    colours = {"drift": "tab:green", "retry": "tab:olive", "refine": "tab:cyan",
+               "continual": "tab:blue", "recall": "tab:purple", "rollback": "tab:orange",
+               "manual": "tab:brown", "initial": "tab:pink"}
+    labelled: set[str] = set()
+    for a, f in zip(run.files, run.files[1:], strict=False):
+        if f["version"] == a["version"]:
+            continue
+        source = sources.get(f["version"], "other")
+        ax.axvline(f["start"], color=colours.get(source, "black"), lw=1.5,
+                   label=f"new version: {source}" if source not in labelled else None)
+        labelled.add(source)
+    for i, d in enumerate(run.drifts):
+        ax.axvline(d, color="tab:red", ls=":", lw=1, label="drift detected" if i == 0 else None)
     ax.set_ylabel("MSE (log)")
     ax.set_title("edgemeta demo: switching sinusoid stream, delayed labels")
     ax.legend(fontsize=8, loc="upper right")
