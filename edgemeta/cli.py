@@ -567,8 +567,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from edgemeta.bench.fleet import format_fleet, run_fleet_bench
 
         results = run_fleet_bench(Path(args.out), seeds=args.seeds, devices=args.devices,
-                                  rows=args.rows, base_budget=args.base_budget,
-                                  retrain_budget=args.retrain_budget, replay=args.replay,
+                                  rows=args.rows, base_iterations=args.base_iterations,
+                                  retrain_iterations=args.retrain_iterations, replay=args.replay,
                                   eval_tasks=args.eval_tasks, stream_rows=args.stream_rows,
                                   log=lambda m: print(m, file=sys.stderr))
         print(format_fleet(results), end="")
@@ -845,10 +845,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="simulated devices (default: %(default)s)")
     fl.add_argument("--rows", type=_positive_int, default=2400,
                     help="labelled rows each device meets (default: %(default)s)")
-    fl.add_argument("--base-budget", type=float, default=60.0,
-                    help="seconds of meta-training for the base bundle (default: %(default)s)")
-    fl.add_argument("--retrain-budget", type=float, default=60.0,
-                    help="seconds of re-meta-training from the base (default: %(default)s)")
+    fl.add_argument("--base-iterations", type=_positive_int, default=6000,
+                    help="meta-training iterations of the base bundle (default: %(default)s)")
+    fl.add_argument("--retrain-iterations", type=_positive_int, default=3000,
+                    help="re-meta-training iterations from the base (default: %(default)s)")
     fl.add_argument("--replay", type=float, default=0.5,
                     help="share of each meta-batch replaying the base's family (default: %(default)s)")
     fl.add_argument("--eval-tasks", type=_positive_int, default=600,

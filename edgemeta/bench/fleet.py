@@ -60,7 +60,8 @@ def _devices(base: Path, workdir: Path, devices: int, rows: int, seed: int) -> l
     return states
 
 
-def _retrain(base: Path, folder: Path, out: Path, budget: float, replay: float, seed: int) -> Path:
+def _retrain(base: Path, folder: Path, out: Path, iterations: int, replay: float,
+             seed: int) -> Path:
     from edgemeta.meta import warmstart
     from edgemeta.meta.bundle import read_bundle
     from edgemeta.meta.train import TrainSettings, save_bundle, train
@@ -71,8 +72,7 @@ def _retrain(base: Path, folder: Path, out: Path, budget: float, replay: float, 
             "queries": meta["task"]["distribution"]["queries"]}
     settings = TrainSettings(algorithm=meta["algorithm"], tasks=spec, model=dict(meta["model"]),
                              inner_steps=meta["inner"]["steps"], inner_lr=meta["inner"]["lr"],
-                             iterations=10**9, time_budget=budget, val_every=500, seed=seed,
-                             device="cpu")
+                             iterations=iterations, val_every=250, seed=seed, device="cpu")
     tasks = warmstart.warm_start_tasks(parent, spec, replay)
     result = train(settings, tasks, init=warmstart.initial_params(parent))
     return save_bundle(result, out, lineage=warmstart.lineage(parent, spec, replay))
@@ -103,7 +103,8 @@ def _throughput(workdir: Path, processes: int, iterations: int) -> float:
 
 
 def run_fleet_bench(out: Path, seeds: int = 3, devices: int = 8, rows: int = 2400,
-                    base_budget: float = 60.0, retrain_budget: float = 60.0, replay: float = 0.5,
+                    base_iterations: int = 6000, retrain_iterations: int = 3000,
+                    replay: float = 0.5,
                     eval_tasks: int = 600, eval_seeds: int = 5, stream_rows: int = 6000,
                     throughput_iterations: int = 1500, log=print) -> dict[str, Any]:
     from edgemeta.bench.harness import read_or_train
@@ -114,11 +115,14 @@ def run_fleet_bench(out: Path, seeds: int = 3, devices: int = 8, rows: int = 240
 
     out = Path(out).resolve()  # the daemon resolves a relative state dir against its config
     out.mkdir(parents=True, exist_ok=True)
-    settings = TrainSettings(algorithm="maml", iterations=10**9, time_budget=base_budget,
-                             val_every=500, seed=0, device="cpu")
-    base = read_or_train(out / f"base-sinusoid-maml-{int(base_budget)}s", settings,
+    # Budgets in iterations, not seconds: what the bench compares must not depend on how busy
+    # the machine was while it ran (a 60 s budget gave one seed 447 iterations, another 4,589).
+    settings = TrainSettings(algorithm="maml", iterations=base_iterations, val_every=500, seed=0,
+                             device="cpu")
+    base = read_or_train(out / f"base-sinusoid-maml-{base_iterations}", settings,
                          SinusoidTasks(shots=5, queries=10),
-                         before_training=lambda: log(f"meta-training the base bundle ({base_budget:.0f} s)"))
+                         before_training=lambda: log(f"meta-training the base bundle "
+                                                     f"({base_iterations} iterations)"))
     shape = TaskShape.of_bundle(read_bundle(base).meta)
     original, shifted = SinusoidTasks(shots=5, queries=10), SinusoidTasks(shots=5, queries=10, **SHIFTED)
     old = {"shifted": _few_shot(base, shifted, eval_tasks, eval_seeds),
@@ -132,7 +136,7 @@ def run_fleet_bench(out: Path, seeds: int = 3, devices: int = 8, rows: int = 240
         folder = write_task_folder(work / "tasks", result, task_rows, shape, {"path": str(base)})
         log(f"seed {seed}: {len(result.tasks)} tasks harvested from {devices} devices "
             f"({dict(result.skipped)}) in {time.perf_counter() - started:.0f} s")
-        new = _retrain(base, folder, work / "new-bundle", retrain_budget, replay, seed)
+        new = _retrain(base, folder, work / "new-bundle", retrain_iterations, replay, seed)
         fig = {"seed": seed, "tasks": len(result.tasks), "skipped": dict(result.skipped),
                "new": {"shifted": _few_shot(new, shifted, eval_tasks, eval_seeds),
                        "original": _few_shot(new, original, eval_tasks, eval_seeds)},
@@ -154,7 +158,7 @@ def run_fleet_bench(out: Path, seeds: int = 3, devices: int = 8, rows: int = 240
         throughput = {str(p): _throughput(Path(tp), p, throughput_iterations) for p in (1, 2)}
     results = {
         "setup": {"devices": devices, "rows_per_device": rows, "shifted_family": SHIFTED,
-                  "base_budget_s": base_budget, "retrain_budget_s": retrain_budget,
+                  "base_iterations": base_iterations, "retrain_iterations": retrain_iterations,
                   "replay": replay, "eval_tasks": eval_tasks * eval_seeds, "seeds": seeds,
                   "stream_rows": stream_rows, "cpus": os.cpu_count()},
         "old": old, "per_seed": per_seed, "summary": summary,
