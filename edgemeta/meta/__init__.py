@@ -1,1 +1,1 @@
-"""Learning to learn: torch only, no files watched, no daemon (see DESIGN.md)."""
+"""Learning to learn: torch only, no files watched, no daemon (see docs/design.md)."""

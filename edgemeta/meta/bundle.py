@@ -1,4 +1,4 @@
-"""The bundle: what meta-training ships to devices (layout in DESIGN.md).
+"""The bundle: what meta-training ships to devices (layout in docs/design.md).
 
 Written atomically (a temp directory renamed into place) and only after the ONNX export has been
 run with onnxruntime and matches the torch model; read back with every checksum verified, so a

@@ -360,7 +360,7 @@ class ProgressBar:
 
 
 def bundle_meta(result: TrainResult) -> dict[str, Any]:
-    """bundle.json contents for a training run (the format lives in DESIGN.md)."""
+    """bundle.json contents for a training run (its fields: docs/design.md)."""
     s, tasks = result.settings, result.tasks
     adapts = {"anil": result.head, "protonet": result.head}.get(s.algorithm, "all")
     names = [f"x{i}" for i in range(tasks.in_features)]

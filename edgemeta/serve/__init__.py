@@ -1,1 +1,1 @@
-"""Serving: ONNX Runtime only; never imports torch or edgemeta.meta (see DESIGN.md)."""
+"""Serving: ONNX Runtime only; never imports torch or edgemeta.meta (see docs/design.md)."""

@@ -1,6 +1,6 @@
 """Versioned model store: atomic commits, verified loads, retention and rollback.
 
-Layout (DESIGN.md): ``models/v000001/{model.onnx,manifest.json}``, and one pointer per lineage:
+Layout (docs/design.md): ``models/v000001/{model.onnx,manifest.json}``, and one pointer per lineage:
 ``models/CURRENT.<lineage>`` names the version a lineage (a stream, or streams that share one
 model) serves. Version numbers are global, so a version names one model whatever its lineage, and
 every lineage starts from the shared meta-initialization. ``models/CURRENT`` is the shared pointer
