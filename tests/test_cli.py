@@ -217,3 +217,31 @@ def test_train_says_when_a_busy_machine_starved_its_time_budget_and_in_which_uni
     scaled = SimpleNamespace(best_val=0.5, tasks=StandardizedTargets(SinusoidTasks(), 14.0, 5.0))
     assert _loss_units(scaled) == " on standardized targets, 12.5000 in the targets' own units"
     assert _loss_units(SimpleNamespace(best_val=0.5, tasks=SinusoidTasks())) == ""
+
+
+def test_the_bench_extra_holds_every_package_the_benchmarks_import():
+    """Every bench must run from the install the README names for it (`.[cpu,bench]`): the
+    third-party modules edgemeta/bench imports are the daemon's dependencies or the bench
+    extra's, and torch's dynamo ONNX exporter that `bench swap` measures needs onnxscript."""
+    import ast
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = {re.split(r"[<>=;\[ ]", d, maxsplit=1)[0].lower()
+             for d in project["dependencies"] + project["optional-dependencies"]["bench"]
+             + project["optional-dependencies"]["cpu"]}
+    distribution = {"sklearn": "scikit-learn", "prometheus_client": "prometheus-client"}
+    stdlib = set(sys.stdlib_module_names) | {"edgemeta"}
+    for module in (ROOT / "edgemeta" / "bench").glob("*.py"):
+        for node in ast.walk(ast.parse(module.read_text())):
+            if isinstance(node, ast.Import):
+                tops = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                tops = [node.module.split(".")[0]]
+            else:
+                continue
+            for top in tops:
+                if top not in stdlib:
+                    assert distribution.get(top, top).lower() in names, (module.name, top)
+    if "dynamo=True" in (ROOT / "edgemeta" / "bench" / "swap.py").read_text():
+        assert "onnxscript" in names
