@@ -150,3 +150,46 @@ def test_a_misspelt_inbox_folder_and_a_file_without_its_label_column_are_each_sa
         assert (stray / "a.csv").exists()  # left alone, not lost
     finally:
         d.shutdown(drain_s=0.2)
+
+
+def test_replay_feeds_a_running_daemon_with_delayed_labels_and_refuses_a_foreign_source(
+        tmp_path, sinusoid_bundle):
+    """`edgemeta replay` is the shortest path to a daemon at work: a recorded CSV goes into the
+    stream's inbox as renamed files, its labels later in label files joined by id; every row
+    is answered and every label matched. A source without the stream's features is refused
+    with the file and the columns named."""
+    import numpy as np
+
+    from edgemeta.config import load_config
+    from edgemeta.daemon.metrics import Metrics
+    from edgemeta.daemon.runtime import Daemon
+    from tests.conftest import counter, inbox, run_until
+
+    cfg = write_config(tmp_path, sinusoid_bundle.path, metrics={"enabled": False})
+    x = np.linspace(-5, 5, 120)
+    source = tmp_path / "recording.csv"
+    source.write_text("x,y\n" + "".join(f"{a},{np.sin(a)}\n" for a in x))
+    d = Daemon(load_config(cfg), metrics=Metrics())
+    d.setup()
+    try:
+        proc = subprocess.Popen([sys.executable, "-P", "-m", "edgemeta", "replay", str(source),
+                                 "--config", str(cfg), "--rate", "600", "--rows-per-file", "20",
+                                 "--labels", "delayed"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        assert run_until(d, lambda: proc.poll() is not None and not any(inbox(d).iterdir()),
+                         timeout=120)
+        out, err = proc.communicate()
+        assert proc.returncode == 0 and "120 rows written" in out, err
+        outbox = d.settings.state_dir / "outbox" / "sine"
+        answered = sum(len(p.read_text().splitlines()) for p in outbox.glob("*.predictions.jsonl")
+                       if not p.name.endswith(".labels.csv.predictions.jsonl"))
+        assert answered == 120
+        assert counter(d, "edgemeta_labels_total", stream="sine", result="matched") == 120
+    finally:
+        d.shutdown(drain_s=0.2)
+    (tmp_path / "other.csv").write_text("z\n1\n")
+    refused = subprocess.run([sys.executable, "-P", "-m", "edgemeta", "replay",
+                              str(tmp_path / "other.csv"), "--config", str(cfg)],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2
+    assert "other.csv: line 1: missing feature column(s) ['x']" in refused.stderr
