@@ -324,14 +324,19 @@ class ProgressBar:
 
     The bar follows whichever limit binds: the iteration count, or the time budget when that
     will end the run first (a 120 s budget must not show 2% of 10,000 iterations at the end).
+    Into a file or a pipe (a log) it writes a plain line every ``log_every_s`` seconds instead of
+    carriage-return frames, which would make one line of hundreds of kilobytes.
     """
 
     def __init__(self, total: int, time_budget: float | None = None, stream=sys.stderr,
-                 every: int = 10):
+                 every: int = 10, log_every_s: float = 10.0):
         self.total = total
         self.time_budget = time_budget
         self.stream = stream
         self.every = every
+        self.log_every_s = log_every_s
+        self._terminal = bool(getattr(stream, "isatty", lambda: False)())
+        self._logged: float | None = None
         self._val: float | None = None
         self._start: float | None = None
 
@@ -351,12 +356,18 @@ class ProgressBar:
             fraction, where = by_iterations, f"{it}/{self.total} it, {elapsed:.0f}s"
         done = int(30 * min(1.0, fraction))
         val_text = f"{self._val:.4f}" if self._val is not None else "-"
-        self.stream.write(f"\r[{'#' * done}{'.' * (30 - done)}] {where} "
-                          f"meta-loss {loss:.4f} val {val_text}   ")
+        text = f"[{'#' * done}{'.' * (30 - done)}] {where} meta-loss {loss:.4f} val {val_text}"
+        if self._terminal:
+            self.stream.write(f"\r{text}   ")
+        elif self._logged is None or elapsed - self._logged >= self.log_every_s \
+                or it == self.total:
+            self._logged = elapsed
+            self.stream.write(text + "\n")
         self.stream.flush()
 
     def close(self) -> None:
-        self.stream.write("\n")
+        if self._terminal:
+            self.stream.write("\n")
 
 
 def bundle_meta(result: TrainResult) -> dict[str, Any]:
