@@ -719,8 +719,11 @@ def cmd_tasks_report(args: argparse.Namespace) -> int:
     if listed:
         sources = {t.get("source") for t in listed}
         streams = {(t.get("source"), t.get("stream")) for t in listed}
+        skipped = manifest.get("skipped") or {}
+        said = (", ".join(f"{n} {why}" for why, n in skipped.items())
+                if isinstance(skipped, dict) else str(skipped)) or "none"
         report["provenance"] = [f"from {len(sources)} source(s), {len(streams)} stream(s); "
-                                f"skipped at harvest: {manifest.get('skipped') or 'none'}"]
+                                f"skipped at harvest: {said}"]
     print(json.dumps(report, indent=2) if args.json else format_report(report, f"{folder}: "))
     return 0
 

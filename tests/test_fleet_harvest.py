@@ -171,6 +171,8 @@ def test_the_cli_harvests_and_reports_and_names_what_is_wrong(tmp_path, sinusoid
     assert report.returncode == 0, report.stderr
     r = json.loads(report.stdout)
     assert r["tasks"] == 12 and r["rows"]["min"] == 35 and r["diversity"]["mean_pairwise"] > 0.1
+    text = run_edgemeta("tasks", "report", str(tmp_path / "tasks")).stdout
+    assert "skipped at harvest:" in text and "{" not in text, text  # words, not a Python dict
     again = run_edgemeta("tasks", "harvest", str(state), "--out", str(tmp_path / "tasks"),
                  "--bundle", str(sinusoid_bundle.path))
     assert again.returncode == 2 and "not empty" in again.stderr

@@ -101,7 +101,10 @@ def format_report(report: dict[str, Any], where: str = "") -> str:
         slo, shi = report["labels"]["task_std_range"]
         lines.append(f"  per-task target mean {lo:.4g} to {hi:.4g}, spread {slo:.4g} to {shi:.4g}")
     else:
-        lines.append(f"  classes: {report['labels']['classes']}")
+        classes = report["labels"]["classes"]
+        said = (", ".join(f"{c}: {n} rows" for c, n in classes.items())
+                if isinstance(classes, dict) else str(classes))
+        lines.append(f"  classes: {said}")
     lines.append(f"  diversity (pooled-spread units): mean pairwise {d['mean_pairwise']:.3f}, "
                  f"median nearest {d['median_nearest']:.3f}, near-identical pairs "
                  f"{d['near_identical_pairs']} of {d['pairs']}")
