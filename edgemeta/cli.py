@@ -337,16 +337,9 @@ def cmd_trigger(args: argparse.Namespace) -> int:
         raise CliError(f"no daemon is running on state.dir {settings.state_dir}: nothing written "
                        "(--queue leaves the trigger for the next start)")
     body: dict = {}
-    if args.action == "adapt":
-        if args.stream:
-            body["stream"] = args.stream
-        if args.support:
-            body["support"] = args.support
-    elif args.action == "rollback":
-        if args.version is not None:
-            body["version"] = args.version
-        if args.stream:
-            body["stream"] = args.stream
+    for key in ("stream", "support", "version"):  # the options this action has, when given
+        if getattr(args, key, None) is not None:
+            body[key] = getattr(args, key)
     path = write_trigger(settings.state_dir / "triggers", args.action, body)
     print(f"trigger written: {path}", flush=True)
     wait = sys.stdout.isatty() if args.wait is None else args.wait
@@ -960,23 +953,42 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--verbose", action="store_true", help="log at DEBUG instead of INFO")
     r.set_defaults(func=cmd_run)
 
-    tr = sub.add_parser("trigger", help="drop a trigger file safely")
-    tr.add_argument("action", choices=["adapt", "rollback", "reload"])
-    tr.add_argument("--config", required=True, help="the running daemon's config file")
-    tr.add_argument("--stream", help="adapt: the stream (default: the only one); rollback: the "
-                    "stream whose model rolls back (default: every stream's)")
-    tr.add_argument("--support", help="adapt: a labelled file, relative to <state>/inbox")
-    tr.add_argument("--version", type=int, help="rollback: the version to serve")
-    tr.add_argument("--wait", action=argparse.BooleanOptionalAction, default=None,
-                    help="follow the trigger to its outcome: the daemon's answer, an adaptation's "
-                         "collection and its accepted/rejected verdict (default: on when output "
-                         "goes to a terminal); exit 0 done, 1 refused/rejected, 3 timed out")
-    tr.add_argument("--timeout", type=float, default=300.0,
-                    help="seconds --wait waits (default: %(default)s)")
-    tr.add_argument("--queue", action="store_true",
-                    help="with no daemon running, leave the trigger for the next start (without "
-                         "it, the command refuses and writes nothing)")
-    tr.set_defaults(func=cmd_trigger)
+    tr = sub.add_parser("trigger", help="drop a trigger file safely",
+                        description="Ask the running daemon to act: adapt, roll back or reload "
+                        "(`edgemeta trigger ACTION --help` for each action's options).")
+    tsub = tr.add_subparsers(dest="action", required=True)
+    actions = {
+        "adapt": ("collect labelled rows and adapt now", "Open a manual adaptation: the daemon "
+                  "collects support and holdout rows (or takes --support's), adapts, and swaps "
+                  "the candidate in only if the holdout gate says it is better."),
+        "rollback": ("serve an earlier version again", "Serve the current version's parent "
+                     "(or --version) again, on every stream or on --stream's."),
+        "reload": ("re-read the config (as SIGHUP does)", "Re-read the config file: the keys a "
+                   "reload can apply are applied, the others are named as needing a restart."),
+    }
+    for action, (short, long) in actions.items():
+        ta = tsub.add_parser(action, help=short, description=long)
+        ta.add_argument("--config", required=True, help="the running daemon's config file")
+        if action in ("adapt", "rollback"):
+            ta.add_argument("--stream", help="the stream (default: the only one)" if action ==
+                            "adapt" else "the stream whose model rolls back (default: every "
+                            "stream's)")
+        if action == "adapt":
+            ta.add_argument("--support", help="a labelled file, relative to <state>/inbox, as "
+                            "the support set")
+        if action == "rollback":
+            ta.add_argument("--version", type=int, help="the version to serve (default: the "
+                            "current one's parent)")
+        ta.add_argument("--wait", action=argparse.BooleanOptionalAction, default=None,
+                        help="follow the trigger to its outcome: the daemon's answer, an "
+                             "adaptation's collection and its verdict (default: on when output "
+                             "goes to a terminal); exit 0 done, 1 refused/rejected, 3 timed out")
+        ta.add_argument("--timeout", type=float, default=300.0,
+                        help="seconds --wait waits (default: %(default)s)")
+        ta.add_argument("--queue", action="store_true",
+                        help="with no daemon running, leave the trigger for the next start "
+                             "(without it, the command refuses and writes nothing)")
+        ta.set_defaults(func=cmd_trigger)
 
     rp = sub.add_parser("replay", help="write a recorded stream into a daemon's inbox at a rate",
                         description="Replay a CSV (the stream's feature columns, its label "
