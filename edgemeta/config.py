@@ -219,15 +219,20 @@ class SettingRecord:
 
 
 def _field_comments(cls: type) -> dict[str, str]:
-    """The trailing ``# ...`` comment of each field in ``cls``'s source: the docs live beside
-    the default they describe."""
+    """The ``# ...`` comment of each field in ``cls``'s source, trailing it or (for a longer one)
+    in the lines right above it: the docs live beside the default they describe."""
     import inspect
 
-    found = {}
+    found, above = {}, []
     for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+):[^#]*#\s*(.*)$", line)
-        if m:
-            found[m.group(1)] = m.group(2).strip()
+        comment = re.match(r"\s+#\s*(.*)$", line)
+        if comment:
+            above.append(comment.group(1).strip())
+            continue
+        m = re.match(r"\s+(\w+):[^#=]*=[^#]*(?:#\s*(.*))?$", line)
+        if m and (m.group(2) or above):
+            found[m.group(1)] = (m.group(2) or " ".join(above)).strip()
+        above = []
     return found
 
 

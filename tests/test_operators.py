@@ -295,6 +295,10 @@ def test_config_docs_lists_every_key_with_its_default_and_reload_policy():
     assert any(line.startswith("gate.alpha") and " yes " in line for line in lines)
     assert any(line.startswith("metrics.port") and " restart " in line for line in lines)
     assert any(line.startswith("retention.keep_models") and ">= 2" in line for line in lines)
+    # Every key says what it is for, whether its comment trails it or stands above it.
+    undocumented = [line.split()[0] for line in lines[1:] if len(line.split()) <= 3]
+    assert not undocumented, undocumented
+    assert any(line.startswith("adaptation.cpu_threads") and "busy" in line for line in lines)
 
 
 def _alert_fires_on(samples: list[float]) -> None:
