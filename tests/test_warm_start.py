@@ -45,7 +45,7 @@ def test_iteration_zero_of_a_warm_start_is_the_parent_bundle(sinusoid_bundle, ha
     learner = make_learner(meta["algorithm"], model, "regression", meta["inner"]["steps"],
                            meta["inner"]["lr"], head_names(model, meta["model"]))
     new, old = (meta_validate(learner, initial_params(parent), family, 50, settings.seed + 1, "cpu")
-                for family in replayed_families(tasks))
+                for family in replayed_families(tasks)[:2])
     assert result.history[0] == {"iteration": 0, "val_loss": pytest.approx(new, rel=1e-6),
                                  "val_replayed": pytest.approx(old, rel=1e-6)}
     if result.best_iteration == 0:

@@ -219,8 +219,6 @@ def train(settings: TrainSettings, tasks,
     first = scores() if ctx.writer or families else {"val_loss": math.inf}
 
     def outer_loss() -> torch.Tensor:
-        if families is None:
-            return learner.outer_loss(params, tasks.sample(local_batch, rng).to(device))
         # Each family's loss relative to the parent's on it, weighted by its share of the
         # meta-batch: a family whose tasks have 10x the loss (larger amplitudes, say) would
         # otherwise own the gradient, and "replay half" would replay almost nothing.
@@ -267,8 +265,9 @@ def train(settings: TrainSettings, tasks,
                 settings.time_budget and time.perf_counter() - start > settings.time_budget)
             if stop and ctx.world == 1:
                 break
+            batch = tasks.sample(local_batch, rng).to(device) if families is None else None
             try:
-                loss = outer_loss()
+                loss = learner.outer_loss(params, batch) if batch is not None else outer_loss()
                 optimizer.zero_grad()
                 if torch.isfinite(loss):
                     loss.backward()
@@ -314,9 +313,13 @@ def train(settings: TrainSettings, tasks,
         with contextlib.suppress(KeyboardInterrupt):
             chance = chance_check(learner, best, tasks, max(settings.val_tasks, 200),
                                   settings.seed + 1, device)
-    return TrainResult({n: p.cpu() for n, p in best.items()}, best_val, best_it, it,
-                       time.perf_counter() - start, interrupted, history, model.cpu(), tasks,
-                       head, settings, chance)
+    result = None
+    while result is None:  # nor here: the caller ignores SIGTERM once it has the result
+        with contextlib.suppress(KeyboardInterrupt):
+            result = TrainResult({n: p.cpu() for n, p in best.items()}, best_val, best_it, it,
+                                 time.perf_counter() - start, interrupted, history, model.cpu(),
+                                 tasks, head, settings, chance)
+    return result
 
 
 class ProgressBar:
