@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from edgemeta.bench.chaos import run_chaos
@@ -30,4 +31,9 @@ def test_hostile_inputs_kills_a_full_disk_and_a_tampered_registry_lose_nothing(t
     # docs/BENCHMARKS.md); whatever got through must be rolled back by the next honest labels.
     for kind in ("scaled_x1000", "constant"):
         assert poison["accepted_by_kind"][kind] == 0, poison
-    assert poison["rolled_back_after"] >= poison["accepted"], poison
+    # A burst can also be taken for a change of the world (x10 is a sinusoid of amplitude 10) and
+    # served by a drift episode; the honest rows after it are then a change back, and whatever
+    # got in is rolled back or replaced by them.
+    assert poison["no_longer_serving"] == poison["accepted"], poison
+    for row in poison["matrix"].values():
+        assert row["tried"] == 1 and np.isfinite(row["true_task_mse_after"]), poison["matrix"]

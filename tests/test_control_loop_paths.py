@@ -200,6 +200,41 @@ def test_a_support_file_given_while_an_episode_is_in_flight_seeds_the_manual_epi
     assert set(np.round(manual[1]["support"]["x"], 4).ravel()) <= set(np.round(x, 4))
 
 
+def test_rows_that_arrive_after_a_trigger_while_an_episode_is_in_flight_seed_its_manual_episode(
+        daemon):
+    """The operator asked to adapt to what comes next: those rows, not 30 more after the episode
+    in flight ends (a stream that pauses after its burst used to leave the trigger waiting)."""
+    feed(daemon, "a", 1.0, 0.0, 2)
+    daemon.adapter.kill()  # the next episode waits for the worker: it is in flight
+    assert run_until(daemon, lambda: not daemon.adapter.ready, timeout=5)
+    write_trigger(daemon.settings.state_dir / "triggers", "adapt")
+    assert run_until(daemon, lambda: daemon.streams.view("sine").reason == "manual", timeout=5)
+    feed(daemon, "m", 1.0, 0.0, 1)  # this episode's rows
+    trigger = daemon.settings.state_dir / "triggers" / "adapt-second.json"
+    tmp = trigger.with_name(".adapt-second.tmp")
+    tmp.write_text(json.dumps({"stream": "sine"}))
+    tmp.rename(trigger)  # its own name: write_trigger's names are per second
+    done = trigger.parent / "done"
+    assert run_until(daemon, lambda: done.exists() and any(
+        done.glob(f"*{trigger.name}.result.json")), timeout=10)
+    result = json.loads(next(done.glob(f"*{trigger.name}.result.json")).read_text())
+    assert "in flight" in result["message"] and "arrive meanwhile" in result["message"]
+    feed(daemon, "n", 1.0, 0.0, 1, n=30)  # arrive while the second trigger is pending
+    assert daemon.adapter.wait_ready(120)
+    # No row is fed from here on: the pending manual episode has what it needs.
+    assert run_until(daemon, lambda: len([r for r in _records(daemon)
+                                          if r["trigger"] == "manual"]) >= 2, timeout=60)
+    second = sorted((r for r in _records(daemon) if r["trigger"] == "manual"),
+                    key=lambda r: r["time"])[1]
+    fed = np.loadtxt(next((daemon.settings.state_dir / "processed" / "sine").glob("n000*")),
+                     delimiter=",", skiprows=1, usecols=1)
+    assert set(np.round(second["support"]["x"], 4).ravel()) <= set(np.round(fed, 4))
+
+
+def _records(daemon) -> list[dict]:
+    return [json.loads(p.read_text()) for p in (daemon.settings.state_dir / "episodes").glob("*")]
+
+
 def test_rows_are_learned_only_once_their_file_is_moved(daemon, monkeypatch):
     """A move that fails (a full disk) leaves the file for a retry: learning it before the move
     learned its rows twice."""

@@ -139,6 +139,11 @@ def hostile_trigger(kind: str, directory: Path, i: int) -> None:
         drop(directory, name, body)
 
 
+def _mean(values: list[float]) -> float:
+    values = [v for v in values if np.isfinite(v)]
+    return float(np.mean(values)) if values else float("nan")
+
+
 def _mount_tmpfs(path: Path, size_mb: int) -> bool:
     path.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)],
@@ -182,6 +187,7 @@ class Chaos:
         self.state = (self.work / "disk" if self.tmpfs else self.work) / "state"
         self.sent: dict[str, str] = {}  # file name -> "valid" | "malformed" | "labels"
         self.valid_rows: dict[str, int] = {}
+        self.truth: dict[str, np.ndarray] = {}  # valid file name -> its noise-free labels
         self.counts: dict[str, Any] = {"crashes": 0, "daemon_kills": 0, "worker_kills": 0,
                                        "registry_invalid_after_kill": 0, "registry_problems": []}
         self.file_no = 0
@@ -198,7 +204,8 @@ class Chaos:
         self.file_no += 1
         name = f"v{self.file_no:06d}.csv"
         x = self.nprng.uniform(-5, 5, rows)
-        y = amp * np.sin(x - phase) + self.nprng.normal(0, 0.05, rows)
+        self.truth[name] = amp * np.sin(x - phase)
+        y = self.truth[name] + self.nprng.normal(0, 0.05, rows)
         drop(self.inbox(), f".staged-{name}" if stage else name,
              sine_csv([f"{name}-{i}" for i in range(rows)], x, y if labels else None))
         self.sent[name], self.valid_rows[name] = "valid", rows
@@ -321,15 +328,27 @@ class Chaos:
                     out[p.name] = json.loads((p / "manifest.json").read_text())
         return out
 
-    def _manual_episodes(self) -> list[dict[str, Any]]:
-        """The manual episodes recorded so far, oldest first."""
-        out = []
-        for path in sorted((self.state / "episodes").glob("*.json")):
-            with contextlib.suppress(OSError, ValueError):
-                e = json.loads(path.read_text())
-                if e.get("trigger") == "manual":
-                    out.append(e)
-        return out
+    def _current(self) -> str:
+        """The version the stream serves ("v7"): its lineage's pointer, else the shared one."""
+        for name in ("CURRENT.sine", "CURRENT"):
+            with contextlib.suppress(OSError):
+                return (self.state / "models" / name).read_text().strip()
+        return ""
+
+    def _episode_paths(self) -> list[Path]:
+        return sorted((self.state / "episodes").glob("*.json"))
+
+    @staticmethod
+    def _episode(path: Path) -> dict[str, Any]:
+        with contextlib.suppress(OSError, ValueError):
+            return json.loads(path.read_text())
+        return {}
+
+    def _waiting_for_rows(self, daemon: DaemonProcess) -> bool:
+        """The stream watches or collects: nothing is with the worker or at the gate. (Called
+        after a drained inbox: status.json is rewritten at most every 0.5 s, so look after that.)"""
+        phase = ((daemon.status().get("streams") or {}).get("sine") or {}).get("phase")
+        return phase in ("watching", "collecting", "refining")
 
     @staticmethod
     def _outcome(e: dict[str, Any] | None) -> str:
@@ -339,23 +358,45 @@ class Chaos:
                 f"{e.get('holdout_current', float('nan')):.3g}->"
                 f"{e.get('holdout_candidate', float('nan')):.3g}")
 
+    def true_task_mse(self, names: list[str]) -> float:
+        """The served predictions' squared error against the true task's noise-free labels.
+
+        What a poisoned burst costs is measured on the rows after it, not on its own labels.
+        """
+        errors = []
+        for name in names:
+            path = self.state / "outbox" / "sine" / f"{name}.predictions.jsonl"
+            with contextlib.suppress(OSError, ValueError):
+                records = [json.loads(line) for line in path.read_text().splitlines()]
+                pred = np.array([r["prediction"] for r in records], dtype=float).reshape(-1)
+                if len(pred) == len(self.truth[name]):
+                    errors.append((pred - self.truth[name]) ** 2)
+        return float(np.concatenate(errors).mean()) if errors else float("nan")
+
     def poison(self, daemon: DaemonProcess) -> dict[str, Any]:
-        """Manual adapt triggers followed by a burst of poisoned labels, then honest ones."""
+        """Manual adapt triggers followed by a burst of poisoned labels, then honest ones.
+
+        The matrix per kind: candidates accepted, rolled back, and the true task's squared error
+        on the honest rows just before the burst and on those just after it.
+        """
         from edgemeta.daemon.triggers import write_trigger
 
         kinds = ("random", "scaled_x10", "scaled_x1000", "constant", "shuffled")
         triggers = self.state / "triggers"
         accepted = {k: 0 for k in kinds}
         tried = {k: 0 for k in kinds}
-        rolled_back = 0
+        rolled_back = {k: 0 for k in kinds}
+        replaced = {k: 0 for k in kinds}  # accepted, and no longer serving after honest rows
+        error_before: dict[str, list[float]] = {k: [] for k in kinds}
+        error_after: dict[str, list[float]] = {k: [] for k in kinds}
         outcomes: list[str] = []
         for i in range(self.n_poison):
             kind = kinds[i % len(kinds)]
-            for _ in range(3):
-                self.send_valid()  # honest labels between tries: the serving model fits them
+            honest = [self.send_valid() for _ in range(3)]  # the serving model fits these
             daemon.wait(lambda: self.inbox_empty(), 60, "the inbox to drain")
+            error_before[kind].append(self.true_task_mse(honest))
             before = self._manifests()
-            decided = len(self._manual_episodes())
+            seen = set(self._episode_paths())
             write_trigger(triggers, "adapt", {"stream": "sine"})
             daemon.wait(lambda: not any(p.is_file() for p in triggers.iterdir()), 30,
                         "the adapt trigger")
@@ -369,26 +410,44 @@ class Chaos:
             drop(self.inbox(), name, sine_csv([f"{name}-{j}" for j in range(30)], x, y))
             self.sent[name], self.valid_rows[name] = "valid", 30
             daemon.wait(lambda: self.inbox_empty(), 60, "the poisoned file")
-            # This try's manual episode is decided (accepted, rejected, or superseded by a
-            # drift), however long the worker takes on a busy machine: a later try must not
-            # count its swap.
+            # Whatever the burst opened (the manual episode, or a drift episode: a rescaled task
+            # is a change of the world to the detector) is decided or waits for more rows, however
+            # long the worker takes on a busy machine.
+            time.sleep(0.6)
             with contextlib.suppress(TimeoutError):
-                daemon.wait(lambda n=decided: len(self._manual_episodes()) > n, 60,
-                            "the manual episode's decision")
-            new = {k: m for k, m in self._manifests().items() if k not in before}
-            tried[kind] += 1
-            accepted[kind] += sum(1 for m in new.values() if m.get("source") == "manual")
-            mine = self._manual_episodes()[decided:]
-            outcomes.append(f"{kind}:{self._outcome(mine[0] if mine else None)}")
-            for _ in range(2):
-                self.send_valid()  # honest labels after the burst: a probation rollback if needed
+                daemon.wait(lambda: self._waiting_for_rows(daemon), 60, "the burst's episode")
+            # Honest labels after the burst: they complete an episode that waits for rows, roll
+            # back or replace what the burst put in serving, and show the true task's error.
+            after = [self.send_valid() for _ in range(2)]
             daemon.wait(lambda: self.inbox_empty(), 60, "the inbox to drain")
-            time.sleep(0.3)
-            rolled_back += sum(1 for k, m in self._manifests().items()
-                               if k not in before and m.get("source") == "rollback")
+            time.sleep(0.6)
+            with contextlib.suppress(TimeoutError):
+                daemon.wait(lambda: self._waiting_for_rows(daemon), 60, "the honest rows")
+            error_after[kind].append(self.true_task_mse(after))
+            # A poisoned version is one adapted on the burst's rows.
+            burst = {round(float(v), 6) for v in x}
+            episodes = [self._episode(p) for p in self._episode_paths() if p not in seen]
+            poisoned_episodes = [e for e in episodes if burst & {
+                round(float(v), 6) for v in np.ravel(e.get("support", {}).get("x", []))}]
+            poisoned = {f"v{e['version']}" for e in poisoned_episodes
+                        if e.get("result") == "accepted" and "version" in e}
+            tried[kind] += 1
+            accepted[kind] += len(poisoned)
+            outcomes.append(f"{kind}:" + (", ".join(
+                f"{e.get('trigger')} {self._outcome(e)}" for e in poisoned_episodes) or "none"))
+            rolled_back[kind] += sum(1 for k, m in self._manifests().items()
+                                     if k not in before and m.get("source") == "rollback")
+            if poisoned and self._current() not in poisoned:
+                replaced[kind] += 1
+        matrix = {k: {"tried": tried[k], "accepted": accepted[k], "rolled_back": rolled_back[k],
+                      "no_longer_serving": replaced[k],
+                      "true_task_mse_before": _mean(error_before[k]),
+                      "true_task_mse_after": _mean(error_after[k])} for k in kinds}
         return {"tries": sum(tried.values()), "tried": tried, "outcomes": outcomes,
-                "accepted_by_kind": accepted,
-                "accepted": sum(accepted.values()), "rolled_back_after": rolled_back}
+                "accepted_by_kind": accepted, "matrix": matrix,
+                "accepted": sum(accepted.values()),
+                "rolled_back_after": sum(rolled_back.values()),
+                "no_longer_serving": sum(replaced.values())}
 
     # -- accounting --------------------------------------------------------------------------
     def account(self) -> dict[str, Any]:
@@ -504,5 +563,15 @@ def run_chaos(out: Path, malformed_files: int = 1100, kills: int = 60, poison_tr
         print(f"{key:28} {result[key]}")
     print(f"{'tampered registry':28} {result['tampered_registry']}")
     print(f"{'full disk':28} {result['full_disk']}")
-    print(f"{'poison':28} {result['poison']}")
+    poison = result["poison"]
+    print(f"{'poison':28} {poison['tries']} tries, {poison['accepted']} accepted, "
+          f"{poison['rolled_back_after']} rolled back, {poison.get('no_longer_serving', 0)} "
+          f"no longer serving after the honest rows")
+    if poison.get("matrix"):
+        print(f"  {'kind':14} {'tried':>5} {'accepted':>8} {'rolled back':>11} {'replaced':>8} "
+              f"{'true-task MSE before':>20} {'after':>7}")
+        for kind, m in poison["matrix"].items():
+            print(f"  {kind:14} {m['tried']:>5} {m['accepted']:>8} {m['rolled_back']:>11} "
+                  f"{m['no_longer_serving']:>8} {m['true_task_mse_before']:>20.3f} "
+                  f"{m['true_task_mse_after']:>7.3f}")
     return result

@@ -42,3 +42,7 @@ class StreamState:
     # An operator's support file that arrived while an episode was in flight: it seeds the
     # manual collection that opens when that episode ends.
     pending_support: list[tuple[np.ndarray, float]] = field(default_factory=list)
+    # Labelled rows that arrived after an operator's trigger while an episode was in flight:
+    # what the operator asked to adapt to, so they seed that manual collection too (after the
+    # support file's rows). A drift empties it: they are the world before the change.
+    pending_rows: list[tuple[np.ndarray, float]] = field(default_factory=list)

@@ -86,8 +86,10 @@ class Streams:
             if support is not None:
                 # The collection opens when the episode in flight ends: these rows seed it.
                 state.pending_support = list(zip(*support, strict=True))
-            kept = f" with the {len(support[1])} rows given" if support is not None else ""
-            return (f"stream {stream}: an episode is in flight; a manual collection{kept} "
+            kept = (f"with the {len(support[1])} rows given and the labelled rows that arrive "
+                    f"meanwhile" if support is not None else "with the labelled rows that "
+                    "arrive meanwhile")
+            return (f"stream {stream}: an episode is in flight; a manual collection {kept} "
                     f"opens when it ends")
         if support is None:
             return f"collecting {state.collector.needed} labelled samples on stream {stream}"
@@ -166,6 +168,8 @@ class Streams:
                 self._offer(state, x[i], y[i])
             else:
                 state.history.append(float(y[i]))
+                if m.manual_pending and len(state.pending_rows) < self._manual_rows():
+                    state.pending_rows.append((x[i], y[i]))
         if changed and state.drifts == drifts:
             # Probation saw the world change in these rows: a drift, called once the detector
             # has them too (its new baseline and the backfill are this batch's rows).
@@ -173,6 +177,11 @@ class Streams:
         if self.settings.continual.enabled and m.phase is lc.Phase.WATCHING and state.regime.due:
             self._event(state, lc.Due())
         self.changed = True
+
+    def _manual_rows(self) -> int:
+        """How many rows a manual collection takes at most (its support and full holdout)."""
+        a = self.settings.adaptation
+        return a.support_size + a.holdout_size
 
     def _offer(self, state: StreamState, x, y) -> None:
         episode = state.collector.offer(x, y)
@@ -204,6 +213,7 @@ class Streams:
         state.recalled = False
         state.trivial.reset()  # a new regime: its rows alone judge the model against a constant
         state.probation = None  # a drift is not a verdict on the model that serves
+        state.pending_rows = []  # rows of the world before the change
         state.drifts += 1
         self.metrics.drift_detections.labels(state.name, detector).inc()
         log.warning("drift detected stream=%s detector=%s version=%d samples=%d phase=%s",
@@ -278,8 +288,9 @@ class Streams:
             early = len(self.jobs.get(state.name, state.machine.resumed).episode.holdout_y)
             support_size = 0
             holdout_size = max(1, self.settings.adaptation.holdout_size - early)
-        elif action.reason is lc.Reason.MANUAL and state.pending_support:
-            rows, state.pending_support = state.pending_support, []
+        elif action.reason is lc.Reason.MANUAL:
+            rows = [*state.pending_support, *state.pending_rows]
+            state.pending_support, state.pending_rows = [], []
         episode = state.collector.start(rows, support_size, holdout_size)
         if rows:
             log.info("stream=%s: %d labelled row(s) already seen seed the %s collection",
