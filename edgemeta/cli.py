@@ -413,28 +413,32 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from edgemeta.daemon.journal import read_status, render_status
 
-    settings = _config(args.config)
+    settings = _config(args.config) if args.config else None
+    state = settings.state_dir if settings else Path(args.state)
     try:
-        status = read_status(settings.state_dir)
+        status = read_status(state)
     except FileNotFoundError as exc:
-        raise CliError(f"{settings.state_dir / 'status.json'}: no status yet; is the daemon "
+        raise CliError(f"{state / 'status.json'}: no status yet; is the daemon "
                        "running?") from exc
-    running = _running_daemon(settings.state_dir) is not None
+    running = _running_daemon(state) is not None
     notes = []
     if not running:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(status.get("updated", 0)))
         notes.append(f"NOT RUNNING: daemon pid {status.get('pid')} is gone; its last status "
                      f"(written {when}) follows")
-    else:
+    elif settings is not None:
         live = _live_degraded(settings)
         if live is not None:
             status["degraded"] = sorted({**dict.fromkeys(status.get("degraded") or []), **live})
             if not live:
                 status["degraded"] = []
+    if running:
         age = time.time() - status.get("updated", 0)
         if age > 30:
+            source = ("degraded mode is read from /metrics" if settings is not None else
+                      "--config would read degraded mode from /metrics")
             notes.append(f"status.json was last written {age:.0f}s ago (a full or read-only "
-                         "disk?); degraded mode is read from /metrics")
+                         f"disk?); {source}")
     if args.json:
         print(json.dumps({**status, "running": running, "notes": notes}, indent=2))
     else:
@@ -443,6 +447,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    if (args.config is None) == (args.file is None):
+        raise CliError("config check: give the config as --config FILE (as run, status and "
+                       "trigger take it)")
+    args.file = args.config or args.file
     settings = _config(args.file)
     checked = ""
     if not args.skip_bundle:  # the same check `run` makes, so a config that passes here starts
@@ -962,7 +970,7 @@ def build_parser() -> argparse.ArgumentParser:
                   "collects support and holdout rows (or takes --support's), adapts, and swaps "
                   "the candidate in only if the holdout gate says it is better."),
         "rollback": ("serve an earlier version again", "Serve the current version's parent "
-                     "(or --version) again, on every stream or on --stream's."),
+                     "(or --to's) again, on every stream or on --stream's."),
         "reload": ("re-read the config (as SIGHUP does)", "Re-read the config file: the keys a "
                    "reload can apply are applied, the others are named as needing a restart."),
     }
@@ -977,8 +985,9 @@ def build_parser() -> argparse.ArgumentParser:
             ta.add_argument("--support", help="a labelled file, relative to <state>/inbox, as "
                             "the support set")
         if action == "rollback":
-            ta.add_argument("--version", type=int, help="the version to serve (default: the "
-                            "current one's parent)")
+            ta.add_argument("--to", "--version", dest="version", type=int, metavar="VERSION",
+                            help="the version to serve (default: the current one's parent); "
+                                 "--version is the old spelling, kept for one release")
         ta.add_argument("--wait", action=argparse.BooleanOptionalAction, default=None,
                         help="follow the trigger to its outcome: the daemon's answer, an "
                              "adaptation's collection and its verdict (default: on when output "
@@ -1013,7 +1022,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp.set_defaults(func=cmd_replay)
 
     st = sub.add_parser("status", help="what the daemon is doing (from status.json)")
-    st.add_argument("--config", required=True, help="the daemon's config file")
+    where = st.add_mutually_exclusive_group(required=True)
+    where.add_argument("--config", help="the daemon's config file")
+    where.add_argument("--state", help="the daemon's state directory (no config needed; "
+                       "degraded mode then comes from status.json alone)")
     st.add_argument("--json", action="store_true", help="the status as JSON (with running and "
                     "notes); exit 0 running, 3 not running")
     st.set_defaults(func=cmd_status)
@@ -1021,7 +1033,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("config", help="configuration tools")
     csub = c.add_subparsers(dest="config_command", required=True)
     cc = csub.add_parser("check", help="validate a config and print the effective settings")
-    cc.add_argument("file", help="the daemon's TOML config")
+    cc.add_argument("--config", dest="config", help="the daemon's TOML config")
+    cc.add_argument("file", nargs="?", help="the same, as a positional argument (the old "
+                    "spelling, kept for one release)")
     cc.add_argument("--skip-bundle", action="store_true",
                     help="do not open the bundle (for a config written before its bundle is "
                          "installed); by default it is checked as `run` checks it")

@@ -193,3 +193,43 @@ def test_replay_feeds_a_running_daemon_with_delayed_labels_and_refuses_a_foreign
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2
     assert "other.csv: line 1: missing feature column(s) ['x']" in refused.stderr
+
+
+def _edgemeta(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-P", "-m", "edgemeta", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_one_spelling_for_the_same_thing_across_commands_with_the_old_ones_kept(
+        tmp_path, sinusoid_bundle):
+    """`--config FILE` everywhere (config check took a positional), `--state DIR` wherever a
+    state directory will do (models list had it, status did not), `--to` for the version a
+    rollback serves (models rollback had it, trigger rollback said --version); the old
+    spellings still work for one release."""
+    from edgemeta.config import load_config
+    from edgemeta.daemon.metrics import Metrics
+    from edgemeta.daemon.runtime import Daemon
+
+    cfg = write_config(tmp_path, sinusoid_bundle.path, metrics={"enabled": False})
+    assert _edgemeta("config", "check", "--config", str(cfg)).returncode == 0
+    assert _edgemeta("config", "check", str(cfg)).returncode == 0
+    neither = _edgemeta("config", "check")
+    assert neither.returncode == 2 and "--config FILE" in neither.stderr
+
+    daemon = Daemon(load_config(cfg), metrics=Metrics())
+    daemon.setup()
+    daemon.write_status()
+    daemon.shutdown(drain_s=0.2)
+    state = daemon.settings.state_dir
+    by_state = _edgemeta("status", "--state", str(state))
+    assert by_state.returncode == 3 and "NOT RUNNING" in by_state.stdout, by_state
+    by_config = _edgemeta("status", "--config", str(cfg))
+    assert by_config.returncode == 3 and by_config.stdout == by_state.stdout
+
+    for spelling, version in (("--to", "1"), ("--version", "2")):
+        out = _edgemeta("trigger", "rollback", "--config", str(cfg), spelling, version,
+                        "--queue", "--no-wait")
+        assert out.returncode == 0, out.stderr
+    bodies = sorted(json.loads(p.read_text())["version"]
+                    for p in (state / "triggers").glob("rollback-*.json"))
+    assert bodies == [1, 2]
