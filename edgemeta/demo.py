@@ -41,6 +41,7 @@ class DemoRun:
     drifts: list[int] = field(default_factory=list)  # sample index when the counter rose
     episodes: list[dict[str, Any]] = field(default_factory=list)
     switches: list[int] = field(default_factory=list)
+    rollbacks: list[dict[str, Any]] = field(default_factory=list)  # versions a rollback made
 
 
 def demo_bundle(workdir: Path, iterations: int) -> Path:
@@ -208,7 +209,24 @@ def _report(run: DemoRun, seen: set[str], drifts_seen: float, sample: int) -> fl
               f"{episode.get('holdout_candidate', float('nan')):.3f}"
               + (f"; ms: {stages}" if stages else "")
               + (f"; total {ms['total']:.1f} ms" if "total" in ms else ""))
+    _report_rollbacks(run, sample)
     return max(drifts, drifts_seen)
+
+
+def _report_rollbacks(run: DemoRun, sample: int) -> None:
+    """A rollback (the daemon's own after a bad probation, or an operator's) makes a new version
+    without an episode: the registry is where the feed learns of it."""
+    from edgemeta.serve.registry import Registry
+
+    known = {r["version"] for r in run.rollbacks}
+    for m in Registry(run.state_dir, writable=False).manifests():
+        if m.source != "rollback" or m.version in known:
+            continue
+        entry = {"version": m.version, "trigger": "rollback", "parent": m.parent,
+                 "note": m.note or "", "sample": sample}
+        run.rollbacks.append(entry)
+        print(f"   by sample {sample}: rollback -> v{m.version} (serves v{m.parent}'s weights "
+              f"again)" + (f": {m.note}" if m.note else ""))
 
 
 def summarize(run: DemoRun) -> dict[str, Any]:
@@ -220,9 +238,15 @@ def summarize(run: DemoRun) -> dict[str, Any]:
     """
     files = run.files
     rows = []
-    for e in (e for e in run.episodes if e["result"] == "accepted"):
+    made = [e for e in run.episodes if e["result"] == "accepted"] + run.rollbacks
+    for e in sorted(made, key=lambda e: e["version"]):
         first = next((i for i, f in enumerate(files) if f["version"] == e["version"]), None)
-        if first is None:
+        if first is None:  # made after the last file: in the feed, so in the table too
+            rows.append({"version": e["version"], "trigger": e["trigger"],
+                         "drift_to_serving_ms": (e["timings_ms"].get("total")
+                                                 if e["trigger"] == "drift" else None),
+                         "samples_after_switch": None, "mse_before": None, "mse_after": None,
+                         "after_samples": None})
             continue
         task = files[first]["task"]
         before = [f["mse"] for f in files[max(0, first - 4):first]]
@@ -255,10 +279,13 @@ def format_summary(summary: dict[str, Any]) -> str:
         before = f"{r['mse_before']:.3f}" if r["mse_before"] is not None else "-"
         after = f"{r['mse_after']:.3f}" if r["mse_after"] is not None else "-"
         span = "{}-{}".format(*r["after_samples"]) if r["after_samples"] else "-"
+        after_switch = (r["samples_after_switch"] if r["samples_after_switch"] is not None
+                        else "not served")
         lines.append(f"{r['version']:>7} {r['trigger']:>8} {ms:>15} "
-                     f"{r['samples_after_switch']:>21} {before:>11} {after:>10} {span:>15}")
+                     f"{after_switch:>21} {before:>11} {after:>10} {span:>15}")
     lines.append("MSE before: the 4 files before the swap; MSE after: the files the version served "
-                 "on the same task (samples shown); drift->serving for drift episodes only")
+                 "on the same task (samples shown); drift->serving for drift episodes only; "
+                 "not served: made after the stream's last file")
     a = summary["adaptations"]
     lines.append(f"drifts detected: {summary['drifts_detected']} for {len(summary['switches'])} "
                  f"task switches; adaptations: {a['accepted']} accepted, {a['rejected']} rejected, "

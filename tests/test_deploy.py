@@ -102,6 +102,20 @@ def test_every_alert_has_summary_description_runbook_and_is_unit_tested():
         assert re.search(rf"alertname: {rule['alert']}\n        exp_alerts:\n", tests), rule["alert"]
 
 
+
+def test_the_unit_and_every_alert_link_to_the_runbook_the_install_puts_in_place():
+    """Documentation= and runbook_url are absolute links to one file, and the operator's guide
+    installs that file there; the documented rewrite for a docs host matches the shipped base."""
+    unit = (UNITS / "edgemeta@.service").read_text()
+    doc = re.search(r"^Documentation=file://(\S+)$", unit, re.M).group(1)
+    operations = (ROOT / "docs" / "operations.md").read_text()
+    installs = re.findall(r"^sudo install .*docs/operations\.md (\S+)$", operations, re.M)
+    assert installs == [doc]
+    rules = yaml.safe_load((PROM / "edgemeta.rules.yml").read_text())["groups"][0]["rules"]
+    for rule in rules:
+        assert rule["annotations"]["runbook_url"] == f"file://{doc}#{rule['alert'].lower()}"
+    assert re.search(rf"^sed 's#file://{re.escape(doc)}#https://", operations, re.M)
+
 # -- against a real scrape ----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

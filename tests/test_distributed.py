@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -99,6 +100,14 @@ def test_a_dying_rank_ends_the_job_with_the_best_bundle_so_far(tmp_path):
                             "--device", "cpu", "--iterations", "10000000", "--time-budget", "300",
                             "--val-every", "50"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True, env=_env(EDGEMETA_TEST_RUN=marker), cwd=tmp_path)
+    lines: list[str] = []
+
+    def collect() -> None:
+        for line in job.stderr:
+            lines.append(line)
+
+    reader = threading.Thread(target=collect, daemon=True)
+    reader.start()
     try:
         deadline = time.monotonic() + 60
         pid = None
@@ -106,13 +115,24 @@ def test_a_dying_rank_ends_the_job_with_the_best_bundle_so_far(tmp_path):
             pid = _rank_pid(marker, 1)
             time.sleep(0.2)
         assert pid is not None, "rank 1 never started"
+        # Both ranks say how they share the meta-batch once set up; count the work from there
+        # (importing torch alone takes seconds of CPU on a busy machine, and a SIGTERM that lands
+        # before training began has no best bundle to write).
+        deadline = time.monotonic() + 120
+        while (not all(any(f"rank {r} of 2" in line for line in lines) for r in (0, 1))
+               and time.monotonic() < deadline):
+            time.sleep(0.2)
         # Let it train and validate a few times: a wait on the work done (CPU seconds), which a
         # busy machine stretches in wall-clock time but not in iterations.
+        set_up = _cpu_seconds(pid)
         deadline = time.monotonic() + 120
-        while _cpu_seconds(pid) < 4.0 and time.monotonic() < deadline:
+        while _cpu_seconds(pid) < set_up + 3.0 and time.monotonic() < deadline:
             time.sleep(0.2)
         os.kill(pid, signal.SIGKILL)
-        stdout, stderr = job.communicate(timeout=90)
+        job.wait(timeout=90)
+        stdout = job.stdout.read()
+        reader.join(10)
+        stderr = "".join(lines)
     finally:
         if job.poll() is None:
             job.kill()

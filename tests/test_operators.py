@@ -334,7 +334,7 @@ tests:
             exp_annotations:
               summary: "edgemeta on d is degraded: disk_full"
               description: "@DESCRIPTION@"
-              runbook_url: "docs/operations.md#edgemetadegraded"
+              runbook_url: "file:///usr/share/doc/edgemeta/operations.md#edgemetadegraded"
 """
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "flapping.test.yml"

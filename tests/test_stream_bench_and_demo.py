@@ -107,6 +107,8 @@ def test_the_demo_runs_end_to_end_and_reuses_its_bundle(tmp_path):
     switches = [*summary["switches"], summary["samples"]]
     swaps = summary["swaps"]
 
+    swaps = [s for s in swaps if s["after_samples"]]  # versions that served a file
+
     def regime_best(i):
         end = next(t for t in switches if t > swaps[i]["after_samples"][0])
         return min(s["mse_after"] for s in swaps[i:] if s["after_samples"][0] < end)
@@ -146,3 +148,23 @@ def test_the_demo_table_scores_a_version_on_its_own_task_only(tmp_path):
     assert summary["drift_detections_at"] == [110]
     table = format_summary(summary)
     assert "50-100" in table and "same task" in table
+
+
+def test_the_demo_table_lists_every_version_the_feed_mentioned_rollbacks_included(tmp_path):
+    from edgemeta.demo import DemoRun, format_summary, summarize
+
+    run = DemoRun(tmp_path, "http://unused", switches=[100])
+    for start, version in [(0, 1), (25, 2), (50, 3), (75, 4)]:
+        run.files.append({"name": f"f{start}", "start": start, "rows": 25, "task": 0,
+                          "version": version, "mse": 1.0})
+    run.episodes += [{"result": "accepted", "version": v, "trigger": t, "timings_ms": {}}
+                     for v, t in [(2, "initial"), (3, "continual"), (5, "refine")]]
+    run.rollbacks.append({"version": 4, "trigger": "rollback", "parent": 2, "note": "", "sample": 75})
+    summary = summarize(run)
+    assert [(s["version"], s["trigger"]) for s in summary["swaps"]] == [
+        (2, "initial"), (3, "continual"), (4, "rollback"), (5, "refine")]
+    last = summary["swaps"][-1]  # made after the last file: listed, not scored
+    assert last["mse_after"] is None and last["samples_after_switch"] is None
+    table = format_summary(summary).splitlines()
+    assert any(line.split()[:2] == ["4", "rollback"] for line in table)
+    assert any(line.split()[:2] == ["5", "refine"] and "not served" in line for line in table)

@@ -386,7 +386,7 @@ class Chaos:
         accepted = {k: 0 for k in kinds}
         tried = {k: 0 for k in kinds}
         rolled_back = {k: 0 for k in kinds}
-        replaced = {k: 0 for k in kinds}  # accepted, and no longer serving after honest rows
+        replaced = {k: 0 for k in kinds}  # poisoned versions no longer serving after honest rows
         error_before: dict[str, list[float]] = {k: [] for k in kinds}
         error_after: dict[str, list[float]] = {k: [] for k in kinds}
         outcomes: list[str] = []
@@ -437,8 +437,9 @@ class Chaos:
                 f"{e.get('trigger')} {self._outcome(e)}" for e in poisoned_episodes) or "none"))
             rolled_back[kind] += sum(1 for k, m in self._manifests().items()
                                      if k not in before and m.get("source") == "rollback")
-            if poisoned and self._current() not in poisoned:
-                replaced[kind] += 1
+            # Counted in versions, as accepted is: a burst can get into more than one (the
+            # manual episode, then a continued fit whose window still holds its rows).
+            replaced[kind] += len(poisoned - {self._current()})
         matrix = {k: {"tried": tried[k], "accepted": accepted[k], "rolled_back": rolled_back[k],
                       "no_longer_serving": replaced[k],
                       "true_task_mse_before": _mean(error_before[k]),
