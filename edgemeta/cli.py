@@ -600,11 +600,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     elif args.bench == "fleet":
         from edgemeta.bench.fleet import format_fleet, run_fleet_bench
 
-        results = run_fleet_bench(Path(args.out), seeds=args.seeds, devices=args.devices,
-                                  rows=args.rows, base_iterations=args.base_iterations,
-                                  retrain_iterations=args.retrain_iterations, replay=args.replay,
-                                  eval_tasks=args.eval_tasks, stream_rows=args.stream_rows,
-                                  log=lambda m: print(m, file=sys.stderr))
+        sizes = dict(seeds=args.seeds, devices=args.devices, rows=args.rows,
+                     base_iterations=args.base_iterations,
+                     retrain_iterations=args.retrain_iterations, eval_tasks=args.eval_tasks,
+                     stream_rows=args.stream_rows)
+        if args.quick:
+            sizes = dict(seeds=1, devices=3, rows=600, base_iterations=400,
+                         retrain_iterations=200, eval_tasks=50, stream_rows=600,
+                         throughput_iterations=100, eval_seeds=2)
+        results = run_fleet_bench(Path(args.out), replay=args.replay,
+                                  log=lambda m: print(m, file=sys.stderr), **sizes)
         print(format_fleet(results), end="")
     elif args.bench == "devices":
         from edgemeta.bench.devices import run_devices_bench
@@ -892,6 +897,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="held-out tasks per evaluation seed, 5 seeds (default: %(default)s)")
     fl.add_argument("--stream-rows", type=_positive_int, default=6000,
                     help="rows of the fresh shifted switching stream (default: %(default)s)")
+    fl.add_argument("--quick", action="store_true",
+                    help="1 seed, 3 devices x 600 rows, 400 + 200 iterations: a smoke test "
+                    "(overrides the sizes above)")
     fl.set_defaults(func=cmd_bench)
     v = bsub.add_parser("devices", help="CPU vs CUDA: meta-training, adaptation, drift-to-serving")
     _out(v, "devices")
