@@ -178,6 +178,8 @@ def format_fleet(r: dict[str, Any]) -> str:
     def ci(key: str, pct: bool = True) -> str:
         v = s[key]
         f = (lambda x: f"{100 * x:+.1f}%") if pct else (lambda x: f"{x:.3f}")
+        if len(v["values"]) < 2:  # one seed has no interval
+            return f"{f(v['mean'])} (1 seed: no interval)"
         return f"{f(v['mean'])} ± {f(v['ci95']).lstrip('+')} (seeds {', '.join(f(x) for x in v['values'])})"
 
     old = r["old"]
