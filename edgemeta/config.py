@@ -156,6 +156,22 @@ class RetentionSettings:
 
 
 @dataclass
+class PortfolioSettings:
+    """Online experts served beside the ONNX model, mixed by their live losses
+    (``edgemeta/portfolio/``). The drift detector, the gate and probation keep judging the ONNX
+    model's own error."""
+
+    enabled: bool = False  # serve the mixture instead of the ONNX model alone
+    experts: list[str] = field(default_factory=lambda: ["linear", "knn"])  # linear, knn
+    sharing: float = 0.01  # Fixed-Share rate: the weight spread evenly after each row (switches)
+    eta: float = 2.0  # learning rate of the exponential weights, per normalized loss unit
+    onnx_prior: float = 0.5  # least weight a freshly adapted ONNX model starts with
+    linear_forgetting: float = 0.995  # linear expert: weight a row keeps per newer row
+    knn_k: int = 5  # nearest-neighbour expert: neighbours averaged
+    knn_window: int = 500  # nearest-neighbour expert: most recent labelled rows searched
+
+
+@dataclass
 class Settings:
     bundle: Path
     state_dir: Path
@@ -169,6 +185,7 @@ class Settings:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     ingest: IngestSettings = field(default_factory=IngestSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
+    portfolio: PortfolioSettings = field(default_factory=PortfolioSettings)
     source: Path | None = None
     # The "section.key"s the file set; the others are defaults, and some defaults follow the
     # bundle (:func:`fit_to_bundle`).
@@ -189,13 +206,15 @@ class Settings:
 SECTIONS: dict[str, type] = {
     "drift": DriftSettings, "adaptation": AdaptationSettings, "continual": ContinualSettings,
     "memory": MemorySettings, "gate": GateSettings, "serving": ServingSettings,
-    "metrics": MetricsSettings, "ingest": IngestSettings, "retention": RetentionSettings}
+    "metrics": MetricsSettings, "ingest": IngestSettings, "retention": RetentionSettings,
+    "portfolio": PortfolioSettings}
 
 #: Keys a reload (SIGHUP, ``trigger reload``) cannot apply: they shape the processes, sockets,
 #: sessions or memory the daemon built at start-up. Every other key applies at once. A changed
 #: key of these is logged as needing a restart and keeps its running value.
 RESTART_KEYS = ("bundle.path", "state.dir", "streams", "adaptation.device", "adaptation.cpu_threads",
-                "memory.capacity", "serving.*", "metrics.*", "ingest.label_cache", "ingest.label_cache_bytes")
+                "memory.capacity", "serving.*", "metrics.*", "ingest.label_cache", "ingest.label_cache_bytes",
+                "portfolio.*")
 
 
 def reloadable(key: str) -> bool:
@@ -309,8 +328,7 @@ def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
 
 
 def parse_config(raw: dict[str, Any], source: Path | None = None) -> Settings:
-    known = {"bundle", "state", "streams", "drift", "adaptation", "continual", "memory", "gate",
-             "serving", "metrics", "ingest", "retention"}
+    known = {"bundle", "state", "streams", *SECTIONS}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown section (known: {', '.join(sorted(known))})")
@@ -354,6 +372,7 @@ def parse_config(raw: dict[str, Any], source: Path | None = None) -> Settings:
         metrics=_typed("metrics", MetricsSettings, raw.get("metrics", {})),
         ingest=_typed("ingest", IngestSettings, raw.get("ingest", {})),
         retention=_typed("retention", RetentionSettings, raw.get("retention", {})),
+        portfolio=_typed("portfolio", PortfolioSettings, raw.get("portfolio", {})),
         source=source,
         given=frozenset(f"{section}.{key}" for section in SECTIONS
                         for key in raw.get(section, {})))
@@ -441,7 +460,28 @@ def validate(settings: Settings) -> Settings:
         _positive("retention.episode_after_rows", settings.retention.episode_after_rows,
                   allow_zero=True)
     _positive("serving.intra_op_threads", settings.serving.intra_op_threads, allow_zero=True)
+    _validate_portfolio(settings.portfolio)
     return settings
+
+
+def _validate_portfolio(p: PortfolioSettings) -> None:
+    known = ("linear", "knn")
+    for name in p.experts:
+        if name not in known:
+            raise ConfigError(f"portfolio.experts: unknown expert {name!r} (known: "
+                              f"{', '.join(known)})")
+    if len(set(p.experts)) != len(p.experts):
+        raise ConfigError(f"portfolio.experts: each expert once, got {p.experts!r}")
+    for key in ("sharing", "onnx_prior"):
+        if not 0 < getattr(p, key) < 1:
+            raise ConfigError(f"portfolio.{key}: must be in (0, 1), got {getattr(p, key)!r}")
+    if not 0 < p.linear_forgetting <= 1:
+        raise ConfigError(f"portfolio.linear_forgetting: must be in (0, 1], got "
+                          f"{p.linear_forgetting!r}")
+    _positive("portfolio.eta", p.eta)
+    _positive("portfolio.knn_k", p.knn_k)
+    if p.knn_window < p.knn_k:
+        raise ConfigError(f"portfolio.knn_window: {p.knn_window} is smaller than knn_k {p.knn_k}")
 
 
 def fit_to_bundle(settings: Settings, support_rows: int | None, query_rows: int | None

@@ -129,3 +129,28 @@ def run_river(name: str, make: Callable[[], Any], stream: SwitchingStream) -> Ru
         loss[i] = sample_loss(stream.kind, pred, label)
         model.learn_one(row, label)
     return Run(name, loss, time.perf_counter() - started)
+
+
+def run_expert(name: str, stream: SwitchingStream, classes: int = 2) -> Run:
+    """One of the portfolio's online experts alone, predict-then-learn row by row (on the raw
+    features: the daemon gives them the bundle-normalized ones, which a linear model and a
+    standardized KNN do not mind)."""
+    from edgemeta.portfolio.experts import EXPERTS
+
+    regression = stream.kind == "regression"
+    outputs = 1 if regression else max(classes, int(np.max(stream.y)) + 1)
+    model = EXPERTS[name](outputs)
+    n = len(stream.y)
+    loss = np.empty(n)
+    started = time.perf_counter()
+    for i in range(n):
+        x = stream.x[i:i + 1]
+        out = model.predict(x)[0]
+        if not np.isfinite(out).all():
+            out = np.zeros(outputs)
+        pred = float(out[0]) if regression else int(np.argmax(out))
+        loss[i] = sample_loss(stream.kind, pred, stream.y[i])
+        target = (np.array([[float(stream.y[i])]]) if regression
+                  else np.eye(outputs)[[int(stream.y[i])]])
+        model.learn(x, target)
+    return Run(f"{name} (expert)", loss, time.perf_counter() - started)

@@ -8,6 +8,7 @@ process's, and the worker's is read from /proc.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import tempfile
@@ -17,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from edgemeta.config import parse_config
+from edgemeta.config import PortfolioSettings, parse_config
 from edgemeta.daemon.metrics import STAGES, Metrics
+from edgemeta.daemon.portfolios import build_portfolios
 from edgemeta.daemon.runtime import Daemon
 
 
@@ -79,7 +81,8 @@ def latency(daemon: Daemon, episodes: int, seed: int = 0) -> dict[str, Any]:
             "stage_p50_ms": {s: float(np.median(v)) for s, v in stages.items()}}
 
 
-def throughput(daemon: Daemon, files: int, rows: int, seed: int = 1) -> dict[str, Any]:
+def throughput(daemon: Daemon, files: int, rows: int, seed: int = 1,
+               prefix: str = "t") -> dict[str, Any]:
     """Rows per second through parse, predict, drift, outbox write and the move to processed/."""
     rng = np.random.default_rng(seed)
     inbox = daemon.layout.dir("inbox", "sine")
@@ -87,15 +90,16 @@ def throughput(daemon: Daemon, files: int, rows: int, seed: int = 1) -> dict[str
     for i in range(files):
         x = rng.uniform(-5, 5, rows)
         y = 2.0 * np.sin(x - 0.5)
-        path = inbox / f"t{i:04d}.csv"
-        body = "".join(f"t{i}-{j},{a:.6f},{b:.6f}\n" for j, (a, b) in enumerate(zip(x, y, strict=True)))
+        path = inbox / f"{prefix}{i:04d}.csv"
+        body = "".join(f"{prefix}{i}-{j},{a:.6f},{b:.6f}\n"
+                       for j, (a, b) in enumerate(zip(x, y, strict=True)))
         path.write_text("id,x,y\n" + body)
         paths.append(path)
     started = time.perf_counter()
     for path in paths:
         daemon.inbox.handle("sine", path)
     seconds = time.perf_counter() - started
-    processed = sum(1 for _ in daemon.layout.dir("processed", "sine").glob("t*.csv"))
+    processed = sum(1 for _ in daemon.layout.dir("processed", "sine").glob(f"{prefix}*.csv"))
     return {"files": files, "rows_per_file": rows, "seconds": seconds,
             "rows_per_second": files * rows / seconds, "processed": processed}
 
@@ -119,6 +123,15 @@ def run_daemon_bench(out: Path, bundle: Path, quick: bool = False) -> dict[str, 
             t = report["throughput"]
             print(f"ingest: {t['rows_per_second']:.0f} rows/s ({t['files']} files x "
                   f"{t['rows_per_file']} rows in {t['seconds']:.2f} s)")
+            # The same again with the portfolio of online experts (linear, knn) mixed in.
+            daemon.inbox.portfolios = build_portfolios(
+                dataclasses.replace(daemon.settings, portfolio=PortfolioSettings(enabled=True)),
+                daemon.bundle)
+            report["throughput_portfolio"] = throughput(daemon, 4 if quick else 20, 5_000,
+                                                        seed=2, prefix="p")
+            t = report["throughput_portfolio"]
+            print(f"ingest with the portfolio (linear, knn): {t['rows_per_second']:.0f} rows/s "
+                  f"({t['files']} files x {t['rows_per_file']} rows in {t['seconds']:.2f} s)")
             report["rss_mb_serving"] = rss_mb()
             report["rss_mb_worker"] = rss_mb(daemon.adapter.pid)
             report["torch_in_serving_process"] = "torch" in sys.modules

@@ -65,6 +65,35 @@ def regime_rows(switches: list[int], n: int) -> dict[str, np.ndarray]:
     return {"first100": np.concatenate(first), "last_half": np.concatenate(last)}
 
 
+#: The name of edgemeta's run with the portfolio of online experts mixed in.
+PORTFOLIO = "edgemeta + portfolio"
+
+
+def _portfolio_figures(table: dict[str, Any], per_seed, best_river: str) -> dict[str, Any] | None:
+    """Edgemeta with the portfolio against the oracle, the best river learner and itself
+    without the portfolio (cumulative, and on the first 100 rows after each switch)."""
+    if PORTFOLIO not in table:
+        return None
+    mixed, oracle = table[PORTFOLIO], table["oracle"]
+    names = [r.name for r in per_seed[0]["runs"]]
+    i, e = names.index(PORTFOLIO), names.index("edgemeta")
+    river = [j for j, name in enumerate(names) if name.startswith("river")]
+
+    def ratio(a: float, b: float) -> float:
+        return a / b if b > 0 else math.inf
+    return {
+        "ratio_to_oracle": ratio(mixed["cumulative"], oracle["cumulative"]),
+        "ratio_to_best_river": ratio(mixed["cumulative"], table[best_river]["cumulative"]),
+        "ratio_to_edgemeta": ratio(mixed["cumulative"], table["edgemeta"]["cumulative"]),
+        "first100_ratio_to_oracle": ratio(mixed["first100"], oracle["first100"]),
+        "ratio_to_best_river_per_seed": [
+            s["runs"][i].loss.mean() / min(s["runs"][j].loss.mean() for j in river)
+            for s in per_seed],
+        "ratio_to_edgemeta_per_seed": [s["runs"][i].loss.mean() / s["runs"][e].loss.mean()
+                                       for s in per_seed],
+        "ms_per_row": 1e3 * mixed["seconds"] / len(per_seed[0]["stream"].y)}
+
+
 def summarize(family, per_seed, n, hazard, noise, steps, support, holdout) -> dict[str, Any]:
     names = [r.name for r in per_seed[0]["runs"]]
     table = {}
@@ -107,6 +136,7 @@ def summarize(family, per_seed, n, hazard, noise, steps, support, holdout) -> di
                                      for s in per_seed],
         "ratio_to_best_river_per_seed": [s["runs"][0].loss.mean() / min(
             r.loss.mean() for r in s["runs"] if r.name.startswith("river")) for s in per_seed],
+        "portfolio": _portfolio_figures(table, per_seed, best_river),
         "last_half_ratio_to_arf": table["edgemeta"]["last_half"]
         / table["river ARF"]["last_half"],
         "interleaved": {
@@ -169,6 +199,14 @@ def format_results(results: list[dict[str, Any]]) -> str:
                      f"{r['best_river']}: {r['ratio_to_best_river']:.2f}; target <= 1.0, "
                      f"sinusoid <= 0.5); last half vs river ARF {r['last_half_ratio_to_arf']:.2f} "
                      "(target <= 1.2)")
+        pf = r.get("portfolio")
+        if pf:
+            lines.append(f"  {PORTFOLIO}: / best river (per seed) = "
+                         f"{interval(pf['ratio_to_best_river_per_seed'])} (target <= 1.0); "
+                         f"/ oracle {pf['ratio_to_oracle']:.2f}; / edgemeta alone (per seed) = "
+                         f"{interval(pf['ratio_to_edgemeta_per_seed'])}; first 100 rows after a "
+                         f"switch / oracle {pf['first100_ratio_to_oracle']:.2f}; "
+                         f"{pf['ms_per_row']:.2f} ms per row")
         lines.append(f"  continued learning: {r['continual_ms_per_row']:.3f} ms of worker time per "
                      f"labelled row; recalls {r['recalls']}")
         lines.append(f"  detection: median delay {d['median_delay']} samples, missed {d['missed']}, "

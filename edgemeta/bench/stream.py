@@ -19,6 +19,7 @@ label. In one run, on the same stream:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import tempfile
@@ -31,12 +32,19 @@ import numpy as np
 from edgemeta.bench.baselines import (
     TorchNet,
     river_learners,
+    run_expert,
     run_meta_init,
     run_oracle,
     run_periodic,
     run_river,
 )
-from edgemeta.bench.report import detection_figures, format_results, plot_family, summarize
+from edgemeta.bench.report import (
+    PORTFOLIO,
+    detection_figures,
+    format_results,
+    plot_family,
+    summarize,
+)
 from edgemeta.bench.river_families import (
     KINDS,
     RIVER_FAMILIES,
@@ -229,6 +237,11 @@ def run_family(family: str, bundle: Path, seeds: list[int], n: int, hazard: floa
                                  holdout_size=holdout)]
         runs.append(run_oracle(stream, net, support, steps))
         runs.append(run_meta_init(stream, net))
+        with tempfile.TemporaryDirectory() as tmp:
+            mixed = run_edgemeta(stream, bundle, Path(tmp), steps=steps, support_size=support,
+                                 holdout_size=holdout, sections={"portfolio": {"enabled": True}})
+        runs.append(dataclasses.replace(mixed, name=PORTFOLIO))
+        runs += [run_expert(name, stream) for name in ("linear", "knn")]
         runs.append(run_periodic(stream, net, period=100, window=50, steps=steps))
         for name, make in river_learners(stream.kind, seed).items():
             runs.append(run_river(name, make, stream))

@@ -24,6 +24,7 @@ from edgemeta.daemon.metrics import Metrics
 from edgemeta.daemon.models import ServedModels
 from edgemeta.daemon.streams import Streams
 from edgemeta.fsio import is_storage_error
+from edgemeta.portfolio.portfolio import Portfolio
 from edgemeta.stream.budget import TooSlow, time_budget
 from edgemeta.stream.ingest import (
     IngestError,
@@ -42,7 +43,8 @@ log = logging.getLogger("edgemeta.daemon")
 class Inbox:
     def __init__(self, layout: StateLayout, bundle: BundleInfo, models: ServedModels,
                  streams: Streams, cache: LabelCache, pending: PendingFiles, metrics: Metrics,
-                 degraded: DegradedMode, settings: Settings):
+                 degraded: DegradedMode, settings: Settings,
+                 portfolios: dict[str, Portfolio] | None = None):
         self.layout = layout
         self.bundle = bundle
         self.kind = bundle.kind
@@ -55,6 +57,7 @@ class Inbox:
         self.settings = settings  # the settings in force (a reload replaces them)
         self.stuck: set[Path] = set()  # inputs that could not even be moved aside (logged once)
         self.without_labels: set[str] = set()  # streams told their files lack the label column
+        self.portfolios = portfolios or {}  # stream -> its online experts, when configured
 
     @property
     def limits(self) -> Limits:
@@ -134,15 +137,20 @@ class Inbox:
         the file is moved."""
         rows = parse_rows(path, self.settings.stream(stream), self.limits, self.bundle.classes)
         outputs, version = self.predict(stream, rows.x)
-        predictions = iter(self.predictions(outputs))
+        served, members = self.mix(stream, rows.x, outputs, version)
+        predictions = iter(self.predictions(served))
+        weights = iter(self.portfolios[stream].row_weights(members) if members is not None
+                       else ())
         records = []
         for i, row_id in enumerate(rows.all_ids):
             if i in rows.refused:
                 records.append({"id": row_id, "prediction": None, "version": version,
                                 "refused": rows.refused[i].message})
             else:
-                records.append({"id": row_id, "prediction": next(predictions),
-                                "version": version})
+                record = {"id": row_id, "prediction": next(predictions), "version": version}
+                if members is not None:
+                    record["experts"] = next(weights)
+                records.append(record)
         # Predictions are durable before anything is learned from the rows, so a file retried
         # after a full disk is not learned from twice.
         self.layout.write_predictions(stream, name, records)
@@ -159,7 +167,7 @@ class Inbox:
             log.warning("stream=%s file=%s has no label column %r: its rows are served and wait "
                         "for a label file joined by id; until labels arrive, drift on this "
                         "stream cannot be detected", stream, path.name, label)
-        return lambda: self.observe(stream, rows.x, outputs, version, rows.y, rows.ids)
+        return lambda: self.observe(stream, rows.x, outputs, version, rows.y, rows.ids, members)
 
     def _labels(self, stream: str, path: Path) -> Callable[[], None]:
         """Join a label file with the cached rows; returns the learning to do once the file is
@@ -194,6 +202,11 @@ class Inbox:
             for row_id in joined:
                 self.cache.pop(stream, row_id)
             self.streams.learn(stream, np.asarray(xs), y, np.asarray(outs), judged)
+            portfolio = self.portfolios.get(stream)
+            members = portfolio.recall(joined) if portfolio is not None else None
+            if members is not None:
+                portfolio.learn(self.normalize(np.asarray(xs)), y, members)
+                self._portfolio_metrics(stream)
         return learn
 
     # -- rows, from a file or from a caller in this process ---------------------------------------
@@ -211,16 +224,47 @@ class Inbox:
         self.metrics.predictions.labels(stream).inc(len(x))
         return outputs, version
 
+    def mix(self, stream: str, x: np.ndarray, outputs: np.ndarray,
+            version: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """What to serve: the ONNX outputs, or with a portfolio the mixture of its members
+        (and every member's prediction, to judge them by once the labels come)."""
+        portfolio = self.portfolios.get(stream)
+        if portfolio is None or len(x) == 0:
+            return outputs, None
+        dropped = dict(portfolio.dropped_)
+        served, members = portfolio.predict(self.normalize(x), outputs, version)
+        for name, count in portfolio.dropped_.items():
+            if count > dropped.get(name, 0):
+                self.metrics.portfolio_dropped.labels(stream, name).inc(count - dropped.get(name, 0))
+                log.warning("stream=%s: expert %s dropped from the portfolio (its prediction was "
+                            "not finite or far outside the labels' range)", stream, name)
+        return served, members
+
+    def _portfolio_metrics(self, stream: str) -> None:
+        portfolio = self.portfolios[stream]
+        for member, view in portfolio.view()["members"].items():
+            self.metrics.portfolio_weight.labels(stream, member).set(view["weight"])
+            if view["loss"] is not None:
+                self.metrics.portfolio_loss.labels(stream, member).set(view["loss"])
+
     def observe(self, stream: str, x: np.ndarray, outputs: np.ndarray, version: int,
-                y: np.ndarray | None = None, ids: list | None = None) -> None:
+                y: np.ndarray | None = None, ids: list | None = None,
+                members: np.ndarray | None = None) -> None:
         """Learn from served rows: their labels now, or later through the label cache."""
         if len(x) == 0:
             return
+        portfolio = self.portfolios.get(stream) if members is not None else None
         if y is not None:
             self.metrics.labels.labels(stream, "inline").inc(len(y))
             self.streams.learn(stream, x, y, outputs)
+            if portfolio is not None:
+                portfolio.learn(self.normalize(x), y, members)
+                self._portfolio_metrics(stream)
             return
-        for i, row_id in enumerate(ids if ids is not None else range(len(x))):
-            self.cache.put(stream, str(row_id), x[i], outputs[i], version)
+        row_ids = [str(i) for i in (ids if ids is not None else range(len(x)))]
+        if portfolio is not None:
+            portfolio.remember(row_ids, members)
+        for i, row_id in enumerate(row_ids):
+            self.cache.put(stream, row_id, x[i], outputs[i], version)
         if self.settings.drift.feature_detector != "none":
             self.streams.unlabelled(stream, self.normalize(x))

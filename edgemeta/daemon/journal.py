@@ -61,6 +61,8 @@ class StreamView:
     worse_than_trivial: int = 0
     regime_rows: int = 0    # labelled rows since the last change point: what a continued fit has
     baseline_rows: int = 0  # labelled rows the error detector's baseline holds
+    # The online experts beside the ONNX model (portfolio.enabled): weights, losses, champion.
+    portfolio: dict | None = None
 
 
 EPISODE_FORMAT = 1

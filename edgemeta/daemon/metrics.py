@@ -57,6 +57,15 @@ class Metrics:
                                    "(why the episode opened: initial, drift, retry, refine, "
                                    "continual, manual)", ["stream", "result", "source"],
                                    registry=r)
+        self.portfolio_weight = Gauge("edgemeta_portfolio_weight", "Weight of each member of a "
+                                      "stream's portfolio in the served mixture (onnx: the adapted "
+                                      "model)", ["stream", "expert"], registry=r)
+        self.portfolio_loss = Gauge("edgemeta_portfolio_loss", "Recent loss of each portfolio "
+                                    "member, normalized (1: as good as the labels' mean)",
+                                    ["stream", "expert"], registry=r)
+        self.portfolio_dropped = Counter("edgemeta_portfolio_dropped_total", "Experts dropped "
+                                         "from a portfolio for non-finite or exploding "
+                                         "predictions", ["stream", "expert"], registry=r)
         self.reloads = Counter("edgemeta_reloads_total", "Config reloads: applied, or refused "
                                "(the running config stays)", ["result"], registry=r)
         self.drift_restarts = Counter("edgemeta_drift_restarts_total", "Drift collections "

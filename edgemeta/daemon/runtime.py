@@ -11,6 +11,7 @@ What happens to a stream's rows is the business of ``inbox.py`` (files) and ``st
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -36,6 +37,7 @@ from edgemeta.daemon.inbox import Inbox
 from edgemeta.daemon.journal import Journal
 from edgemeta.daemon.metrics import Metrics, serve_http
 from edgemeta.daemon.models import ModelsError, ServedModels
+from edgemeta.daemon.portfolios import build_portfolios
 from edgemeta.daemon.state_lock import StateLock, StateLocked
 from edgemeta.daemon.streams import Streams
 from edgemeta.daemon.systemd import Notifier
@@ -166,7 +168,7 @@ class Daemon:
                                self.metrics, self.degraded.fail)
         self.inbox = Inbox(self.layout, self.bundle, self.models, self.streams, LabelCache(
             s.ingest.label_cache, s.ingest.label_cache_bytes), self.pending, self.metrics,
-            self.degraded, s)
+            self.degraded, s, portfolios=build_portfolios(s, self.bundle))
         self.commands = Commands(s.state_dir / "triggers", s.state_dir, self.inbox, self.streams,
                                  self.metrics, self.degraded, self.reload)
         if s.metrics.enabled:  # before the worker: a taken port must not leave a worker behind
@@ -277,8 +279,9 @@ class Daemon:
         labels): the path every inbox file takes, without the file. Returns the predictions and
         the version that made them."""
         outputs, version = self.inbox.predict(stream, x)
-        self.inbox.observe(stream, x, outputs, version, y, ids)
-        return self.inbox.predictions(outputs), version
+        served, members = self.inbox.mix(stream, x, outputs, version)
+        self.inbox.observe(stream, x, outputs, version, y, ids, members)
+        return self.inbox.predictions(served), version
 
     def drain(self, timeout: float = 60.0) -> bool:
         """Finish every adaptation under way, as the daemon would over its next turns; False when
@@ -349,6 +352,11 @@ class Daemon:
         return (f"serving {served or 'nothing yet'}; drift: {', '.join(drifting) or 'none'}"
                 f"{degraded}")
 
+    def _view(self, name: str):
+        view = self.streams.view(name)
+        portfolio = self.inbox.portfolios.get(name)
+        return view if portfolio is None else dataclasses.replace(view, portfolio=portfolio.view())
+
     def write_status(self) -> None:
         self.streams.changed = self.degraded.changed = False
         self._last["status"] = time.monotonic()
@@ -357,7 +365,7 @@ class Daemon:
                   "device": self.adapter.info.get("device"), "restarts": self.adapter.restarts}
         try:
             self.journal.write_status(os.getpid(), worker, {
-                name: self.streams.view(name) for name in self.streams.states},
+                name: self._view(name) for name in self.streams.states},
                 self.degraded.state.reasons)
         except OSError as exc:
             # status.json is a view for operators: a full disk must not stop serving for it, and

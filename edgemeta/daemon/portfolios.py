@@ -1,0 +1,20 @@
+"""The daemon's portfolios: one per stream when ``[portfolio] enabled``, built from the config."""
+
+from __future__ import annotations
+
+from edgemeta.bundle_format import BundleInfo
+from edgemeta.config import Settings
+from edgemeta.portfolio.portfolio import Portfolio
+
+
+def build_portfolios(settings: Settings, bundle: BundleInfo) -> dict[str, Portfolio]:
+    p = settings.portfolio
+    if not p.enabled:
+        return {}
+    params = {"linear": {"forgetting": p.linear_forgetting},
+              "knn": {"k": p.knn_k, "window": p.knn_window}}
+    outputs = 1 if bundle.kind == "regression" else bundle.outputs
+    return {s.name: Portfolio(bundle.kind, outputs, tuple(p.experts), eta=p.eta,
+                              sharing=p.sharing, onnx_prior=p.onnx_prior,
+                              pending=settings.ingest.label_cache, expert_params=params)
+            for s in settings.streams}

@@ -1,0 +1,203 @@
+"""One stream's portfolio: the served ONNX model and the online experts, mixed by Fixed-Share.
+
+Member 0 is always the ONNX model (the adapted meta-learned one); the experts follow. Each file's
+rows are predicted by every member, the prediction served is the weighted average (regression:
+values; classification: probabilities, the class served is the most probable), and each label,
+inline or arriving later, updates the weights with every member's loss on the prediction it made
+before seeing it, then teaches the experts.
+
+Losses are made comparable across streams and bounded, as the regret bound in
+``fixed_share.py`` needs: a squared error is divided by the recent variance of the labels (the
+trivial predictor's error, so 1 means "no better than the mean") and capped at ``loss_cap``; a
+cross-entropy is capped the same way. A member whose prediction is not finite, or a regression
+expert whose prediction is beyond ``explode`` label standard deviations of the labels' mean, is
+dropped for the rest of the process's life, counted in ``dropped_``, and never served.
+
+A restart starts the experts fresh (they are rebuilt from the rows that follow, a few hundred
+at the defaults); no input is lost, since every input is served and moved by the daemon as
+before.
+
+>>> rng = np.random.default_rng(0)
+>>> p = Portfolio("regression", outputs=1, experts=("linear",))
+>>> for _ in range(30):
+...     x = rng.normal(size=(20, 1)); y = 2 * x[:, 0]
+...     served, preds = p.predict(x, np.zeros((20, 1)), version=1)
+...     p.learn(x, y, preds)
+>>> w = p.weights(); bool(w["linear"] > 0.9 > w["onnx"])
+True
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import numpy as np
+
+from edgemeta.portfolio.experts import EXPERTS
+from edgemeta.portfolio.fixed_share import FixedShare
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class Portfolio:
+    def __init__(self, kind: str, outputs: int, experts: tuple[str, ...] = ("linear", "knn"),
+                 eta: float = 2.0, sharing: float = 0.01, onnx_prior: float = 0.5,
+                 loss_cap: float = 4.0, explode: float = 1e4, pending: int = 100_000,
+                 expert_params: dict[str, dict] | None = None):
+        self.kind = kind
+        self.outputs = outputs
+        self.experts = experts
+        self.eta = eta
+        self.sharing = sharing
+        self.onnx_prior = onnx_prior
+        self.loss_cap = loss_cap
+        self.explode = explode
+        self.pending = pending
+        params = expert_params or {}
+        self.members = ("onnx", *experts)
+        self._learners = [EXPERTS[name](outputs, **params.get(name, {})) for name in experts]
+        self._mix = FixedShare(len(self.members), eta=eta, alpha=sharing)
+        self._version: int | None = None
+        self._mean, self._var = 0.0, None  # of the labels (regression), exponentially weighted
+        self._waiting: OrderedDict[str, np.ndarray] = OrderedDict()  # row id -> members' preds
+        self.loss_ = np.full(len(self.members), np.nan)  # recent normalized loss per member
+        self.dropped_: dict[str, int] = {}
+        self.rows_ = 0
+
+    # -- serving -------------------------------------------------------------------------------
+    def _as_probabilities(self, scores: np.ndarray) -> np.ndarray:
+        """An expert's class scores (fitted to one-hot rows) as probabilities."""
+        p = np.clip(scores, 0.0, None) + 0.01
+        return p / p.sum(axis=-1, keepdims=True)
+
+    def predict(self, x: np.ndarray, onnx_outputs: np.ndarray,
+                version: int) -> tuple[np.ndarray, np.ndarray]:
+        """The mixed outputs to serve, shape (n, outputs), and every member's prediction,
+        shape (n, members, outputs), to learn from once the labels come."""
+        if version != self._version:
+            if self._version is not None:  # a new model: let it take over fast when it is right
+                self._mix.lift(0, self.onnx_prior)
+            self._version = version
+        onnx = np.asarray(onnx_outputs, np.float64)
+        if self.kind != "regression":
+            onnx = _softmax(onnx)
+        preds = np.empty((len(x), len(self.members), onnx.shape[1]))
+        preds[:, 0] = onnx
+        active = self._mix.active
+        for j, learner in enumerate(self._learners, start=1):
+            if not active[j]:
+                preds[:, j] = np.nan
+                continue
+            out = learner.predict(x)
+            if self.kind != "regression":
+                out = self._as_probabilities(out)
+            if learner.rows_ and not self._sane(out):
+                self._drop(j)
+                out = np.full_like(out, np.nan)
+            preds[:, j] = out
+        return self._mixed(preds), preds
+
+    def _sane(self, out: np.ndarray) -> bool:
+        if not np.isfinite(out).all():
+            return False
+        if self.kind == "regression" and self._var is not None:
+            return bool(np.abs(out - self._mean).max() <= self.explode * math.sqrt(self._var))
+        return True
+
+    def _drop(self, j: int) -> None:
+        self._mix.drop(j)
+        self.dropped_[self.members[j]] = self.dropped_.get(self.members[j], 0) + 1
+
+    def _mixed(self, preds: np.ndarray) -> np.ndarray:
+        """Each row's weighted average over the members that predicted it."""
+        w = np.where(np.isfinite(preds[:, :, 0]), self._mix.weights_[None, :], 0.0)
+        w /= np.maximum(w.sum(axis=1, keepdims=True), 1e-300)
+        return np.einsum("nm,nmo->no", w, np.nan_to_num(preds, nan=0.0))
+
+    def row_weights(self, preds: np.ndarray) -> list[dict[str, float]]:
+        """What each served row came from: the members' weights in its mixture."""
+        known = np.isfinite(preds[:, :, 0])
+        if known.all():  # the common case: every row came from the same mixture
+            same = {m: round(float(v), 4) for m, v in zip(self.members, self._mix.weights_,
+                                                          strict=True) if v > 0}
+            return [same] * len(preds)
+        w = np.where(known, self._mix.weights_[None, :], 0.0)
+        w /= np.maximum(w.sum(axis=1, keepdims=True), 1e-300)
+        return [{m: round(v, 4) for m, v in zip(self.members, row, strict=True) if v > 0}
+                for row in w.tolist()]
+
+    # -- labels later ----------------------------------------------------------------------------
+    def remember(self, ids: list, preds: np.ndarray) -> None:
+        """Keep the members' predictions of rows whose labels come later (the oldest go first)."""
+        for row_id, p in zip(ids, preds, strict=True):
+            self._waiting[str(row_id)] = p
+        while len(self._waiting) > self.pending:
+            self._waiting.popitem(last=False)
+
+    def recall(self, ids: list) -> np.ndarray | None:
+        found = [self._waiting.pop(str(i), None) for i in ids]
+        if any(p is None for p in found):
+            return None
+        return np.stack(found) if found else None
+
+    # -- learning --------------------------------------------------------------------------------
+    def _targets(self, y: np.ndarray) -> np.ndarray:
+        if self.kind == "regression":
+            return np.asarray(y, np.float64).reshape(-1, 1)
+        return np.eye(self.outputs)[np.asarray(y, int)]
+
+    def losses(self, y: np.ndarray, preds: np.ndarray) -> np.ndarray:
+        """Each row's normalized, capped loss per member (NaN where a member did not predict)."""
+        if self.kind == "regression":
+            y = np.asarray(y, np.float64)
+            var = self._var if self._var is not None else max(float(np.var(y)), 1e-12)
+            raw = (preds[:, :, 0] - y[:, None]) ** 2 / max(var, 1e-12)
+        else:
+            picked = preds[np.arange(len(y)), :, np.asarray(y, int)]
+            raw = -np.log(np.clip(picked, 1e-12, 1.0))
+        return np.minimum(raw, self.loss_cap)
+
+    def learn(self, x: np.ndarray, y: np.ndarray, preds: np.ndarray) -> None:
+        """Judge every member on the rows' labels (the predictions made before them), then teach
+        the experts the rows."""
+        losses = self.losses(y, preds)
+        self._mix.update_many(losses)
+        seen = np.isfinite(losses)
+        for j in range(len(self.members)):
+            if seen[:, j].any():
+                batch = float(losses[seen[:, j], j].mean())
+                old = self.loss_[j]
+                self.loss_[j] = batch if not np.isfinite(old) else 0.8 * old + 0.2 * batch
+        if self.kind == "regression":
+            y64 = np.asarray(y, np.float64)
+            mean, var = float(y64.mean()), float(y64.var())
+            if self._var is None:
+                self._mean, self._var = mean, max(var, 1e-12)
+            else:  # about the last 500 rows
+                a = 1.0 - 0.998 ** len(y64)
+                self._var = max((1 - a) * self._var + a * (var + (mean - self._mean) ** 2), 1e-12)
+                self._mean = (1 - a) * self._mean + a * mean
+        targets = self._targets(y)
+        for learner in self._learners:
+            learner.learn(x, targets)
+        self.rows_ += len(y)
+
+    # -- what status and metrics show ------------------------------------------------------------
+    def weights(self) -> dict[str, float]:
+        return {m: float(w) for m, w in zip(self.members, self._mix.weights_, strict=True)}
+
+    def champion(self) -> str:
+        return self.members[int(np.argmax(self._mix.weights_))]
+
+    def view(self) -> dict:
+        return {"champion": self.champion(), "rows": self.rows_,
+                "members": {m: {"weight": round(float(w), 4),
+                                "loss": None if not np.isfinite(v) else round(float(v), 4)}
+                            for m, w, v in zip(self.members, self._mix.weights_, self.loss_,
+                                               strict=True)},
+                "dropped": dict(self.dropped_)}

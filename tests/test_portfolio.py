@@ -1,0 +1,171 @@
+"""The portfolio of online experts: mixing by live losses with a regret bound, experts that
+misbehave dropped and never served, and the real daemon serving the mixture."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edgemeta.bench.harness import DaemonProcess, drop, free_port, sine_csv, write_config
+from edgemeta.portfolio.fixed_share import FixedShare, regret_bound
+from edgemeta.portfolio.portfolio import Portfolio
+
+
+def test_the_weights_move_to_the_expert_that_is_exactly_right():
+    rng = np.random.default_rng(1)
+    p = Portfolio("regression", outputs=1)
+    errors = []
+    for _ in range(40):
+        x = rng.normal(size=(25, 5))  # five features: the neighbours are far apart
+        y = x @ np.array([1.5, -0.5, 1.0, 2.0, -1.0]) + 2.0
+        served, members = p.predict(x, np.full((25, 1), 7.0), version=1)  # ONNX: far off
+        errors.append(float(np.mean((served[:, 0] - y) ** 2)))
+        p.learn(x, y, members)
+    w = p.weights()
+    assert w["linear"] > 0.95 and p.champion() == "linear"
+    assert errors[-1] < 1e-3 * errors[0]
+
+
+def test_a_stream_switching_between_two_experts_regimes_stays_within_the_bound():
+    """Expert 0 predicts 0, expert 1 predicts 1; the label is 0 or 1 by regime, switching every
+    150 rows. The mixture predicts the weighted average; its squared error summed over the stream
+    stays within Fixed-Share's bound of the best switching sequence (which loses nothing)."""
+    eta, alpha, rows, every = 2.0, 0.01, 1200, 150
+    mix = FixedShare(2, eta=eta, alpha=alpha)
+    preds = np.array([0.0, 1.0])
+    total = 0.0
+    for t in range(rows):
+        y = float((t // every) % 2)
+        served = float(mix.weights_ @ preds)
+        total += (served - y) ** 2
+        mix.update((preds - y) ** 2)
+    switches = rows // every - 1
+    bound = regret_bound(2, rows, switches, eta, alpha, cap=1.0)
+    assert total <= bound
+    assert total < 0.25 * rows  # and far better than always answering 0.5
+    # Tracking: a few rows after each switch the right expert carries the mixture.
+    assert mix.weights_[1] > 0.9  # the last regime (t // 150 = 7) is expert 1's
+
+
+class _Exploding:
+    """An expert that learns normally, then predicts NaN (or a huge number) from its 3rd batch."""
+
+    name = "bad"
+
+    def __init__(self, outputs, value):
+        self.outputs, self.value, self.rows_ = outputs, value, 0
+
+    def predict(self, x):
+        if self.rows_ >= 50:
+            return np.full((len(x), self.outputs), self.value)
+        return np.zeros((len(x), self.outputs))
+
+    def learn(self, x, targets):
+        self.rows_ += len(x)
+
+
+@pytest.mark.parametrize("value", [float("nan"), 1e30])
+def test_a_nan_or_exploding_expert_is_dropped_counted_and_never_served(value):
+    rng = np.random.default_rng(2)
+    p = Portfolio("regression", outputs=1, experts=("linear", "knn"))
+    p._learners[1] = _Exploding(1, value)
+    for _ in range(10):
+        x = rng.normal(size=(25, 1))
+        y = np.sin(x[:, 0])
+        served, members = p.predict(x, np.sin(x), version=1)
+        assert np.isfinite(served).all() and np.abs(served).max() < 10
+        p.learn(x, y, members)
+    assert p.dropped_ == {"knn": 1}
+    assert p.weights()["knn"] == 0.0
+
+
+def test_a_freshly_adapted_model_enters_with_its_prior_weight():
+    rng = np.random.default_rng(3)
+    p = Portfolio("regression", outputs=1, onnx_prior=0.5)
+    for _ in range(20):
+        x = rng.normal(size=(25, 1))
+        y = 3 * x[:, 0]
+        _, members = p.predict(x, np.zeros((25, 1)), version=1)
+        p.learn(x, y, members)
+    assert p.weights()["onnx"] < 0.05
+    p.predict(rng.normal(size=(1, 1)), np.zeros((1, 1)), version=2)
+    assert p.weights()["onnx"] == pytest.approx(0.5)
+
+
+def test_classification_mixes_probabilities_and_serves_the_most_probable_class():
+    rng = np.random.default_rng(4)
+    p = Portfolio("classification", outputs=3)
+    for _ in range(30):
+        x = rng.normal(size=(30, 2))
+        y = (x[:, 0] > 0).astype(int) + (x[:, 1] > 1).astype(int)
+        served, members = p.predict(x, np.zeros((30, 3)), version=1)  # ONNX: uniform
+        assert np.allclose(served.sum(axis=1), 1.0)
+        p.learn(x, y, members)
+    x = np.array([[2.0, -2.0], [-2.0, -2.0]])
+    served, _ = p.predict(x, np.zeros((2, 3)), version=1)
+    assert served.argmax(axis=1).tolist() == [1, 0]
+    assert p.weights()["onnx"] < 0.1
+
+
+@pytest.mark.slow
+def test_the_daemon_serves_the_mixture_says_where_each_answer_came_from_and_restarts_fresh(
+        tmp_path, sinusoid_bundle):
+    """A stream the bundle does not know (a line, not a sinusoid) with labels inline: the
+    linear expert takes the stream over, each prediction names its members' weights, metrics
+    and status show them; after a restart the experts start fresh and nothing is lost."""
+    port = free_port()
+    state = tmp_path / "state"
+    cfg = write_config(tmp_path / "edgemeta.toml", sinusoid_bundle.path, state, port,
+                       portfolio={"enabled": True}, memory={"capacity": 0},
+                       adaptation={"support_size": 10, "holdout_size": 20, "steps": 5,
+                                   "timeout_s": 20, "retries": 0})
+    daemon = DaemonProcess(cfg, state, port, tmp_path / "daemon.log")
+    inbox = state / "inbox" / "sine"
+    rng = np.random.default_rng(5)
+    sent = []
+
+    def send(n_files: int) -> None:
+        for _ in range(n_files):
+            name = f"f{len(sent):04d}.csv"
+            x = rng.uniform(-5, 5, 25)
+            y = 0.8 * x + 1.0
+            drop(inbox, name, sine_csv([f"{name}-{i}" for i in range(25)], x, y))
+            sent.append((name, y))
+        daemon.wait(lambda: not any(p.suffix == ".csv" for p in inbox.iterdir()), 120,
+                    "the inputs to be handled")
+
+    def served_mse(names) -> float:
+        errors = []
+        for name, y in names:
+            out = state / "outbox" / "sine" / f"{name}.predictions.jsonl"
+            pred = np.array([json.loads(line)["prediction"] for line in out.read_text().splitlines()])
+            errors.append((pred - y) ** 2)
+        return float(np.concatenate(errors).mean())
+
+    try:
+        daemon.start()
+        daemon.wait_ready(120)
+        send(30)
+        first = json.loads((state / "outbox" / "sine" / "f0029.csv.predictions.jsonl")
+                           .read_text().splitlines()[0])
+        assert set(first["experts"]) >= {"onnx", "linear"}
+        assert sum(first["experts"].values()) == pytest.approx(1.0, abs=1e-3)
+        assert served_mse(sent[-10:]) < 0.05 * served_mse(sent[:2])
+        assert daemon.total("edgemeta_portfolio_weight", stream="sine", expert="linear") > 0.5
+        daemon.wait(lambda: (daemon.status()["streams"]["sine"].get("portfolio") or {})
+                    .get("rows", 0) >= 700, 10, "status to show the portfolio")
+        assert daemon.status()["streams"]["sine"]["portfolio"]["champion"] == "linear"
+        assert daemon.stop() == 0
+        daemon.start()
+        daemon.wait_ready(120)
+        send(4)
+        rows = daemon.status()["streams"]["sine"].get("portfolio", {}).get("rows")
+        daemon.wait(lambda: (daemon.status()["streams"]["sine"].get("portfolio") or {})
+                    .get("rows", 10**9) <= 100, 10, "status after the restart")
+        assert rows is None or rows <= 100  # fresh experts: only the rows since the restart
+        processed = {p.name for p in (state / "processed" / "sine").iterdir()}
+        assert {name for name, _ in sent} <= processed  # nothing lost
+    finally:
+        daemon.stop()
