@@ -161,7 +161,7 @@ class PortfolioSettings:
     (``edgemeta/portfolio/``). The drift detector, the gate and probation keep judging the ONNX
     model's own error."""
 
-    enabled: bool = False  # serve the mixture instead of the ONNX model alone
+    enabled: bool = True  # serve the mixture; false: the ONNX model alone, as before 2026-12
     experts: list[str] = field(default_factory=lambda: ["linear", "knn"])  # linear, knn
     sharing: float = 0.01  # Fixed-Share rate: the weight spread evenly after each row (switches)
     eta: float = 2.0  # learning rate of the exponential weights, per normalized loss unit

@@ -175,7 +175,8 @@ def test_dashboard_and_alerts_only_name_metrics_the_daemon_exports(scrape):
     assert used <= exported, sorted(used - exported)
     panels = {p["title"] for p in dashboard["panels"]}
     for needed in ("Stream error", "Adaptations by outcome", "Adaptation stage duration",
-                   "Serving model version", "Inference latency", "Quarantined files"):
+                   "Serving model version", "Inference latency", "Quarantined files",
+                   "Portfolio: weight"):
         assert any(t.startswith(needed) for t in panels), needed
 
 

@@ -12,6 +12,8 @@ from edgemeta.bench.harness import DaemonProcess, drop, free_port, sine_csv, wri
 from edgemeta.portfolio.fixed_share import FixedShare, regret_bound
 from edgemeta.portfolio.portfolio import Portfolio
 
+from .conftest import run_edgemeta
+
 
 def test_the_weights_move_to_the_expert_that_is_exactly_right():
     rng = np.random.default_rng(1)
@@ -157,6 +159,8 @@ def test_the_daemon_serves_the_mixture_says_where_each_answer_came_from_and_rest
         daemon.wait(lambda: (daemon.status()["streams"]["sine"].get("portfolio") or {})
                     .get("rows", 0) >= 700, 10, "status to show the portfolio")
         assert daemon.status()["streams"]["sine"]["portfolio"]["champion"] == "linear"
+        shown = run_edgemeta("status", "--state", str(state))
+        assert "served as a mixture, champion linear: onnx" in shown.stdout, shown.stdout
         assert daemon.stop() == 0
         daemon.start()
         daemon.wait_ready(120)
@@ -169,3 +173,21 @@ def test_the_daemon_serves_the_mixture_says_where_each_answer_came_from_and_rest
         assert {name for name, _ in sent} <= processed  # nothing lost
     finally:
         daemon.stop()
+
+
+def test_the_portfolio_is_on_by_default_and_its_off_switch_serves_the_onnx_model_alone(
+        sinusoid_bundle, tmp_path):
+    from edgemeta.bundle_format import read_bundle_info
+    from edgemeta.config import ConfigError, parse_config, validate
+    from edgemeta.daemon.portfolios import build_portfolios
+
+    bundle = read_bundle_info(sinusoid_bundle.path)
+    raw = {"bundle": {"path": str(sinusoid_bundle.path)}, "state": {"dir": str(tmp_path)},
+           "streams": [{"name": "a", "features": ["x"], "label": "y"},
+                       {"name": "b", "features": ["x"], "label": "y"}]}
+    on = build_portfolios(validate(parse_config(raw)), bundle)
+    assert set(on) == {"a", "b"} and on["a"].members == ("onnx", "linear", "knn")
+    off = validate(parse_config({**raw, "portfolio": {"enabled": False}}))
+    assert build_portfolios(off, bundle) == {}
+    with pytest.raises(ConfigError, match="portfolio.experts: unknown expert 'arf'"):
+        validate(parse_config({**raw, "portfolio": {"experts": ["linear", "arf"]}}))

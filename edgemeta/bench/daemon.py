@@ -8,7 +8,6 @@ process's, and the worker's is read from /proc.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import platform
 import tempfile
@@ -18,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from edgemeta.config import PortfolioSettings, parse_config
+from edgemeta.config import parse_config
 from edgemeta.daemon.metrics import STAGES, Metrics
-from edgemeta.daemon.portfolios import build_portfolios
 from edgemeta.daemon.runtime import Daemon
+from edgemeta.portfolio.portfolio import Portfolio
 
 
 def rss_mb(pid: int | str = "self") -> float:
@@ -104,6 +103,33 @@ def throughput(daemon: Daemon, files: int, rows: int, seed: int = 1,
             "rows_per_second": files * rows / seconds, "processed": processed}
 
 
+def expert_costs(rows: int = 20_000) -> list[dict[str, Any]]:
+    """Microseconds per row of each portfolio expert alone (predict, then learn), on 10 features,
+    for 100-row files and for single-row files (where numpy's per-call cost dominates); "onnx
+    only" is the mixing itself, with no expert beside the ONNX model."""
+    rng = np.random.default_rng(0)
+    results = []
+    for kind, outputs in (("regression", 1), ("classification", 2)):
+        for experts in ((), ("linear",), ("knn",), ("linear", "knn")):
+            for batch in (100, 1):
+                n = rows if batch > 1 else rows // 10
+                x = rng.normal(size=(n + 1000, 10))
+                y = x[:, 0] if kind == "regression" else (x[:, 0] > 0).astype(int)
+                onnx = rng.normal(size=(len(x), outputs))
+                p = Portfolio(kind, outputs, experts)
+                for i in range(0, 1000, 100):  # a full KNN window first
+                    _, members = p.predict(x[i:i + 100], onnx[i:i + 100], 1)
+                    p.learn(x[i:i + 100], y[i:i + 100], members)
+                started = time.perf_counter()
+                for i in range(1000, len(x), batch):
+                    _, members = p.predict(x[i:i + batch], onnx[i:i + batch], 1)
+                    p.learn(x[i:i + batch], y[i:i + batch], members)
+                results.append({"kind": kind, "experts": "+".join(experts) or "onnx only",
+                                "rows_per_file": batch,
+                                "us_per_row": 1e6 * (time.perf_counter() - started) / n})
+    return results
+
+
 def run_daemon_bench(out: Path, bundle: Path, quick: bool = False) -> dict[str, Any]:
     import sys
 
@@ -119,19 +145,26 @@ def run_daemon_bench(out: Path, bundle: Path, quick: bool = False) -> dict[str, 
             print(f"drift-to-serving: p50 {lat['p50_ms']:.1f} ms, p90 {lat['p90_ms']:.1f} ms "
                   f"({lat['accepted']}/{lat['episodes']} accepted); stage p50 (ms): "
                   + ", ".join(f"{k} {v:.2f}" for k, v in lat["stage_p50_ms"].items()))
+            # The ONNX model alone first, then with the portfolio of online experts (the default).
+            portfolios, daemon.inbox.portfolios = daemon.inbox.portfolios, {}
             report["throughput"] = throughput(daemon, 4 if quick else 20, 5_000)
             t = report["throughput"]
             print(f"ingest: {t['rows_per_second']:.0f} rows/s ({t['files']} files x "
                   f"{t['rows_per_file']} rows in {t['seconds']:.2f} s)")
-            # The same again with the portfolio of online experts (linear, knn) mixed in.
-            daemon.inbox.portfolios = build_portfolios(
-                dataclasses.replace(daemon.settings, portfolio=PortfolioSettings(enabled=True)),
-                daemon.bundle)
+            daemon.inbox.portfolios = portfolios
             report["throughput_portfolio"] = throughput(daemon, 4 if quick else 20, 5_000,
                                                         seed=2, prefix="p")
             t = report["throughput_portfolio"]
             print(f"ingest with the portfolio (linear, knn): {t['rows_per_second']:.0f} rows/s "
                   f"({t['files']} files x {t['rows_per_file']} rows in {t['seconds']:.2f} s)")
+            report["expert_costs"] = expert_costs(4_000 if quick else 20_000)
+            print("portfolio cost, us per row (100-row files / 1-row files):")
+            costs = {(c["kind"], c["experts"], c["rows_per_file"]): c["us_per_row"]
+                     for c in report["expert_costs"]}
+            for kind, experts, batch in sorted(costs):
+                if batch == 100:
+                    print(f"  {kind:15s} {experts:12s} {costs[kind, experts, 100]:7.1f} / "
+                          f"{costs[kind, experts, 1]:7.1f}")
             report["rss_mb_serving"] = rss_mb()
             report["rss_mb_worker"] = rss_mb(daemon.adapter.pid)
             report["torch_in_serving_process"] = "torch" in sys.modules

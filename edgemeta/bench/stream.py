@@ -81,7 +81,10 @@ def daemon_config(workdir: Path, bundle: Path, features: int, streams: tuple[str
     lines = ["[bundle]", f'path = "{bundle.resolve()}"', "[state]", f'dir = "{workdir / "state"}"',
              "[metrics]", "enabled = false", "[adaptation]"]
     lines += [f"{k} = {json.dumps(v)}" for k, v in a.items()]
-    tables = {"retention": {"keep_models": 5, "keep_episodes": 100000}}
+    # "edgemeta" in this bench is the ONNX model alone; the portfolio (the daemon's default)
+    # is the run that asks for it, so both are reported side by side.
+    tables = {"retention": {"keep_models": 5, "keep_episodes": 100000},
+              "portfolio": {"enabled": False}}
     for section, values in (sections or {}).items():
         tables[section] = {**tables.get(section, {}), **values}
     for section, values in tables.items():

@@ -58,6 +58,10 @@ class Inbox:
         self.stuck: set[Path] = set()  # inputs that could not even be moved aside (logged once)
         self.without_labels: set[str] = set()  # streams told their files lack the label column
         self.portfolios = portfolios or {}  # stream -> its online experts, when configured
+        for stream, portfolio in self.portfolios.items():  # every series exists from the start
+            for member in portfolio.members[1:]:
+                self.metrics.portfolio_dropped.labels(stream, member)
+            self._portfolio_metrics(stream)
 
     @property
     def limits(self) -> Limits:
@@ -244,8 +248,9 @@ class Inbox:
         portfolio = self.portfolios[stream]
         for member, view in portfolio.view()["members"].items():
             self.metrics.portfolio_weight.labels(stream, member).set(view["weight"])
-            if view["loss"] is not None:
-                self.metrics.portfolio_loss.labels(stream, member).set(view["loss"])
+            # NaN until the member's first labelled row: "no figure yet", not a loss of 0.
+            self.metrics.portfolio_loss.labels(stream, member).set(
+                float("nan") if view["loss"] is None else view["loss"])
 
     def observe(self, stream: str, x: np.ndarray, outputs: np.ndarray, version: int,
                 y: np.ndarray | None = None, ids: list | None = None,

@@ -269,6 +269,15 @@ def _state_line(s: dict[str, Any]) -> str:
     return "DRIFT" if s["drift_active"] else "stable"
 
 
+def _portfolio_line(p: dict[str, Any]) -> str:
+    """Which members the stream's served mixture is made of, and how they have been doing."""
+    members = ", ".join(
+        f"{m} {v['weight']:.2f}" + (f" (loss {v['loss']:.3g})" if v.get("loss") is not None else "")
+        for m, v in p["members"].items())
+    dropped = f"; dropped: {', '.join(p['dropped'])}" if p.get("dropped") else ""
+    return f"served as a mixture, champion {p['champion']}: {members}{dropped}"
+
+
 def render_status(status: dict[str, Any], now: float | None = None) -> str:
     """The human-readable ``edgemeta status``."""
     now = time.time() if now is None else now
@@ -288,6 +297,8 @@ def render_status(status: dict[str, Any], now: float | None = None) -> str:
                         else "") + f", last loss {loss}"
                      + (f"; {s['worse_than_trivial']} time(s) worse than the trivial predictor"
                         if s.get("worse_than_trivial") else ""))
+        if s.get("portfolio"):
+            lines.append("    " + _portfolio_line(s["portfolio"]))
     for e in status["last_adaptations"]:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["time"]))
         timings = e.get("timings_ms", {})
