@@ -381,7 +381,16 @@ def parse_config(raw: dict[str, Any], source: Path | None = None) -> Settings:
 
 def validate(settings: Settings) -> Settings:
     """Every cross-key check; run again after :func:`fit_to_bundle` fills the bundle's shape."""
-    d, a = settings.drift, settings.adaptation
+    _validate_drift(settings.drift)
+    _validate_adaptation(settings.adaptation)
+    _validate_continual(settings)
+    _validate_evidence(settings)
+    _validate_io(settings)
+    _validate_portfolio(settings.portfolio)
+    return settings
+
+
+def _validate_drift(d: DriftSettings) -> None:
     _choice("drift.detector", d.detector, ERROR_DETECTORS)
     _choice("drift.feature_detector", d.feature_detector, FEATURE_DETECTORS)
     if d.delta is not None:
@@ -396,6 +405,9 @@ def validate(settings: Settings) -> Settings:
     _positive("drift.cooldown_samples", d.cooldown_samples, allow_zero=True)
     _positive("drift.min_samples", d.min_samples, allow_zero=True)
     _positive("drift.trivial_threshold", d.trivial_threshold, allow_zero=True)
+
+
+def _validate_adaptation(a: AdaptationSettings) -> None:
     _positive("adaptation.support_size", a.support_size)
     _positive("adaptation.holdout_size", a.holdout_size)
     if a.steps is not None:
@@ -412,6 +424,10 @@ def validate(settings: Settings) -> Settings:
         raise ConfigError(f"adaptation.window: {a.window} is smaller than support_size {a.support_size}")
     if a.device not in ("auto", "cpu") and not a.device.startswith("cuda"):
         raise ConfigError(f"adaptation.device: use auto, cpu or cuda[:N], got {a.device!r}")
+
+
+def _validate_continual(settings: Settings) -> None:
+    a = settings.adaptation
     c = settings.continual
     for key in ("window", "every", "growth", "max_every", "max_steps", "lr", "steps_per_row",
                 "max_seconds"):
@@ -419,6 +435,10 @@ def validate(settings: Settings) -> Settings:
     if c.window < a.holdout_size + 10:
         raise ConfigError(f"continual.window: {c.window} rows cannot hold adaptation.holdout_size "
                           f"({a.holdout_size}) plus 10 rows to learn from")
+
+
+def _validate_evidence(settings: Settings) -> None:
+    """Concept memory and the gate: the tests a candidate or a recall must pass."""
     _positive("memory.capacity", settings.memory.capacity, allow_zero=True)
     # A recall is evidence like any candidate's: its paired test at gate.alpha / 2 (each of its
     # two looks gets half) must be able to pass with one row that got worse; on fewer rows only
@@ -441,6 +461,10 @@ def validate(settings: Settings) -> Settings:
                           f"0.5^{settings.gate.early_rows}); use more rows or 0")
     if not 0 <= settings.gate.min_gain < 1:
         raise ConfigError(f"gate.min_gain: must be in [0, 1), got {settings.gate.min_gain}")
+
+
+def _validate_io(settings: Settings) -> None:
+    """Metrics, ingest limits, retention and serving."""
     if not 0 < settings.metrics.port < 65536:
         raise ConfigError(f"metrics.port: {settings.metrics.port} is not a TCP port")
     _positive("ingest.max_file_bytes", settings.ingest.max_file_bytes)
@@ -460,9 +484,6 @@ def validate(settings: Settings) -> Settings:
         _positive("retention.episode_after_rows", settings.retention.episode_after_rows,
                   allow_zero=True)
     _positive("serving.intra_op_threads", settings.serving.intra_op_threads, allow_zero=True)
-    _validate_portfolio(settings.portfolio)
-    return settings
-
 
 def _validate_portfolio(p: PortfolioSettings) -> None:
     known = ("linear", "knn")

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from edgemeta.config import load_config
-from edgemeta.daemon.journal import Journal, read_episode
+from edgemeta.daemon.journal import Journal
 from edgemeta.daemon.metrics import Metrics
 from edgemeta.daemon.runtime import Daemon
+from edgemeta.episode_format import read_episode
 from edgemeta.fleet.harvest import HarvestError, TaskShape, harvest, write_task_folder
 from edgemeta.meta.tasks import TaskFolderTasks
 

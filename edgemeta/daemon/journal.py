@@ -2,7 +2,7 @@
 
 An episode record (``<state>/episodes/<time>-<stream>.json``) keeps an adaptation's support and
 holdout rows with its outcome and the bundle it adapted, for audit and for re-meta-training later
-(``edgemeta tasks harvest`` reads them back through :func:`read_episode`). An accepted episode
+(``edgemeta tasks harvest`` reads them back through ``edgemeta/episode_format.py``). An accepted episode
 also gets the next labelled rows of its stream (``after``), so a harvested task has query rows
 the adaptation never saw. ``status.json`` is what
 ``edgemeta status`` prints, rewritten atomically. The daemon hands over plain values; the CLI reads
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -30,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from edgemeta.episode_format import episode_body
 from edgemeta.fsio import atomic_write
-from edgemeta.stream.parsing import IngestError, load_json
 
 log = logging.getLogger("edgemeta.daemon")
 
@@ -65,14 +64,6 @@ class StreamView:
     portfolio: dict | None = None
 
 
-EPISODE_FORMAT = 1
-EPISODE_MAX_DEPTH = 8  # an episode nests rows in parts: 4 levels; anything deeper is not one
-
-
-class EpisodeError(ValueError):
-    """An episode file that cannot be read back (truncated, foreign, malformed)."""
-
-
 @dataclass
 class _Following:
     """The labelled rows still wanted after an accepted episode."""
@@ -102,9 +93,7 @@ class Journal:
                  "reason": why, "serving_version": serving_version,
                  "timings_ms": {k: round(v * 1e3, 3) for k, v in timings.items()}, **figures}
         self.recent.append(entry)
-        body = {"format": EPISODE_FORMAT, **entry, "bundle": self.bundle,
-                "support": {"x": support[0].tolist(), "y": support[1].tolist()},
-                "holdout": {"x": holdout[0].tolist(), "y": holdout[1].tolist()}}
+        body = episode_body(entry, self.bundle, support, holdout)
         # One clock reading for both parts: the names sort in the order the episodes ended (two
         # readings could straddle a second and put a later episode first).
         now = time.time_ns()
@@ -163,75 +152,6 @@ class Journal:
                   "streams": {n: v.__dict__ for n, v in streams.items()},
                   "last_adaptations": list(self.recent)[-10:], "degraded": degraded}
         atomic_write(self.status_path, json.dumps(status, indent=2, default=float).encode())
-
-
-def _rows(body: dict, key: str, required: bool = True) -> tuple[np.ndarray, np.ndarray] | None:
-    part = body.get(key)
-    if part is None and not required:
-        return None
-    if not isinstance(part, dict) or "x" not in part or "y" not in part:
-        raise EpisodeError(f"'{key}' is missing or has no x/y")
-    try:
-        x = np.asarray(part["x"], dtype=np.float64)
-        y = np.asarray(part["y"], dtype=np.float64)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise EpisodeError(f"'{key}' rows are not numbers: {exc}") from exc
-    if x.ndim == 1 and len(x) == 0:
-        x = x.reshape(0, 0)
-    if x.ndim != 2 or y.ndim != 1 or len(x) != len(y):
-        raise EpisodeError(f"'{key}': x has shape {x.shape}, y has {y.shape}")
-    if not (np.isfinite(x).all() and np.isfinite(y).all()):
-        raise EpisodeError(f"'{key}' holds a non-finite value")
-    return x, y
-
-
-def read_episode(path: Path) -> dict[str, Any]:
-    """The episode record in ``path``; see :func:`parse_episode`."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise EpisodeError(f"cannot read: {exc}") from exc
-    return parse_episode(data)
-
-
-def parse_episode(data: bytes) -> dict[str, Any]:
-    """An episode record with its rows as arrays (``support``, ``holdout``, ``after`` or None).
-
-    Raises :class:`EpisodeError` naming what is wrong; files written before the ``format`` field
-    existed are read too (they have no ``bundle`` and no ``after``).
-    """
-    try:
-        # Depth and number length bounded: a file nested 100,000 deep or holding a 401-digit
-        # number is refused, never a RecursionError or OverflowError in the reader.
-        body = load_json(data.decode("utf-8"), 1, EPISODE_MAX_DEPTH)
-    except (ValueError, IngestError) as exc:  # JSONDecodeError and UnicodeDecodeError too
-        raise EpisodeError(f"not a readable JSON episode: {exc}") from exc
-    if not isinstance(body, dict):
-        raise EpisodeError("not an episode record (not a JSON object)")
-    if body.get("format", EPISODE_FORMAT) != EPISODE_FORMAT:
-        raise EpisodeError(f"episode format {body.get('format')!r}, this edgemeta reads {EPISODE_FORMAT}")
-    for key in ("stream", "result", "time"):
-        if key not in body:
-            raise EpisodeError(f"not an episode record (no '{key}')")
-    for key in ("stream", "result"):
-        if not isinstance(body[key], str) or not body[key] or len(body[key]) > 256:
-            raise EpisodeError(f"'{key}' must be a short string, got {str(body[key])[:40]!r}")
-    for key in ("trigger", "reason"):
-        if body.get(key) is not None and not isinstance(body[key], str):
-            raise EpisodeError(f"'{key}' must be a string")
-    t = body["time"]
-    if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t):
-        raise EpisodeError(f"'time' must be a number of seconds, got {str(t)[:40]!r}")
-    if body.get("bundle") is not None and not isinstance(body["bundle"], dict):
-        raise EpisodeError("'bundle' must be an object")
-    body["support"] = _rows(body, "support")
-    body["holdout"] = _rows(body, "holdout")
-    body["after"] = _rows(body, "after", required=False)
-    widths = {part[0].shape[1] for part in (body["support"], body["holdout"], body["after"])
-              if part is not None and len(part[0])}
-    if len(widths) > 1:
-        raise EpisodeError(f"rows disagree on the number of features: {sorted(widths)}")
-    return body
 
 
 def process_start(pid: int) -> int | None:

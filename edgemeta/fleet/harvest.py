@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from edgemeta.daemon.journal import EpisodeError, parse_episode
+from edgemeta.episode_format import EpisodeError, parse_episode
 from edgemeta.fsio import atomic_write
 
 MAX_EPISODE_BYTES = 64 * 1024 * 1024
