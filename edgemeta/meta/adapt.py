@@ -123,7 +123,7 @@ class Adapter:
         batch = TaskBatch(x[None], y[None], x[None], y[None])
         net = self.learner_.network(params)
         losses = [self.loss(net, x, y)]
-        if self.bundle.meta["algorithm"] == "protonet":
+        if self.learner_.closed_form:
             fast = {n: p[0] for n, p in self.learner_.adapt(params, batch).items()}
             losses.append(self.loss(fast, x, y))
         else:
@@ -190,13 +190,13 @@ class Adapter:
             serving = {**adapted, **self._tensors(init)}
             starts["current"] = (serving, len(ty))
             starts.update({f"recent-{m}": (serving, m) for m in windows})
-        # A protonet's fit is the prototypes of every row: nothing to train beyond them.
-        protonet = self.bundle.meta["algorithm"] == "protonet"
+        # A closed-form fit (a protonet's prototypes of every row) has nothing to train beyond.
+        closed_form = self.learner_.closed_form
         generator = torch.Generator(device="cpu").manual_seed(seed)
         best: tuple[float, str, int, dict[str, torch.Tensor]] | None = None
         curve: list[float] = []
         for name, (params, m) in starts.items():
-            budget = 0 if protonet or guard.fired else per_start
+            budget = 0 if closed_form or guard.fired else per_start
             loss, step, weights, losses = self._train(params, tx[-m:], ty[-m:], vx, vy, budget,
                                                       lr, batch, generator, guard)
             if best is None or loss < best[0]:
@@ -224,7 +224,7 @@ class Adapter:
         third)."""
         params = dict(self.init_)
         batch = TaskBatch(tx[None], ty[None], tx[None], ty[None])
-        if self.bundle.meta["algorithm"] == "protonet":
+        if self.learner_.closed_form:
             return {n: p[0].detach() for n, p in self.learner_.adapt(params, batch).items()}
         fast = params
         best = (self.loss(self.learner_.network(fast), vx, vy), self.learner_.network(fast))

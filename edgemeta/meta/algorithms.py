@@ -29,6 +29,10 @@ class MetaLearner:
 
     name = "maml"
     first_order = False
+    #: Adaptation is one closed-form computation (no gradient steps to count or budget).
+    closed_form = False
+    #: Only the head adapts on a device (the bundle says so; the rest is shared by all tasks).
+    head_only = False
 
     def __init__(self, model: nn.Module, kind: str, inner_steps: int, inner_lr: float,
                  head: Sequence[str]):
@@ -101,6 +105,7 @@ class ANIL(MetaLearner):
     """ANIL: only the head adapts in the inner loop; the body is shared by all tasks."""
 
     name = "anil"
+    head_only = True
 
     def adapt_names(self, params: Mapping[str, torch.Tensor]) -> list[str]:
         return list(self.head)
@@ -115,6 +120,8 @@ class ProtoNet(MetaLearner):
 
     name = "protonet"
     first_order = True
+    closed_form = True
+    head_only = True
 
     def embed(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         head_module = self.model.get_submodule(self.head[0].rsplit(".", 1)[0])
@@ -156,10 +163,16 @@ class ProtoNet(MetaLearner):
 _CLASSES = {c.name: c for c in (MetaLearner, FirstOrderMAML, Reptile, MetaSGD, ANIL, ProtoNet)}
 
 
-def make_learner(name: str, model: nn.Module, kind: str, inner_steps: int, inner_lr: float,
-                 head: Sequence[str]) -> MetaLearner:
+def learner_class(name: str) -> type[MetaLearner]:
+    """The learner behind an algorithm's name: what callers ask instead of testing the name."""
     if name not in _CLASSES:
         raise ValueError(f"unknown algorithm {name!r}; choose one of {', '.join(ALGORITHMS)}")
-    if name == "protonet" and kind != "classification":
-        raise ValueError("algorithm 'protonet' needs a classification task distribution")
-    return _CLASSES[name](model, kind, inner_steps, inner_lr, head)
+    return _CLASSES[name]
+
+
+def make_learner(name: str, model: nn.Module, kind: str, inner_steps: int, inner_lr: float,
+                 head: Sequence[str]) -> MetaLearner:
+    cls = learner_class(name)
+    if cls.closed_form and kind != "classification":
+        raise ValueError(f"algorithm {name!r} needs a classification task distribution")
+    return cls(model, kind, inner_steps, inner_lr, head)

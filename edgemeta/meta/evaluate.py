@@ -166,7 +166,7 @@ def evaluate(bundle: Bundle, shots: int | None = None, steps: Sequence[int] = (0
     results: dict[str, Any] = {"bundle": str(bundle.path), "algorithm": meta["algorithm"],
                                "kind": kind, "shots": shots, "tasks": n_tasks * seeds,
                                "seeds": list(range(seed, seed + seeds)), "methods": {}}
-    step_list = [0] if meta["algorithm"] == "protonet" else list(steps)
+    step_list = [0] if learner.closed_form else list(steps)
     for name, (lrn, params) in methods.items():
         rows = [score(lrn, params, batches, s, scale)
                 for s in (step_list if lrn is learner else steps)]

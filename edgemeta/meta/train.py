@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgemeta.meta.algorithms import ALGORITHMS, make_learner
+from edgemeta.meta.algorithms import ALGORITHMS, learner_class, make_learner
 from edgemeta.meta.chance import ChanceCheck, chance_losses, versus_chance
 from edgemeta.meta.distributed import Context, PeerLost
 from edgemeta.meta.inner import batch_loss
@@ -80,7 +80,7 @@ class TrainSettings:
             value = self.tasks.get(key, 1)
             if not isinstance(value, int) or value <= 0:
                 raise SettingsError(f"tasks.{key}: must be a positive integer, got {value!r}")
-        if self.inner_lr <= self.outer_lr and self.algorithm != "protonet":
+        if self.inner_lr <= self.outer_lr and not learner_class(self.algorithm).closed_form:
             warnings.warn(
                 f"inner_lr={self.inner_lr} is not above outer_lr={self.outer_lr}; the inner rate is "
                 "normally about 10x the outer one", stacklevel=2)
@@ -376,7 +376,7 @@ class ProgressBar:
 def bundle_meta(result: TrainResult) -> dict[str, Any]:
     """bundle.json contents for a training run (its fields: docs/design.md)."""
     s, tasks = result.settings, result.tasks
-    adapts = {"anil": result.head, "protonet": result.head}.get(s.algorithm, "all")
+    adapts = result.head if learner_class(s.algorithm).head_only else "all"
     names = [f"x{i}" for i in range(tasks.in_features)]
     output: dict[str, Any] = {"size": tasks.out_features}
     if tasks.kind == "regression":
