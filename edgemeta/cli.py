@@ -111,7 +111,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         ctx = distributed.context(settings.device)
         settings.device = distributed.device_for(ctx, settings.device)
         if ctx.writer:
-            for line in split_report(getattr(tasks, "new", tasks)):
+            for line in split_report(tasks.origin()):
                 print(line, file=sys.stderr)
         if ctx.world > 1:
             print(f"rank {ctx.rank} of {ctx.world}: {ctx.share(settings.meta_batch)} of "
@@ -219,9 +219,11 @@ def _inherit(settings, meta: dict) -> None:
 def split_report(tasks) -> list[str]:
     """What a task folder's split did with its files, and a warning when whole files are held out
     of meta-training from a folder too small for that to be harmless."""
-    files = getattr(tasks, "split_files", None)
-    if not files:
+    from edgemeta.meta.tasks import TaskFolderTasks
+
+    if not isinstance(tasks, TaskFolderTasks) or not tasks.split_files:
         return []
+    files = tasks.split_files
     val_files = files["val"] if tasks.fractions[1] else []
     held = val_files + files["test"]
     lines = [f"task folder: {len(files['train']) + len(held)} files; meta-train "

@@ -50,8 +50,8 @@ def _continued_fit_keeps_the_network(bundle, x, y):
 
     adapter = Adapter(bundle)
     shapes = {n: w.shape for n, w in bundle.network_weights().items()}
-    fresh = adapter.fit(x, y, max_seconds=2.0)
-    onward = adapter.fit(x, y, init=fresh.weights, max_seconds=2.0)
+    fresh = adapter.fit(x, y, max_seconds=120.0)
+    onward = adapter.fit(x, y, init=fresh.weights, max_seconds=120.0)
     for result in (fresh, onward):
         assert {n: w.shape for n, w in result.weights.items()} == shapes
         assert all(np.isfinite(w).all() for w in result.weights.values())

@@ -140,9 +140,9 @@ def test_a_fit_after_an_unseen_change_learns_from_the_recent_rows(sinusoid_bundl
     net = TorchNet(sinusoid_bundle.path)  # the bundle's network in torch, for predictions
     adapter = net.adapter
     (xa, ya), (xb, yb) = _task(1, 400), _task(2, 500)
-    serving = adapter.fit(xa, ya, max_seconds=5.0, seed=0).weights
+    serving = adapter.fit(xa, ya, max_seconds=120.0, seed=0).weights
     x, y = np.concatenate([xa, xb[:200]]), np.concatenate([ya, yb[:200]])
-    result = adapter.fit(x, y, init=serving, max_seconds=5.0, seed=0)
+    result = adapter.fit(x, y, init=serving, max_seconds=120.0, seed=0)
     assert result.start.startswith("recent-")
 
     def mse(weights):
@@ -158,7 +158,7 @@ def test_the_meta_init_start_runs_its_inner_loop_for_as_long_as_the_rows_support
     adapter = net.adapter
     x, y = _task(3, 600)
     one_step = adapter.adapt(x[:300], y[:300]).weights
-    fitted = adapter.fit(x[:300], y[:300], max_seconds=5.0, max_steps=300, seed=0)
+    fitted = adapter.fit(x[:300], y[:300], max_seconds=120.0, max_steps=300, seed=0)
     assert fitted.start == "meta-init"
 
     def mse(weights):

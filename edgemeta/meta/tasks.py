@@ -17,7 +17,7 @@ import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -43,7 +43,50 @@ class TaskBatch:
                            (self.support_x, self.support_y, self.query_x, self.query_y)))
 
 
-class SinusoidTasks:
+@runtime_checkable
+class TaskSource(Protocol):
+    """What meta-training, evaluation and the CLI ask of a task distribution.
+
+    Every distribution here implements it explicitly (no duck-typed ``getattr`` probes):
+    ``kind`` is "regression" or "classification"; ``shots`` and ``queries`` are the default
+    support and query rows per task (per class for an N-way array); ``normalization`` is the
+    feature scaling its rows were given (None: as they are); :meth:`has` says whether a split
+    holds any task (an evaluation-only folder has no training tasks); :meth:`origin` is the
+    distribution the user named, under any wrapping (standardized targets, a replay mix), for
+    reports about the user's own data.
+
+    >>> isinstance(SinusoidTasks(), TaskSource), SinusoidTasks().origin().kind
+    (True, 'regression')
+    """
+
+    kind: str
+    in_features: int
+    out_features: int
+    shots: int
+    queries: int
+    normalization: dict[str, list[float]] | None
+
+    def sample(self, n_tasks: int, rng: np.random.Generator, split: str = "train",
+               shots: int | None = None, queries: int | None = None) -> TaskBatch: ...
+
+    def has(self, split: str) -> bool: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def origin(self) -> TaskSource: ...
+
+
+class _Generated:
+    """A family sampled from its parameters: every split holds tasks, nothing wraps it."""
+
+    def has(self, split: str) -> bool:
+        return split in SPLITS
+
+    def origin(self) -> TaskSource:
+        return self  # type: ignore[return-value]
+
+
+class SinusoidTasks(_Generated):
     """The MAML paper's regression tasks: y = A sin(x - phase), A in [0.1, 5], phase in [0, pi]."""
 
     kind = "regression"
@@ -84,7 +127,7 @@ class SinusoidTasks:
     normalization = None
 
 
-class HyperplaneTasks:
+class HyperplaneTasks(_Generated):
     """Binary classification by a random hyperplane: y = [w . x + b > 0], x uniform in [-1, 1]^d.
 
     The classification counterpart of the sinusoid family: every task is the same kind of rule
@@ -255,6 +298,12 @@ class ArrayClassificationTasks:
         self.in_features = x.shape[1]
         self.out_features = n_way
 
+    def has(self, split: str) -> bool:
+        return bool(self._by_split.get(split))
+
+    def origin(self) -> TaskSource:
+        return self
+
     def sample(self, n_tasks: int, rng: np.random.Generator, split: str = "train",
                shots: int | None = None, queries: int | None = None) -> TaskBatch:
         shots = self.shots if shots is None else shots
@@ -393,6 +442,9 @@ class TaskFolderTasks:
         """Whether ``split`` holds any task (an evaluation-only folder has no training files)."""
         return bool(self._splits.get(split))
 
+    def origin(self) -> TaskSource:
+        return self
+
     def sample(self, n_tasks: int, rng: np.random.Generator, split: str = "train",
                shots: int | None = None, queries: int | None = None) -> TaskBatch:
         shots = self.shots if shots is None else shots
@@ -475,8 +527,39 @@ class StandardizedTargets:
         """
         return (abs(self.mean) > self.UNIT or not 1 / self.UNIT <= self.std <= self.UNIT)
 
-    def __getattr__(self, name: str):
-        return getattr(self.inner, name)
+    # The wrapped distribution's shape, stated rather than forwarded blindly.
+    @property
+    def kind(self) -> str:
+        return self.inner.kind
+
+    @property
+    def in_features(self) -> int:
+        return self.inner.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.inner.out_features
+
+    @property
+    def shots(self) -> int:
+        return self.inner.shots
+
+    @property
+    def queries(self) -> int:
+        return self.inner.queries
+
+    @property
+    def normalization(self) -> dict[str, list[float]] | None:
+        return self.inner.normalization
+
+    def has(self, split: str) -> bool:
+        return self.inner.has(split)
+
+    def describe(self) -> dict[str, Any]:
+        return self.inner.describe()
+
+    def origin(self) -> TaskSource:
+        return self.inner.origin()
 
     def sample(self, *args, **kwargs) -> TaskBatch:
         b = self.inner.sample(*args, **kwargs)
@@ -525,6 +608,12 @@ class MixedTasks:
             return parts[0]
         return TaskBatch(*(torch.cat([getattr(p, f) for p in parts])
                            for f in ("support_x", "support_y", "query_x", "query_y")))
+
+    def has(self, split: str) -> bool:
+        return self.new.has(split)
+
+    def origin(self) -> TaskSource:
+        return self.new.origin()
 
     def describe(self) -> dict[str, Any]:
         return {"name": "mixed", "new": self.new.describe(), "replay": self.replay.describe(),

@@ -383,7 +383,7 @@ def bundle_meta(result: TrainResult) -> dict[str, Any]:
         # The targets the meta-initialization was trained on (in the user's units): the device
         # refuses to adapt on labels far outside them (poisoned or mis-scaled labels, see
         # daemon/sanity.py).
-        raw = getattr(tasks, "inner", tasks)
+        raw = tasks.inner if isinstance(tasks, StandardizedTargets) else tasks
         probe = raw.sample(200, np.random.default_rng(s.seed + 11), split="train")
         ys = np.concatenate([probe.support_y.numpy().ravel(), probe.query_y.numpy().ravel()])
         output["target_range"] = [float(np.quantile(ys, 0.001)), float(np.quantile(ys, 0.999))]
