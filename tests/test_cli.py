@@ -204,7 +204,7 @@ def test_eval_of_a_trained_bundle_shows_the_chance_level_without_a_warning(sinus
 def test_train_says_when_a_busy_machine_starved_its_time_budget_and_in_which_units_it_reports():
     from types import SimpleNamespace
 
-    from edgemeta.cli import _budget_starved, _loss_units
+    from edgemeta.cli.learning import _budget_starved, _loss_units
     from edgemeta.meta.tasks import SinusoidTasks, StandardizedTargets
     from edgemeta.meta.train import TrainSettings
 
