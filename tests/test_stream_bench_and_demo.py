@@ -65,9 +65,8 @@ def test_the_benchmark_path_and_the_file_driven_daemon_make_the_same_decisions(
 
     workdir = tmp_path / "files"
     workdir.mkdir()
-    cfg = daemon_config(workdir, sinusoid_bundle.path, 1, steps=5, sections=unbounded)
-    text = cfg.read_text().replace("enabled = false", "enabled = false\n[ingest]\nsettle_s = 0.01")
-    cfg.write_text(text)
+    cfg = daemon_config(workdir, sinusoid_bundle.path, 1, steps=5,
+                        sections={"ingest": {"settle_s": 0.01}})
     daemon = Daemon(load_config(cfg), metrics=Metrics())
     daemon.setup()
     try:
