@@ -184,6 +184,9 @@ def test_delayed_labels_join_to_earlier_predictions(daemon):
     assert counter(daemon, "edgemeta_labels_total", stream="sine", result="matched") == 30
     assert counter(daemon, "edgemeta_labels_total", stream="sine", result="unknown") == 1
     assert daemon.streams.view("sine").samples == 30
+    # The portfolio (on by default) judged its members on the same 30 rows, by the predictions
+    # each made before the labels came.
+    assert daemon.inbox.portfolios["sine"].rows_ == 30
 
 
 @pytest.mark.parametrize("name, body, reason", [

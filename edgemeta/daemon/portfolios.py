@@ -14,7 +14,12 @@ def build_portfolios(settings: Settings, bundle: BundleInfo) -> dict[str, Portfo
     params = {"linear": {"forgetting": p.linear_forgetting},
               "knn": {"k": p.knn_k, "window": p.knn_window}}
     outputs = 1 if bundle.kind == "regression" else bundle.outputs
+    # The members' predictions of rows waiting for a delayed label are held like the label
+    # cache's rows: at most as many, and within its byte budget (about 8 bytes per member and
+    # output, plus a key and a dict slot).
+    entry = 8 * (len(p.experts) + 1) * outputs + 200
+    pending = max(1, min(settings.ingest.label_cache, settings.ingest.label_cache_bytes // entry))
     return {s.name: Portfolio(bundle.kind, outputs, tuple(p.experts), eta=p.eta,
-                              sharing=p.sharing, onnx_prior=p.onnx_prior,
-                              pending=settings.ingest.label_cache, expert_params=params)
+                              sharing=p.sharing, onnx_prior=p.onnx_prior, pending=pending,
+                              expert_params=params)
             for s in settings.streams}
