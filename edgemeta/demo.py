@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from edgemeta.bench.harness import free_port
+from edgemeta.testing.harness import free_port
 
 # (amplitude, phase) of the tasks the stream switches between; far enough apart to be seen.
 TASKS = ((1.0, 0.0), (4.5, 2.5), (2.0, 1.2), (4.0, 0.3), (0.8, 2.8), (3.0, 1.8))
@@ -46,9 +46,9 @@ class DemoRun:
 
 def demo_bundle(workdir: Path, iterations: int) -> Path:
     """The cached demo bundle, meta-trained with a progress bar the first time."""
-    from edgemeta.bench.harness import read_or_train
     from edgemeta.meta.tasks import SinusoidTasks
     from edgemeta.meta.train import ProgressBar, TrainSettings
+    from edgemeta.testing.harness import read_or_train
 
     path = workdir / f"sinusoid-maml-{iterations}"
     settings = TrainSettings(algorithm="maml", iterations=iterations,

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgemeta.bench.harness import free_port, sine_config_toml
 from edgemeta.meta.bundle import read_bundle
 from edgemeta.meta.tasks import SinusoidTasks
 from edgemeta.meta.train import TrainSettings, save_bundle, train
+from edgemeta.testing.harness import free_port, sine_config_toml
 
 #: Prefix of the skip reason of a test that needs a real tool this machine lacks; the summary at
 #: the end of the run lists them, so "passed with 3 skipped" never hides what was not checked.

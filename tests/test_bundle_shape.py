@@ -10,13 +10,13 @@ import logging
 import numpy as np
 import pytest
 
-from edgemeta.bench.harness import free_port
 from edgemeta.config import load_config
 from edgemeta.daemon.metrics import Metrics
 from edgemeta.daemon.runtime import Daemon
 from edgemeta.meta.tasks import ArrayClassificationTasks
 from edgemeta.meta.train import TrainSettings, save_bundle, train
 from edgemeta.stream.buffers import SupportCollector
+from edgemeta.testing.harness import free_port
 from tests.conftest import run_edgemeta
 
 WAYS, SHOTS, QUERIES = 3, 4, 5

@@ -7,8 +7,8 @@ import json
 import numpy as np
 
 from edgemeta.bench.stream import run_edgemeta
-from edgemeta.bench.switching import recurring_stream
 from edgemeta.serve.registry import Registry
+from edgemeta.testing.streams import recurring_stream
 
 ADAPT = {"support_size": 10, "holdout_size": 20, "steps": 30, "timeout_s": 60}
 

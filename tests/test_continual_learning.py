@@ -10,7 +10,6 @@ import pytest
 
 from edgemeta.bench.baselines import TorchNet
 from edgemeta.bench.stream import run_edgemeta
-from edgemeta.bench.switching import switching_stream
 from edgemeta.config import load_config
 from edgemeta.daemon.journal import read_status
 from edgemeta.daemon.metrics import Metrics
@@ -18,6 +17,7 @@ from edgemeta.daemon.runtime import Daemon
 from edgemeta.meta.adapt import Adapter
 from edgemeta.meta.bundle import read_bundle
 from edgemeta.stream.regime import RegimeBuffer
+from edgemeta.testing.streams import switching_stream
 from tests.conftest import CpuBurners, counter, write_config
 
 ADAPT = {"support_size": 10, "holdout_size": 20, "steps": 30, "timeout_s": 60}

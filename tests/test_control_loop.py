@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgemeta.bench.harness import DaemonProcess, drop, free_port, sine_csv, write_config
+from edgemeta.testing.harness import DaemonProcess, drop, free_port, sine_csv, write_config
 from tests.conftest import CpuBurners
 
 TASK_A = (1.0, 0.0)   # amplitude, phase

@@ -131,7 +131,7 @@ def test_hostile_shapes_are_handled_in_well_under_a_second_while_metrics_answer(
     import threading
     import urllib.request
 
-    from edgemeta.bench.harness import DaemonProcess, drop
+    from edgemeta.testing.harness import DaemonProcess, drop
 
     cfg = write_config(tmp_path, sinusoid_bundle.path)
     port = int(next(line.split("=")[1] for line in cfg.read_text().splitlines()

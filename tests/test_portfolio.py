@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from edgemeta.bench.harness import DaemonProcess, drop, free_port, sine_csv, write_config
 from edgemeta.portfolio.fixed_share import FixedShare, regret_bound
 from edgemeta.portfolio.portfolio import Portfolio
+from edgemeta.testing.harness import DaemonProcess, drop, free_port, sine_csv, write_config
 
 from .conftest import run_edgemeta
 

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from edgemeta.bench.harness import DaemonProcess
+from edgemeta.testing.harness import DaemonProcess
 from tests.conftest import sine_file, write_config
 
 

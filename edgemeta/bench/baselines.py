@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from edgemeta.bench.switching import Run, SwitchingStream, sample_loss
+from edgemeta.testing.streams import Run, SwitchingStream, sample_loss
 
 # -- the meta-learned alternatives, in torch ----------------------------------------------------------
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from edgemeta.bench.harness import (
+from edgemeta.testing.harness import (
     DaemonProcess,
     cached_bundle,
     drop,

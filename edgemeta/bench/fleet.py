@@ -48,8 +48,8 @@ def _few_shot(bundle: Path, tasks, n_tasks: int, seeds: int) -> dict[str, float]
 
 def _devices(base: Path, workdir: Path, devices: int, rows: int, seed: int) -> list[Path]:
     from edgemeta.bench.stream import run_edgemeta
-    from edgemeta.bench.switching import switching_stream
     from edgemeta.meta.tasks import SinusoidTasks
+    from edgemeta.testing.streams import switching_stream
 
     states = []
     for d in range(devices):
@@ -80,8 +80,8 @@ def _retrain(base: Path, folder: Path, out: Path, iterations: int, replay: float
 
 def _stream_error(bundle: Path, workdir: Path, rows: int, seed: int) -> float:
     from edgemeta.bench.stream import run_edgemeta
-    from edgemeta.bench.switching import switching_stream
     from edgemeta.meta.tasks import SinusoidTasks
+    from edgemeta.testing.streams import switching_stream
 
     stream = switching_stream("sinusoid", n=rows, hazard=1 / 300, seed=777_000 + seed,
                               tasks=SinusoidTasks(shots=10, queries=10, **SHIFTED))
@@ -107,11 +107,11 @@ def run_fleet_bench(out: Path, seeds: int = 3, devices: int = 8, rows: int = 240
                     replay: float = 0.5,
                     eval_tasks: int = 600, eval_seeds: int = 5, stream_rows: int = 6000,
                     throughput_iterations: int = 1500, log=print) -> dict[str, Any]:
-    from edgemeta.bench.harness import read_or_train
     from edgemeta.fleet.harvest import TaskShape, harvest, write_task_folder
     from edgemeta.meta.bundle import read_bundle
     from edgemeta.meta.tasks import SinusoidTasks
     from edgemeta.meta.train import TrainSettings
+    from edgemeta.testing.harness import read_or_train
 
     out = Path(out).resolve()  # the daemon resolves a relative state dir against its config
     out.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from edgemeta.bench.switching import DEFAULT_NOISE
+from edgemeta.testing.streams import DEFAULT_NOISE
 
 # -- detection figures --------------------------------------------------------------------------------
 

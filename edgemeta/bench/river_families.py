@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgemeta.bench.switching import SwitchingStream, switch_points
+from edgemeta.testing.streams import SwitchingStream, switch_points
 
 RIVER_FAMILIES = ("river-hyperplane", "river-rbf", "river-sea", "river-friedman")
 KINDS = {"river-hyperplane": "classification", "river-rbf": "classification",

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from edgemeta.bench.harness import (
+from edgemeta.testing.harness import (
     DaemonProcess,
     cached_bundle,
     drop,

@@ -51,7 +51,7 @@ from edgemeta.bench.river_families import (
     river_stream,
     write_related_tasks,
 )
-from edgemeta.bench.switching import (
+from edgemeta.testing.streams import (
     FAMILIES,
     Run,
     SwitchingStream,
@@ -207,8 +207,8 @@ def _train_once(family: str, tasks, directory: Path, iterations: int, algorithm:
                 source: str = "") -> Path:
     """The bundle ``<family>-maml-<iterations>`` in ``directory``, meta-trained there unless an
     earlier run left it whole (``harness.read_or_train``)."""
-    from edgemeta.bench.harness import read_or_train
     from edgemeta.meta.train import TrainSettings
+    from edgemeta.testing.harness import read_or_train
 
     settings = TrainSettings(iterations=iterations, val_every=max(1, iterations // 10), seed=0,
                              device="cpu", tasks=tasks.describe(), **algorithm)
