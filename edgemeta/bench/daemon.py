@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 
 from edgemeta.config import parse_config
-from edgemeta.daemon.metrics import STAGES, Metrics
-from edgemeta.daemon.runtime import Daemon
+from edgemeta.daemon.metrics import STAGES
 from edgemeta.portfolio.portfolio import Portfolio
+from edgemeta.testing.inprocess import InProcessDaemon
 
 
 def rss_mb(pid: int | str = "self") -> float:
@@ -30,7 +30,7 @@ def rss_mb(pid: int | str = "self") -> float:
     return float("nan")
 
 
-def _daemon(bundle: Path, state: Path, device: str = "auto") -> Daemon:
+def in_process_daemon(bundle: Path, state: Path, device: str = "auto") -> InProcessDaemon:
     settings = parse_config({
         "bundle": {"path": str(bundle)}, "state": {"dir": str(state)},
         "streams": [{"name": "sine", "features": ["x"], "label": "y", "id": "id"}],
@@ -39,14 +39,10 @@ def _daemon(bundle: Path, state: Path, device: str = "auto") -> Daemon:
                        "refine": [], "device": device},
         "metrics": {"enabled": False}, "ingest": {"max_file_bytes": 1 << 30},
         "retention": {"keep_models": 5, "keep_episodes": 50}})
-    daemon = Daemon(settings, metrics=Metrics())
-    daemon.setup()
-    if not daemon.adapter.wait_ready(120):
-        raise RuntimeError("adapter worker did not start")
-    return daemon
+    return InProcessDaemon(settings).start()
 
 
-def latency(daemon: Daemon, episodes: int, seed: int = 0) -> dict[str, Any]:
+def latency(daemon: InProcessDaemon, episodes: int, seed: int = 0) -> dict[str, Any]:
     """From a complete support+holdout set to the first answer from the new version."""
     rng = np.random.default_rng(seed)
     totals, stages, results = [], {s: [] for s in STAGES}, []
@@ -55,17 +51,17 @@ def latency(daemon: Daemon, episodes: int, seed: int = 0) -> dict[str, Any]:
         amp, phase = rng.uniform(0.1, 5.0), rng.uniform(0, np.pi)
         x = rng.uniform(-5, 5, (30, 1)).astype(np.float32)
         y = amp * np.sin(x[:, 0] - phase)
-        before = daemon.models.version("sine")
-        daemon.streams.trigger("sine")  # as `edgemeta trigger adapt` does
+        before = daemon.version("sine")
+        daemon.trigger("sine")  # as `edgemeta trigger adapt` does
         started = time.perf_counter()
         daemon.feed("sine", x, y)  # completes the collection: the episode goes to the worker
         daemon.drain(120)
-        _, version = daemon.models.predict("sine", probe)
+        _, version = daemon.feed("sine", probe)
         done = time.perf_counter()
         # The episode that served the new task: the manual one, or (the detector watches the
         # collection too) the drift episode that superseded it; a recall has no worker stages.
-        entry = next((e for e in reversed(daemon.journal.recent) if e["trigger"] != "recall"),
-                     daemon.journal.recent[-1])
+        recent = daemon.episodes()
+        entry = next((e for e in reversed(recent) if e["trigger"] != "recall"), recent[-1])
         results.append(entry["result"])
         if (entry["result"] == "accepted" and version != before
                 and all(s in entry.get("timings_ms", {}) for s in stages)):
@@ -80,11 +76,11 @@ def latency(daemon: Daemon, episodes: int, seed: int = 0) -> dict[str, Any]:
             "stage_p50_ms": {s: float(np.median(v)) for s, v in stages.items()}}
 
 
-def throughput(daemon: Daemon, files: int, rows: int, seed: int = 1,
+def throughput(daemon: InProcessDaemon, files: int, rows: int, seed: int = 1,
                prefix: str = "t") -> dict[str, Any]:
     """Rows per second through parse, predict, drift, outbox write and the move to processed/."""
     rng = np.random.default_rng(seed)
-    inbox = daemon.layout.dir("inbox", "sine")
+    inbox = daemon.inbox("sine")
     paths = []
     for i in range(files):
         x = rng.uniform(-5, 5, rows)
@@ -96,9 +92,9 @@ def throughput(daemon: Daemon, files: int, rows: int, seed: int = 1,
         paths.append(path)
     started = time.perf_counter()
     for path in paths:
-        daemon.inbox.handle("sine", path)
+        daemon.handle("sine", path)
     seconds = time.perf_counter() - started
-    processed = sum(1 for _ in daemon.layout.dir("processed", "sine").glob(f"{prefix}*.csv"))
+    processed = sum(1 for _ in daemon.processed("sine").glob(f"{prefix}*.csv"))
     return {"files": files, "rows_per_file": rows, "seconds": seconds,
             "rows_per_second": files * rows / seconds, "processed": processed}
 
@@ -137,7 +133,7 @@ def run_daemon_bench(out: Path, bundle: Path, quick: bool = False) -> dict[str, 
     report: dict[str, Any] = {"machine": f"{platform.node()} {platform.machine()}",
                               "date": time.strftime("%Y-%m-%d"), "bundle": str(bundle)}
     with tempfile.TemporaryDirectory() as tmp:
-        daemon = _daemon(bundle, Path(tmp) / "state")
+        daemon = in_process_daemon(bundle, Path(tmp) / "state")
         try:
             report["rss_mb_serving_after_start"] = rss_mb()
             report["latency"] = latency(daemon, 20 if quick else 200)
@@ -146,12 +142,11 @@ def run_daemon_bench(out: Path, bundle: Path, quick: bool = False) -> dict[str, 
                   f"({lat['accepted']}/{lat['episodes']} accepted); stage p50 (ms): "
                   + ", ".join(f"{k} {v:.2f}" for k, v in lat["stage_p50_ms"].items()))
             # The ONNX model alone first, then with the portfolio of online experts (the default).
-            portfolios, daemon.inbox.portfolios = daemon.inbox.portfolios, {}
-            report["throughput"] = throughput(daemon, 4 if quick else 20, 5_000)
+            with daemon.onnx_alone():
+                report["throughput"] = throughput(daemon, 4 if quick else 20, 5_000)
             t = report["throughput"]
             print(f"ingest: {t['rows_per_second']:.0f} rows/s ({t['files']} files x "
                   f"{t['rows_per_file']} rows in {t['seconds']:.2f} s)")
-            daemon.inbox.portfolios = portfolios
             report["throughput_portfolio"] = throughput(daemon, 4 if quick else 20, 5_000,
                                                         seed=2, prefix="p")
             t = report["throughput_portfolio"]
@@ -166,7 +161,7 @@ def run_daemon_bench(out: Path, bundle: Path, quick: bool = False) -> dict[str, 
                     print(f"  {kind:15s} {experts:12s} {costs[kind, experts, 100]:7.1f} / "
                           f"{costs[kind, experts, 1]:7.1f}")
             report["rss_mb_serving"] = rss_mb()
-            report["rss_mb_worker"] = rss_mb(daemon.adapter.pid)
+            report["rss_mb_worker"] = rss_mb(daemon.worker_pid)
             report["torch_in_serving_process"] = "torch" in sys.modules
             print(f"RSS: serving process {report['rss_mb_serving']:.0f} MB (torch imported: "
                   f"{report['torch_in_serving_process']}), worker {report['rss_mb_worker']:.0f} MB")

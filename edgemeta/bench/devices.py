@@ -107,10 +107,10 @@ def adaptation_latency(bundle: Path, device: str, repeats: int, seed: int = 0) -
 
 
 def drift_to_serving(bundle: Path, device: str, episodes: int) -> dict[str, Any]:
-    from edgemeta.bench.daemon import _daemon, latency
+    from edgemeta.bench.daemon import in_process_daemon, latency
 
     with tempfile.TemporaryDirectory() as tmp:
-        daemon = _daemon(bundle, Path(tmp) / "state", device=device)
+        daemon = in_process_daemon(bundle, Path(tmp) / "state", device=device)
         try:
             return {"device": device, **latency(daemon, episodes)}
         finally:

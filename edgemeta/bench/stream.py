@@ -111,41 +111,37 @@ def run_daemon(streams: dict[str, SwitchingStream], bundle: Path, workdir: Path,
     (:meth:`Daemon.drain`): deterministic figures, where the daemon proper keeps serving the old
     model for the few milliseconds an adaptation takes."""
     from edgemeta.config import load_config
-    from edgemeta.daemon.metrics import Metrics
-    from edgemeta.daemon.runtime import Daemon
+    from edgemeta.testing.inprocess import InProcessDaemon
 
     first = next(iter(streams.values()))
     cfg = daemon_config(workdir, bundle, first.x.shape[1], tuple(streams), shared, sections,
                         **adaptation)
-    daemon = Daemon(load_config(cfg), metrics=Metrics())
-    daemon.setup()
+    daemon = InProcessDaemon(load_config(cfg)).start()
     quiet = logging.getLogger("edgemeta.daemon")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     info = {name: {"loss": np.empty(len(st.y)), "served": np.empty(len(st.y), dtype=np.int64),
                    "detections": [], "swaps": []} for name, st in streams.items()}
 
-    serving = {name: daemon.models.version(name) for name in streams}
+    serving = {name: daemon.version(name) for name in streams}
     try:
-        if not daemon.adapter.wait_ready(120):
-            raise RuntimeError("the adapter worker did not start")
         started = time.perf_counter()
         for lo in range(0, max(len(st.y) for st in streams.values()), batch):
             for name, st in streams.items():
                 hi = min(len(st.y), lo + batch)
                 if lo >= hi:
                     continue
-                d, before = info[name], daemon.streams.states[name].drifts
+                d, before = info[name], daemon.view(name).drifts
                 predictions, version = daemon.feed(name, st.x[lo:hi], st.y[lo:hi])
                 d["loss"][lo:hi] = sample_loss(st.kind, predictions, st.y[lo:hi])
                 d["served"][lo:hi] = version
-                if daemon.streams.states[name].drifts > before:
+                if daemon.view(name).drifts > before:
                     d["detections"].append(hi - 1)
                 if not daemon.drain(120):
                     raise RuntimeError("an adaptation did not finish within 120 s")
                 for other in streams:  # a shared model changes for every stream that uses it
-                    if daemon.models.version(other) != serving[other]:
-                        serving[other] = daemon.models.version(other)
+                    if daemon.version(other) != serving[other]:
+                        serving[other] = daemon.version(other)
                         info[other]["swaps"].append((hi, serving[other]))
         seconds = time.perf_counter() - started
         episodes = [json.loads(p.read_text()) for p in
