@@ -156,6 +156,8 @@ def test_the_daemon_serves_the_mixture_says_where_each_answer_came_from_and_rest
         assert sum(first["experts"].values()) == pytest.approx(1.0, abs=1e-3)
         assert served_mse(sent[-10:]) < 0.05 * served_mse(sent[:2])
         assert daemon.total("edgemeta_portfolio_weight", stream="sine", expert="linear") > 0.5
+        assert daemon.total("edgemeta_portfolio_champion", stream="sine", expert="linear") == 1
+        assert daemon.total("edgemeta_portfolio_champion", stream="sine", expert="onnx") == 0
         daemon.wait(lambda: (daemon.status()["streams"]["sine"].get("portfolio") or {})
                     .get("rows", 0) >= 700, 10, "status to show the portfolio")
         assert daemon.status()["streams"]["sine"]["portfolio"]["champion"] == "linear"

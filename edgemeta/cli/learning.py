@@ -38,12 +38,9 @@ def task_spec(args: argparse.Namespace) -> dict:
     return {"name": "folder", "kind": args.kind, **common}
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    _require_runtime()
-    from edgemeta.meta.bundle import BundleError, read_bundle
-    from edgemeta.meta.models import ModelSpecError
-    from edgemeta.meta.tasks import TaskDataError, build_tasks
-    from edgemeta.meta.train import ProgressBar, SettingsError, TrainSettings, save_bundle, train
+def _train_settings(args: argparse.Namespace):
+    """The training settings the flags describe (a warm start's are inherited later)."""
+    from edgemeta.meta.train import TrainSettings
 
     model: dict = {"arch": "mlp", "hidden": args.hidden}
     if args.model_factory:
@@ -52,85 +49,119 @@ def cmd_train(args: argparse.Namespace) -> int:
         except json.JSONDecodeError as exc:
             raise CliError(f"--model-kwargs: not valid JSON: {exc}") from exc
         model = {"factory": args.model_factory, "kwargs": kwargs}
-    settings = TrainSettings(
+    return TrainSettings(
         algorithm=args.algorithm, tasks=task_spec(args), model=model,
         inner_steps=args.inner_steps, inner_lr=args.inner_lr, outer_lr=args.outer_lr,
         meta_batch=args.meta_batch, iterations=args.iterations, time_budget=args.time_budget,
         val_every=args.val_every, val_tasks=args.val_tasks, seed=args.seed, device=args.device,
         max_forgetting=args.max_forgetting)
+
+
+def _validated(settings) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        settings.validate()
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+
+
+def _train_tasks(args: argparse.Namespace, settings):
+    """(tasks, initial weights, lineage, parent bundle): a warm start continues its parent on
+    its own tasks plus the new ones; otherwise the flags' task distribution from scratch."""
+    from edgemeta.meta.bundle import read_bundle
+    from edgemeta.meta.tasks import build_tasks
+
+    if not args.init:
+        _validated(settings)
+        return build_tasks(settings.tasks), None, None, None
+    from edgemeta.meta import warmstart
+
+    if not 0 <= args.replay < 1:
+        raise CliError(f"--replay: must be in [0, 1), got {args.replay}")
+    parent = read_bundle(args.init)
+    _inherit(settings, parent.meta)
+    print(f"continuing from {args.init}: {settings.algorithm}, {settings.inner_steps} inner "
+          f"step(s) at {settings.inner_lr}, K={settings.tasks['shots']} as it was trained; "
+          f"{args.replay:.0%} of each meta-batch replays its own tasks", file=sys.stderr)
+    _validated(settings)
+    return (warmstart.warm_start_tasks(parent, settings.tasks, args.replay),
+            warmstart.initial_params(parent), warmstart.lineage(parent, settings.tasks, args.replay),
+            parent)
+
+
+def _run_training(args: argparse.Namespace, settings, tasks, init, ctx):
+    """Meta-train on this rank; under torchrun a SIGTERM (a dead rank) ends it like Ctrl-C, with
+    the best bundle so far."""
     from edgemeta.meta import distributed
+    from edgemeta.meta.train import ProgressBar, train
 
-    parent = init = lineage = None
+    if ctx.writer:
+        for line in split_report(tasks.origin()):
+            print(line, file=sys.stderr)
+    if ctx.world > 1:
+        print(f"rank {ctx.rank} of {ctx.world}: {ctx.share(settings.meta_batch)} of "
+              f"{settings.meta_batch} tasks per meta-batch on {settings.device}", file=sys.stderr)
+        signal.signal(signal.SIGTERM, _interrupt)
+    quiet = args.quiet or not ctx.writer
+    bar = None if quiet else ProgressBar(settings.iterations, settings.time_budget)
     try:
-        if args.init:
-            from edgemeta.meta import warmstart
+        result = train(settings, tasks, progress=bar, init=init, ctx=ctx)
+    finally:
+        if ctx.world > 1:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the bundle be written
+            distributed.finish(ctx)
+    if bar:
+        bar.close()
+    return result
 
-            if not 0 <= args.replay < 1:
-                raise CliError(f"--replay: must be in [0, 1), got {args.replay}")
-            parent = read_bundle(args.init)
-            _inherit(settings, parent.meta)
-            print(f"continuing from {args.init}: {settings.algorithm}, {settings.inner_steps} inner "
-                  f"step(s) at {settings.inner_lr}, K={settings.tasks['shots']} as it was trained; "
-                  f"{args.replay:.0%} of each meta-batch replays its own tasks", file=sys.stderr)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", UserWarning)
-            settings.validate()
-        for w in caught:
-            print(f"warning: {w.message}", file=sys.stderr)
-        if parent is not None:
-            tasks = warmstart.warm_start_tasks(parent, settings.tasks, args.replay)
-            init = warmstart.initial_params(parent)
-            lineage = warmstart.lineage(parent, settings.tasks, args.replay)
-        else:
-            tasks = build_tasks(settings.tasks)
+
+def _judge_training(args: argparse.Namespace, result, parent, settings, cpu_seconds: float) -> None:
+    """Refuse a bundle that beat nothing, warn about one that learned nothing measurable (or
+    refuse it, with --require-better-than-chance) and about a budget a busy machine starved."""
+    if result.untrained and not args.allow_untrained:
+        start = f"the parent bundle {args.init}" if parent else "the untrained initialization"
+        raise CliError(
+            f"no validation after {result.iterations_done} iterations "
+            f"({result.seconds:.1f} s) beat {start} "
+            f"(validation loss {result.best_val:.4f}); not writing {args.out}. Train longer "
+            "(--time-budget, --iterations), check --inner-lr/--outer-lr, or pass "
+            "--allow-untrained to write it anyway")
+    if result.chance is not None and not result.chance.learned:
+        learned_nothing = (
+            f"the bundle learned nothing measurable: {result.chance.describe()}, after "
+            f"{result.iterations_done} iterations ({result.seconds:.0f} s). Train longer "
+            "(--time-budget, --iterations) or check --inner-lr/--outer-lr")
+        if args.require_better_than_chance:
+            raise CliError(f"{learned_nothing}; not writing {args.out}")
+        print(f"warning: {learned_nothing}", file=sys.stderr)
+    if result.interrupted:
+        print(f"interrupted at iteration {result.iterations_done}; writing the best bundle so far",
+              file=sys.stderr)
+    busy = _budget_starved(result, settings, cpu_seconds)
+    if busy:
+        print(f"warning: {busy}", file=sys.stderr)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    _require_runtime()
+    from edgemeta.meta import distributed
+    from edgemeta.meta.bundle import BundleError
+    from edgemeta.meta.models import ModelSpecError
+    from edgemeta.meta.tasks import TaskDataError
+    from edgemeta.meta.train import SettingsError, save_bundle
+
+    settings = _train_settings(args)
+    try:
+        tasks, init, lineage, parent = _train_tasks(args, settings)
         ctx = distributed.context(settings.device)
         settings.device = distributed.device_for(ctx, settings.device)
-        if ctx.writer:
-            for line in split_report(tasks.origin()):
-                print(line, file=sys.stderr)
-        if ctx.world > 1:
-            print(f"rank {ctx.rank} of {ctx.world}: {ctx.share(settings.meta_batch)} of "
-                  f"{settings.meta_batch} tasks per meta-batch on {settings.device}", file=sys.stderr)
-            # torchrun stops the survivors of a dead rank with SIGTERM: end like Ctrl-C, with
-            # the best bundle so far.
-            signal.signal(signal.SIGTERM, _interrupt)
-        quiet = args.quiet or not ctx.writer
-        bar = None if quiet else ProgressBar(settings.iterations, settings.time_budget)
         cpu_before = time.process_time()
-        try:
-            result = train(settings, tasks, progress=bar, init=init, ctx=ctx)
-        finally:
-            if ctx.world > 1:
-                signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the bundle be written
-                distributed.finish(ctx)
-        if bar:
-            bar.close()
+        result = _run_training(args, settings, tasks, init, ctx)
         if not ctx.writer:
             print(f"rank {ctx.rank}: {result.iterations_done} iterations; rank 0 writes the bundle",
                   file=sys.stderr)
             return 0
-        if result.untrained and not args.allow_untrained:
-            start = f"the parent bundle {args.init}" if parent else "the untrained initialization"
-            raise CliError(
-                f"no validation after {result.iterations_done} iterations "
-                f"({result.seconds:.1f} s) beat {start} "
-                f"(validation loss {result.best_val:.4f}); not writing {args.out}. Train longer "
-                "(--time-budget, --iterations), check --inner-lr/--outer-lr, or pass "
-                "--allow-untrained to write it anyway")
-        if result.chance is not None and not result.chance.learned:
-            learned_nothing = (
-                f"the bundle learned nothing measurable: {result.chance.describe()}, after "
-                f"{result.iterations_done} iterations ({result.seconds:.0f} s). Train longer "
-                "(--time-budget, --iterations) or check --inner-lr/--outer-lr")
-            if args.require_better_than_chance:
-                raise CliError(f"{learned_nothing}; not writing {args.out}")
-            print(f"warning: {learned_nothing}", file=sys.stderr)
-        if result.interrupted:
-            print(f"interrupted at iteration {result.iterations_done}; writing the best bundle so far",
-                  file=sys.stderr)
-        busy = _budget_starved(result, settings, time.process_time() - cpu_before)
-        if busy:
-            print(f"warning: {busy}", file=sys.stderr)
+        _judge_training(args, result, parent, settings, time.process_time() - cpu_before)
         path = save_bundle(result, args.out, lineage=lineage)
     except (SettingsError, TaskDataError, ModelSpecError, BundleError, FloatingPointError) as exc:
         raise CliError(str(exc)) from exc

@@ -246,7 +246,10 @@ class Inbox:
 
     def _portfolio_metrics(self, stream: str) -> None:
         portfolio = self.portfolios[stream]
-        for member, view in portfolio.view()["members"].items():
+        shown = portfolio.view()
+        for member, view in shown["members"].items():
+            self.metrics.portfolio_champion.labels(stream, member).set(
+                1.0 if member == shown["champion"] else 0.0)
             self.metrics.portfolio_weight.labels(stream, member).set(view["weight"])
             # NaN until the member's first labelled row: "no figure yet", not a loss of 0.
             self.metrics.portfolio_loss.labels(stream, member).set(

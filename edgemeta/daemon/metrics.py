@@ -63,6 +63,9 @@ class Metrics:
         self.portfolio_loss = Gauge("edgemeta_portfolio_loss", "Recent loss of each portfolio "
                                     "member, normalized (1: as good as the labels' mean)",
                                     ["stream", "expert"], registry=r)
+        self.portfolio_champion = Gauge("edgemeta_portfolio_champion", "1 for the portfolio member "
+                                        "with the most weight in a stream's mixture, 0 for the "
+                                        "others", ["stream", "expert"], registry=r)
         self.portfolio_dropped = Counter("edgemeta_portfolio_dropped_total", "Experts dropped "
                                          "from a portfolio for non-finite or exploding "
                                          "predictions", ["stream", "expert"], registry=r)
