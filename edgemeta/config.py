@@ -162,13 +162,15 @@ class PortfolioSettings:
     model's own error."""
 
     enabled: bool = True  # serve the mixture; false: the ONNX model alone, as before 2026-12
-    experts: list[str] = field(default_factory=lambda: ["linear", "knn"])  # linear, knn
+    experts: list[str] = field(  # linear, knn, knn_recent
+        default_factory=lambda: ["linear", "knn", "knn_recent"])
     sharing: float = 0.01  # Fixed-Share rate: the weight spread evenly after each row (switches)
     eta: float = 2.0  # learning rate of the exponential weights, per normalized loss unit
     onnx_prior: float = 0.5  # least weight a freshly adapted ONNX model starts with
     linear_forgetting: float = 0.995  # linear expert: weight a row keeps per newer row
     knn_k: int = 5  # nearest-neighbour expert: neighbours averaged
     knn_window: int = 500  # nearest-neighbour expert: most recent labelled rows searched
+    knn_recent_window: int = 100  # the second, short-memory nearest-neighbour expert's window
 
 
 @dataclass
@@ -486,7 +488,7 @@ def _validate_io(settings: Settings) -> None:
     _positive("serving.intra_op_threads", settings.serving.intra_op_threads, allow_zero=True)
 
 def _validate_portfolio(p: PortfolioSettings) -> None:
-    known = ("linear", "knn")
+    known = ("linear", "knn", "knn_recent")
     for name in p.experts:
         if name not in known:
             raise ConfigError(f"portfolio.experts: unknown expert {name!r} (known: "
@@ -501,8 +503,10 @@ def _validate_portfolio(p: PortfolioSettings) -> None:
                           f"{p.linear_forgetting!r}")
     _positive("portfolio.eta", p.eta)
     _positive("portfolio.knn_k", p.knn_k)
-    if p.knn_window < p.knn_k:
-        raise ConfigError(f"portfolio.knn_window: {p.knn_window} is smaller than knn_k {p.knn_k}")
+    for key in ("knn_window", "knn_recent_window"):
+        if getattr(p, key) < p.knn_k:
+            raise ConfigError(f"portfolio.{key}: {getattr(p, key)} is smaller than knn_k "
+                              f"{p.knn_k}")
 
 
 def fit_to_bundle(settings: Settings, support_rows: int | None, query_rows: int | None

@@ -106,7 +106,8 @@ def expert_costs(rows: int = 20_000) -> list[dict[str, Any]]:
     rng = np.random.default_rng(0)
     results = []
     for kind, outputs in (("regression", 1), ("classification", 2)):
-        for experts in ((), ("linear",), ("knn",), ("linear", "knn")):
+        for experts in ((), ("linear",), ("knn",), ("knn_recent",),
+                        ("linear", "knn", "knn_recent")):
             for batch in (100, 1):
                 n = rows if batch > 1 else rows // 10
                 x = rng.normal(size=(n + 1000, 10))

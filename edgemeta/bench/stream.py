@@ -240,7 +240,7 @@ def run_family(family: str, bundle: Path, seeds: list[int], n: int, hazard: floa
             mixed = run_edgemeta(stream, bundle, Path(tmp), steps=steps, support_size=support,
                                  holdout_size=holdout, sections={"portfolio": {"enabled": True}})
         runs.append(dataclasses.replace(mixed, name=PORTFOLIO))
-        runs += [run_expert(name, stream) for name in ("linear", "knn")]
+        runs += [run_expert(name, stream) for name in ("linear", "knn", "knn_recent")]
         runs.append(run_periodic(stream, net, period=100, window=50, steps=steps))
         for name, make in river_learners(stream.kind, seed).items():
             runs.append(run_river(name, make, stream))

@@ -9,9 +9,13 @@ before seeing it, then teaches the experts.
 Losses are made comparable across streams and bounded, as the regret bound in
 ``fixed_share.py`` needs: a squared error is divided by the recent variance of the labels (the
 trivial predictor's error, so 1 means "no better than the mean") and capped at ``loss_cap``; a
-cross-entropy is capped the same way. A member whose prediction is not finite, or a regression
-expert whose prediction is beyond ``explode`` label standard deviations of the labels' mean, is
-dropped for the rest of the process's life, counted in ``dropped_``, and never served.
+cross-entropy is capped the same way. A classifier member's class scores (the ONNX model's
+logits, an expert's fitted scores) become probabilities through a softmax whose temperature is
+fitted online to that member's log loss (``calibration.py``), so that the weights and the
+average compare probabilities that mean what they say. A member whose prediction is not
+finite, or a regression expert whose prediction is beyond ``explode`` label standard
+deviations of the labels' mean, is dropped for the rest of the process's life, counted in
+``dropped_``, and never served.
 
 A restart starts the experts fresh (they are rebuilt from the rows that follow, a few hundred
 at the defaults); no input is lost, since every input is served and moved by the daemon as
@@ -34,18 +38,20 @@ from collections import OrderedDict
 
 import numpy as np
 
+from edgemeta.portfolio.calibration import TemperatureGrid
 from edgemeta.portfolio.experts import EXPERTS
 from edgemeta.portfolio.fixed_share import FixedShare
 
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+# The temperature a member's scores start at: the ONNX model's logits as they are; an expert's
+# scores (fitted to one-hot rows, mostly in [0, 1]) about as sure as a 0.98 / 0.02 split.
+ONNX_TEMPERATURE, EXPERT_TEMPERATURE = 1.0, 4.0
+# The labels' spread is a scale for the losses and the explosion test only once this many have
+# been seen; before, a file's own spread (or 1 for a single row) stands in.
+MIN_SCALE_ROWS = 30
 
 
 class Portfolio:
-    def __init__(self, kind: str, outputs: int, experts: tuple[str, ...] = ("linear", "knn"),
+    def __init__(self, kind: str, outputs: int, experts: tuple[str, ...] = ("linear", "knn", "knn_recent"),
                  eta: float = 2.0, sharing: float = 0.01, onnx_prior: float = 0.5,
                  loss_cap: float = 4.0, explode: float = 1e4, pending: int = 100_000,
                  expert_params: dict[str, dict] | None = None):
@@ -61,6 +67,9 @@ class Portfolio:
         params = expert_params or {}
         self.members = ("onnx", *experts)
         self._learners = [EXPERTS[name](outputs, **params.get(name, {})) for name in experts]
+        self._calibration = ([TemperatureGrid(ONNX_TEMPERATURE)]
+                             + [TemperatureGrid(EXPERT_TEMPERATURE) for _ in experts]
+                             if kind != "regression" else [])
         self._mix = FixedShare(len(self.members), eta=eta, alpha=sharing)
         self._version: int | None = None
         self._mean, self._var = 0.0, None  # of the labels (regression), exponentially weighted
@@ -70,22 +79,24 @@ class Portfolio:
         self.rows_ = 0
 
     # -- serving -------------------------------------------------------------------------------
-    def _as_probabilities(self, scores: np.ndarray) -> np.ndarray:
-        """An expert's class scores (fitted to one-hot rows) as probabilities."""
-        p = np.clip(scores, 0.0, None) + 0.01
-        return p / p.sum(axis=-1, keepdims=True)
+    def _probabilities(self, preds: np.ndarray) -> np.ndarray:
+        """The members' predictions as the mixture averages them: values for regression, each
+        member's calibrated class probabilities for classification (NaN stays NaN)."""
+        if self.kind == "regression":
+            return preds
+        return np.stack([cal.probabilities(preds[:, j]) for j, cal in
+                         enumerate(self._calibration)], axis=1)
 
     def predict(self, x: np.ndarray, onnx_outputs: np.ndarray,
                 version: int) -> tuple[np.ndarray, np.ndarray]:
-        """The mixed outputs to serve, shape (n, outputs), and every member's prediction,
-        shape (n, members, outputs), to learn from once the labels come."""
+        """The mixed outputs to serve, shape (n, outputs), and every member's prediction
+        (values, or raw class scores), shape (n, members, outputs), to learn from once the
+        labels come."""
         if version != self._version:
             if self._version is not None:  # a new model: let it take over fast when it is right
                 self._mix.lift(0, self.onnx_prior)
             self._version = version
         onnx = np.asarray(onnx_outputs, np.float64)
-        if self.kind != "regression":
-            onnx = _softmax(onnx)
         preds = np.empty((len(x), len(self.members), onnx.shape[1]))
         preds[:, 0] = onnx
         active = self._mix.active
@@ -94,19 +105,18 @@ class Portfolio:
                 preds[:, j] = np.nan
                 continue
             out = learner.predict(x)
-            if self.kind != "regression":
-                out = self._as_probabilities(out)
             if learner.rows_ and not self._sane(out):
                 self._drop(j)
                 out = np.full_like(out, np.nan)
             preds[:, j] = out
-        return self._mixed(preds), preds
+        return self._mixed(self._probabilities(preds)), preds
 
     def _sane(self, out: np.ndarray) -> bool:
         if not np.isfinite(out).all():
             return False
-        if self.kind == "regression" and self._var is not None:
-            return bool(np.abs(out - self._mean).max() <= self.explode * math.sqrt(self._var))
+        if self.kind == "regression" and self._var is not None and self.rows_ >= MIN_SCALE_ROWS:
+            scale = math.sqrt(max(self._var, 1e-12))
+            return bool(np.abs(out - self._mean).max() <= self.explode * scale)
         return True
 
     def _drop(self, j: int) -> None:
@@ -155,10 +165,12 @@ class Portfolio:
         """Each row's normalized, capped loss per member (NaN where a member did not predict)."""
         if self.kind == "regression":
             y = np.asarray(y, np.float64)
-            var = self._var if self._var is not None else max(float(np.var(y)), 1e-12)
+            var = (self._var if self._var is not None and self.rows_ >= MIN_SCALE_ROWS
+                   else float(np.var(y)) if len(y) > 1 else 1.0)
             raw = (preds[:, :, 0] - y[:, None]) ** 2 / max(var, 1e-12)
         else:
-            picked = preds[np.arange(len(y)), :, np.asarray(y, int)]
+            probabilities = self._probabilities(preds)
+            picked = probabilities[np.arange(len(y)), :, np.asarray(y, int)]
             raw = -np.log(np.clip(picked, 1e-12, 1.0))
         return np.minimum(raw, self.loss_cap)
 
@@ -168,24 +180,32 @@ class Portfolio:
         losses = self.losses(y, preds)
         self._mix.update_many(losses)
         seen = np.isfinite(losses)
+        for j, cal in enumerate(self._calibration):  # after judging: the loss used the old one
+            cal.learn(preds[:, j], y)
         for j in range(len(self.members)):
             if seen[:, j].any():
                 batch = float(losses[seen[:, j], j].mean())
                 old = self.loss_[j]
                 self.loss_[j] = batch if not np.isfinite(old) else 0.8 * old + 0.2 * batch
         if self.kind == "regression":
-            y64 = np.asarray(y, np.float64)
-            mean, var = float(y64.mean()), float(y64.var())
-            if self._var is None:
-                self._mean, self._var = mean, max(var, 1e-12)
-            else:  # about the last 500 rows
-                a = 1.0 - 0.998 ** len(y64)
-                self._var = max((1 - a) * self._var + a * (var + (mean - self._mean) ** 2), 1e-12)
-                self._mean = (1 - a) * self._mean + a * mean
+            self._track_labels(np.asarray(y, np.float64))
         targets = self._targets(y)
         for learner in self._learners:
             learner.learn(x, targets)
         self.rows_ += len(y)
+
+    def _track_labels(self, y: np.ndarray) -> None:
+        """The labels' mean and variance over about the last 500 rows. Until that many have
+        come, every row counts alike (a running mean): a stream of one-row files would
+        otherwise start from one row's variance, 0, and creep up from there, and the scale the
+        losses and the explosion test use would be wrong for hundreds of rows."""
+        n, mean, var = len(y), float(y.mean()), float(y.var())
+        if self._var is None:
+            self._mean, self._var = mean, var
+            return
+        a = max(1.0 - 0.998 ** n, n / (self.rows_ + n))
+        self._var = (1 - a) * self._var + a * var + a * (1 - a) * (mean - self._mean) ** 2
+        self._mean = (1 - a) * self._mean + a * mean
 
     # -- what status and metrics show ------------------------------------------------------------
     def weights(self) -> dict[str, float]:
