@@ -69,11 +69,17 @@ class WindowKNN:
     Distances are taken on features scaled by the window's own standard deviation, so a feature
     measured in thousands does not decide alone. A sliding window forgets an old regime within
     ``window`` rows; nothing else is fitted, so it is right wherever the stream's regime is
-    local and smooth in the features and no global shape is known.
+    local and smooth in the features and no global shape is known. With ``weighted`` (the
+    default, as river's KNN) each neighbour counts by its inverse distance, so a row that sits
+    on a stored one takes that row's target rather than its neighbour's.
 
     >>> e = WindowKNN(outputs=1, k=2, window=4)
     >>> e.learn(np.array([[0.0], [1.0], [10.0]]), np.array([[0.0], [1.0], [10.0]]))
-    >>> e.predict(np.array([[0.4], [9.0]])).ravel().tolist()
+    >>> np.round(e.predict(np.array([[0.4], [9.0]])), 2).ravel().tolist()
+    [0.4, 9.0]
+    >>> u = WindowKNN(outputs=1, k=2, window=4, weighted=False)
+    >>> u.learn(np.array([[0.0], [1.0], [10.0]]), np.array([[0.0], [1.0], [10.0]]))
+    >>> u.predict(np.array([[0.4], [9.0]])).ravel().tolist()
     [0.5, 5.5]
     """
 
