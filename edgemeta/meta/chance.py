@@ -13,11 +13,20 @@ than twice the standard error of the paired per-task differences *and* by at lea
 ``MIN_GAIN`` of chance: one inner step from random weights already beats chance measurably on
 hundreds of tasks, and 2.218 against ln 10 = 2.303 is not a bundle worth shipping.
 
+A classifier is also judged by what it serves, the most probable class: its query error rate
+against the support's most common class's, by the same two tests. A bundle that classifies well
+but is overconfident where it errs can have a cross-entropy above ln C; it did learn, and is
+not flagged.
+
 >>> check = versus_chance(torch.tensor([0.5, 0.6, 0.4]), torch.tensor([1.0, 1.1, 0.9]))
 >>> check.learned, round(check.chance, 2)
 (True, 1.0)
 >>> versus_chance(torch.tensor([1.0, 0.9, 1.1]), torch.tensor([1.0, 1.0, 1.0])).learned
 False
+>>> overconfident = versus_chance(torch.tensor([2.0, 2.2, 1.9]), torch.tensor([1.6, 1.6, 1.6]),
+...                               torch.tensor([0.1, 0.2, 0.1]), torch.tensor([0.8, 0.8, 0.7]))
+>>> overconfident.learned, round(overconfident.error, 3)
+(True, 0.133)
 """
 
 from __future__ import annotations
@@ -38,16 +47,37 @@ class ChanceCheck:
     chance: float  # the no-adaptation predictor's, on the same rows
     noise: float   # twice the standard error of the per-task difference
     tasks: int
+    # Classification only: the query error rate against the support's most common class's.
+    error: float | None = None
+    chance_error: float | None = None
+    error_noise: float | None = None
 
     @property
     def learned(self) -> bool:
-        gain = self.chance - self.loss
-        return gain > self.noise and gain >= MIN_GAIN * self.chance
+        return (_beats(self.loss, self.chance, self.noise)
+                or (self.error is not None
+                    and _beats(self.error, self.chance_error, self.error_noise)))
 
     def describe(self) -> str:
-        return (f"loss {self.loss:.4g} against {self.chance:.4g} for the no-adaptation predictor "
+        text = (f"loss {self.loss:.4g} against {self.chance:.4g} for the no-adaptation predictor "
                 f"(the support's mean or class frequencies; noise +-{self.noise:.2g} over "
                 f"{self.tasks} tasks; a bundle must be at least {MIN_GAIN:.0%} below it)")
+        if self.error is not None:
+            text += (f", error rate {self.error:.3g} against {self.chance_error:.3g} for the "
+                     f"support's most common class (noise +-{self.error_noise:.2g})")
+        return text
+
+    def as_dict(self) -> dict:
+        return {"loss": self.loss, "chance_loss": self.chance, "noise": self.noise,
+                "error": self.error, "chance_error": self.chance_error,
+                "error_noise": self.error_noise, "learned": self.learned}
+
+
+def _beats(value: float, chance: float | None, noise: float | None) -> bool:
+    if chance is None or noise is None or not math.isfinite(value):
+        return False
+    gain = chance - value
+    return gain > noise and gain >= MIN_GAIN * chance
 
 
 def chance_losses(kind: str, batch: TaskBatch, classes: int) -> torch.Tensor:
@@ -62,14 +92,34 @@ def chance_losses(kind: str, batch: TaskBatch, classes: int) -> torch.Tensor:
     return -torch.log(torch.gather(p, 1, qy)).mean(1)
 
 
-def versus_chance(losses: torch.Tensor, chance: torch.Tensor) -> ChanceCheck:
-    """The paired comparison of per-task ``losses`` with per-task ``chance``."""
+def chance_errors(batch: TaskBatch, classes: int) -> torch.Tensor:
+    """Per-task query error rate of always answering the support's most common class."""
+    counts = torch.nn.functional.one_hot(batch.support_y.long(), classes).sum(1)
+    majority = counts.argmax(1, keepdim=True)
+    return (batch.query_y.long() != majority).double().mean(1)
+
+
+def versus_chance(losses: torch.Tensor, chance: torch.Tensor, errors: torch.Tensor | None = None,
+                  chance_errors: torch.Tensor | None = None) -> ChanceCheck:
+    """The paired comparison of per-task ``losses`` with per-task ``chance`` (and, for a
+    classifier, of per-task ``errors`` with ``chance_errors``)."""
     losses, chance = losses.detach().double().flatten(), chance.detach().double().flatten()
     keep = torch.isfinite(losses) & torch.isfinite(chance)
-    losses, chance = losses[keep], chance[keep]
-    n = len(losses)
+    n = int(keep.sum())
     if n == 0:
         return ChanceCheck(math.nan, math.nan, math.nan, 0)
-    d = chance - losses
+    loss, base, noise = _paired(losses[keep], chance[keep])
+    check = ChanceCheck(loss, base, noise, n)
+    if errors is None or chance_errors is None:
+        return check
+    error, base_error, error_noise = _paired(errors.detach().double().flatten(),
+                                             chance_errors.detach().double().flatten())
+    return ChanceCheck(loss, base, noise, n, error, base_error, error_noise)
+
+
+def _paired(values: torch.Tensor, chance: torch.Tensor) -> tuple[float, float, float]:
+    """Both means and twice the standard error of their per-task difference."""
+    n = len(values)
+    d = chance - values
     se = float(d.std(unbiased=True)) / math.sqrt(n) if n > 1 else math.inf
-    return ChanceCheck(float(losses.mean()), float(chance.mean()), 2 * se, n)
+    return float(values.mean()), float(chance.mean()), 2 * se

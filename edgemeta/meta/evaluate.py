@@ -19,7 +19,7 @@ import torch
 
 from edgemeta.meta.algorithms import MetaLearner, make_learner
 from edgemeta.meta.bundle import Bundle
-from edgemeta.meta.chance import chance_losses, versus_chance
+from edgemeta.meta.chance import chance_errors, chance_losses, versus_chance
 from edgemeta.meta.inner import batch_loss, batch_predict, output_loss
 from edgemeta.meta.models import build_model, head_names
 from edgemeta.meta.tasks import (
@@ -175,12 +175,16 @@ def evaluate(bundle: Bundle, shots: int | None = None, steps: Sequence[int] = (0
         results["methods"]["no-adaptation"] = [score(plain, learner.network(init), batches,
                                                      0, scale)]
     trained = learner.inner_steps
-    losses = torch.cat([task_scores(learner, init, b, trained, scale)["loss"] for b in batches])
+    scores = [task_scores(learner, init, b, trained, scale) for b in batches]
+    losses = torch.cat([s["loss"] for s in scores])
     chance = torch.cat([chance_losses(kind, b, tasks.out_features) for b in batches]) * scale
-    check = versus_chance(losses, chance)
-    results["versus_chance"] = {"steps": trained, "loss": check.loss, "chance_loss": check.chance,
-                                "noise": check.noise, "learned": check.learned,
-                                "text": check.describe()}
+    if kind == "classification":
+        errors = 1 - torch.cat([s["accuracy"] for s in scores])
+        chance_error = torch.cat([chance_errors(b, tasks.out_features) for b in batches])
+        check = versus_chance(losses, chance, errors, chance_error)
+    else:
+        check = versus_chance(losses, chance)
+    results["versus_chance"] = {"steps": trained, **check.as_dict(), "text": check.describe()}
     if target is not None:
         results["speed"] = speed_view(results, learner, init, tasks, target, shot_grid, seed,
                                       scale)

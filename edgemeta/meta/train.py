@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from edgemeta.meta.algorithms import ALGORITHMS, learner_class, make_learner
-from edgemeta.meta.chance import ChanceCheck, chance_losses, versus_chance
+from edgemeta.meta.chance import ChanceCheck, chance_errors, chance_losses, versus_chance
 from edgemeta.meta.distributed import Context, PeerLost
-from edgemeta.meta.inner import batch_loss
+from edgemeta.meta.inner import batch_loss, batch_predict
 from edgemeta.meta.models import build_model, head_names
 from edgemeta.meta.tasks import StandardizedTargets, replayed_families
 
@@ -119,9 +119,7 @@ class TrainResult:
         return self.best_iteration == 0
 
     def summary(self) -> dict[str, Any]:
-        chance = ({"loss": self.chance.loss, "chance_loss": self.chance.chance,
-                   "noise": self.chance.noise, "learned": self.chance.learned}
-                  if self.chance is not None else None)
+        chance = self.chance.as_dict() if self.chance is not None else None
         return {"best_val_loss": self.best_val, "best_iteration": self.best_iteration,
                 "versus_chance": chance,
                 "iterations": self.iterations_done, "seconds": round(self.seconds, 2),
@@ -155,8 +153,15 @@ def chance_check(learner, params, tasks, n_tasks: int, seed: int, device) -> Cha
     batch = tasks.sample(n_tasks, np.random.default_rng(seed), split="val").to(device)
     with torch.enable_grad():
         fast = learner.adapt({n: p.detach() for n, p in params.items()}, batch, first_order=True)
-    losses = batch_loss(learner.model, learner.kind, fast, batch.query_x, batch.query_y)
-    return versus_chance(losses, chance_losses(learner.kind, batch, tasks.out_features))
+    fast = {n: p.detach() for n, p in fast.items()}
+    with torch.no_grad():
+        losses = batch_loss(learner.model, learner.kind, fast, batch.query_x, batch.query_y)
+        chance = chance_losses(learner.kind, batch, tasks.out_features)
+        if learner.kind != "classification":
+            return versus_chance(losses, chance)
+        served = batch_predict(learner.model, fast, batch.query_x).argmax(-1)
+        errors = (served != batch.query_y).double().mean(-1)
+    return versus_chance(losses, chance, errors, chance_errors(batch, tasks.out_features))
 
 
 def train(settings: TrainSettings, tasks,
