@@ -259,71 +259,72 @@ class Lifecycle:
             return self._to_watching() if self.collecting else []
         if self.stopping:
             return [] if not isinstance(event, (WeightsReady, Finished)) else self._job_event(event)
-        if isinstance(event, Started):
-            if event.meta_init and self.policy.adapt_on_start and self.phase is Phase.WATCHING:
-                return self._open(Reason.INITIAL, early=True)
-            return []
-        if isinstance(event, DriftDetected):
-            return self._drift(event)
-        if isinstance(event, Recalled):
-            self.unresolved, self.fit_level = False, event.expected
-            self.retries = 0
-            # The model a refinement was improving no longer serves.
-            cancel = self._to_watching() if self.phase is Phase.REFINING else []
-            import os
-            if os.environ.get("ABL_NO_RECALL_RESET"):
-                return cancel
-            return [*cancel, ResetDetector(event.expected)]
-        if isinstance(event, Due):
-            if self.phase is not Phase.WATCHING or self.manual_pending:
-                return []  # an episode is open: its own adaptation comes first
-            self.jobs += 1
-            self.job, self.phase, self.reason, self.early = (self.jobs, Phase.ADAPTING,
-                                                             Reason.CONTINUAL, False)
-            return [Fit(self.job)]
-        if isinstance(event, Triggered):
-            if self.busy:
-                self.manual_pending = True  # honoured when the episode in flight ends
-                return []
-            return [*self._cancel(), *self._open(Reason.MANUAL)]
-        if isinstance(event, Completed):
-            if not self.collecting:
-                raise LifecycleError(f"a collection completed in phase {self.phase.value}")
-            if self.resumed is not None:
-                # The full holdout of an episode the early gate found inconclusive: its weights
-                # are judged on it, not adapted again.
-                self.job, self.resumed, self.phase = self.resumed, None, Phase.GATING
-                return [Gate(self.job, early=False)]
-            self.jobs += 1
-            self.job, self.phase = self.jobs, Phase.ADAPTING
-            return [Submit(self.job, self.reason)]
-        if isinstance(event, (WeightsReady, Finished)):
-            return self._job_event(event)
-        if isinstance(event, RolledBack):
-            self.refine_stage, self.fit_level = 0, None
-            cancel = self._to_watching() if self.phase is Phase.REFINING else []
-            return [*cancel, ResetDetector()]
-        if isinstance(event, Swapped):
-            # The model a refinement was improving is gone: watch the new one instead.
-            cancel = self._to_watching() if self.phase is Phase.REFINING else []
-            return [*cancel, ResetDetector()]
-        if isinstance(event, Reloaded):
-            if not self.collecting:
-                return []
-            # The collector was replaced: reopen it for the same reason with the new settings.
-            if self.resumed is not None:
-                return [Open(self.reason, self.support_size, None, seed="episode")]
-            return [Open(self.reason, self.support_size,
-                         self.policy.early_rows if self.early else None)]
+        for kind, handler in self._HANDLERS:
+            if isinstance(event, kind):
+                return handler(self, event)
         raise LifecycleError(f"unknown event {event!r}")
+
+    def _started(self, event: Started) -> list[Action]:
+        if event.meta_init and self.policy.adapt_on_start and self.phase is Phase.WATCHING:
+            return self._open(Reason.INITIAL, early=True)
+        return []
+
+    def _recalled(self, event: Recalled) -> list[Action]:
+        self.unresolved, self.fit_level = False, event.expected
+        self.retries = 0
+        # The model a refinement was improving no longer serves.
+        cancel = self._to_watching() if self.phase is Phase.REFINING else []
+        return [*cancel, ResetDetector(event.expected)]
+
+    def _due(self, event: Due) -> list[Action]:
+        if self.phase is not Phase.WATCHING or self.manual_pending:
+            return []  # an episode is open: its own adaptation comes first
+        self.jobs += 1
+        self.job, self.phase, self.reason, self.early = (self.jobs, Phase.ADAPTING,
+                                                         Reason.CONTINUAL, False)
+        return [Fit(self.job)]
+
+    def _triggered(self, event: Triggered) -> list[Action]:
+        if self.busy:
+            self.manual_pending = True  # honoured when the episode in flight ends
+            return []
+        return [*self._cancel(), *self._open(Reason.MANUAL)]
+
+    def _completed(self, event: Completed) -> list[Action]:
+        if not self.collecting:
+            raise LifecycleError(f"a collection completed in phase {self.phase.value}")
+        if self.resumed is not None:
+            # The full holdout of an episode the early gate found inconclusive: its weights
+            # are judged on it, not adapted again.
+            self.job, self.resumed, self.phase = self.resumed, None, Phase.GATING
+            return [Gate(self.job, early=False)]
+        self.jobs += 1
+        self.job, self.phase = self.jobs, Phase.ADAPTING
+        return [Submit(self.job, self.reason)]
+
+    def _rolled_back(self, event: RolledBack) -> list[Action]:
+        self.refine_stage, self.fit_level = 0, None
+        cancel = self._to_watching() if self.phase is Phase.REFINING else []
+        return [*cancel, ResetDetector()]
+
+    def _swapped(self, event: Swapped) -> list[Action]:
+        # The model a refinement was improving is gone: watch the new one instead.
+        cancel = self._to_watching() if self.phase is Phase.REFINING else []
+        return [*cancel, ResetDetector()]
+
+    def _reloaded(self, event: Reloaded) -> list[Action]:
+        if not self.collecting:
+            return []
+        # The collector was replaced: reopen it for the same reason with the new settings.
+        if self.resumed is not None:
+            return [Open(self.reason, self.support_size, None, seed="episode")]
+        return [Open(self.reason, self.support_size,
+                     self.policy.early_rows if self.early else None)]
 
     def _drift(self, event: DriftDetected) -> list[Action]:
         """A drift in any phase: whatever is open learned from rows of the world before the
         change (or of both worlds), so it is superseded and a drift collection opens from the
         new change point; a drift during a drift collection restarts it."""
-        import os
-        if os.environ.get("ABL_OLD_DRIFT") and self.phase not in (Phase.WATCHING, Phase.REFINING):
-            return []
         superseded: list[Action] = []
         if self.busy:
             superseded = [Superseded(self.reason),
@@ -443,6 +444,16 @@ class Lifecycle:
         if problems:
             raise LifecycleError(f"invalid state {self!r}: expected {'; '.join(problems)}")
 
+
+
+# Which transition each event takes (Stopping, and everything while stopping, come first).
+Lifecycle._HANDLERS = (
+    (Started, Lifecycle._started), (DriftDetected, Lifecycle._drift),
+    (Recalled, Lifecycle._recalled), (Due, Lifecycle._due), (Triggered, Lifecycle._triggered),
+    (Completed, Lifecycle._completed), (WeightsReady, Lifecycle._job_event),
+    (Finished, Lifecycle._job_event), (RolledBack, Lifecycle._rolled_back),
+    (Swapped, Lifecycle._swapped), (Reloaded, Lifecycle._reloaded),
+)
 
 # -- the diagram in docs/lifecycle.md --------------------------------------------------------------
 _PROBES: tuple[tuple[str, object], ...] = (

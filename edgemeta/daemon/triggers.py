@@ -74,51 +74,73 @@ def parse_trigger_bytes(data: bytes, path: Path, state_dir: Path, streams: list[
                               f"(use {', '.join(COMMANDS)})")
     if len(data) > MAX_BYTES:
         raise TriggerRejected("too_large", f"{path.name} is {len(data)} bytes (limit {MAX_BYTES})")
-    text = data.decode("utf-8", errors="replace").strip()
-    args: dict[str, Any] = {}
-    if text:
-        try:
-            args = load_json(text, 1, MAX_DEPTH)
-        except json.JSONDecodeError as exc:
-            raise TriggerRejected("malformed", f"{path.name}: not valid JSON: {exc}") from exc
-        except IngestError as exc:
-            raise TriggerRejected("malformed", f"{path.name}: {exc}") from exc
-        if not isinstance(args, dict):
-            raise TriggerRejected("malformed", f"{path.name}: expected a JSON object")
-    allowed = {"adapt": {"stream", "support"}, "rollback": {"version", "stream"}, "reload": set()}[command]
-    unknown = sorted(set(args) - allowed)
+    args = _body(data, path)
+    unknown = sorted(set(args) - ALLOWED_KEYS[command])
     if unknown:
         raise TriggerRejected("malformed", f"{path.name}: unknown key {unknown[0]!r} for {command}")
     if command == "adapt":
-        stream = args.get("stream", streams[0] if len(streams) == 1 else None)
-        if not isinstance(stream, str) or stream not in streams:
-            raise TriggerRejected("malformed", f"{path.name}: 'stream' must name one of {streams}")
-        args["stream"] = stream
-        if "support" in args:
-            if not isinstance(args["support"], str) or not args["support"] or len(
-                    args["support"]) > 4096 or "\x00" in args["support"]:
-                raise TriggerRejected("malformed", f"{path.name}: 'support' must be a path string "
-                                      "(no NUL bytes, at most 4096 characters)")
-            inbox = (state_dir / "inbox").resolve()
-            target = (inbox / args["support"]).resolve()
-            if not target.is_relative_to(inbox):
-                raise TriggerRejected("outside_state", f"{path.name}: support path "
-                                      f"{args['support']!r} leaves the inbox tree")
-            try:
-                found = target.is_file()
-            except OSError as exc:  # a name or path the file system refuses (ENAMETOOLONG)
-                raise TriggerRejected("malformed", f"{path.name}: support path "
-                                      f"{args['support'][:80]!r}...: {exc.strerror}") from exc
-            if not found:
-                raise TriggerRejected("malformed", f"{path.name}: support file {target} not found")
-            args["support"] = target
-    if command == "rollback" and "stream" in args and args["stream"] not in streams:
-        raise TriggerRejected("malformed", f"{path.name}: 'stream' must name one of {streams}")
-    if command == "rollback" and "version" in args and (
-            not isinstance(args["version"], int) or isinstance(args["version"], bool)
-            or args["version"] < 1):
-        raise TriggerRejected("malformed", f"{path.name}: 'version' must be a positive integer")
+        args = _adapt_args(args, path, state_dir, streams)
+    elif command == "rollback":
+        _check_rollback_args(args, path, streams)
     return Trigger(path, command, args)
+
+
+ALLOWED_KEYS = {"adapt": {"stream", "support"}, "rollback": {"version", "stream"}, "reload": set()}
+
+
+def _body(data: bytes, path: Path) -> dict[str, Any]:
+    """An empty body is no arguments; anything else must be a JSON object."""
+    text = data.decode("utf-8", errors="replace").strip()
+    if not text:
+        return {}
+    try:
+        args = load_json(text, 1, MAX_DEPTH)
+    except json.JSONDecodeError as exc:
+        raise TriggerRejected("malformed", f"{path.name}: not valid JSON: {exc}") from exc
+    except IngestError as exc:
+        raise TriggerRejected("malformed", f"{path.name}: {exc}") from exc
+    if not isinstance(args, dict):
+        raise TriggerRejected("malformed", f"{path.name}: expected a JSON object")
+    return args
+
+
+def _adapt_args(args: dict[str, Any], path: Path, state_dir: Path,
+                streams: list[str]) -> dict[str, Any]:
+    """The stream (the only one when there is one) and the support file, inside the inbox."""
+    stream = args.get("stream", streams[0] if len(streams) == 1 else None)
+    if not isinstance(stream, str) or stream not in streams:
+        raise TriggerRejected("malformed", f"{path.name}: 'stream' must name one of {streams}")
+    args["stream"] = stream
+    if "support" in args:
+        args["support"] = _support_file(args["support"], path, state_dir)
+    return args
+
+
+def _support_file(support: Any, path: Path, state_dir: Path) -> Path:
+    if not isinstance(support, str) or not support or len(support) > 4096 or "\x00" in support:
+        raise TriggerRejected("malformed", f"{path.name}: 'support' must be a path string "
+                              "(no NUL bytes, at most 4096 characters)")
+    inbox = (state_dir / "inbox").resolve()
+    target = (inbox / support).resolve()
+    if not target.is_relative_to(inbox):
+        raise TriggerRejected("outside_state", f"{path.name}: support path "
+                              f"{support!r} leaves the inbox tree")
+    try:
+        found = target.is_file()
+    except OSError as exc:  # a name or path the file system refuses (ENAMETOOLONG)
+        raise TriggerRejected("malformed", f"{path.name}: support path "
+                              f"{support[:80]!r}...: {exc.strerror}") from exc
+    if not found:
+        raise TriggerRejected("malformed", f"{path.name}: support file {target} not found")
+    return target
+
+
+def _check_rollback_args(args: dict[str, Any], path: Path, streams: list[str]) -> None:
+    if "stream" in args and args["stream"] not in streams:
+        raise TriggerRejected("malformed", f"{path.name}: 'stream' must name one of {streams}")
+    version = args.get("version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise TriggerRejected("malformed", f"{path.name}: 'version' must be a positive integer")
 
 
 def pending(trigger_dir: Path) -> list[Path]:
