@@ -366,30 +366,9 @@ class TaskFolderTasks:
         if len(widths) != 1:
             raise TaskDataError(f"{root}: task files disagree on the number of features: {sorted(widths)}")
         self.in_features = widths.pop()
-        if kind == "classification":
-            n_classes = {len(np.unique(y)) for _, y in tasks}
-            if len(n_classes) != 1:
-                raise TaskDataError(f"{root}: tasks have different class counts {sorted(n_classes)}")
-            self.out_features = n_classes.pop()
-        else:
-            self.out_features = 1
-        for f, (x, y) in zip(files, tasks, strict=True):
-            need = shots + queries
-            if kind == "regression" and len(x) < need:
-                raise TaskDataError(f"{f}: {len(x)} rows, fewer than shots+queries={need}")
-            if kind == "classification":
-                counts = np.unique(y, return_counts=True)[1]
-                if counts.min() < need:
-                    raise TaskDataError(f"{f}: a class has {counts.min()} rows, fewer than {need}")
+        self.out_features = self._check_rows(root, files, tasks)
         parts = _split_indices(len(files), self.fractions, split_seed)
-        for split, idx in parts.items():
-            # An evaluation-only folder (all of it meta-test, in a given bundle's scale) needs no
-            # training files.
-            evaluation_only = normalization is not None and split in ("train", "val")
-            if len(idx) == 0 and not evaluation_only and not (split == "val" and self.fractions[1] == 0):
-                raise TaskDataError(
-                    f"{root}: the {split} split is empty ({len(files)} task files, fractions "
-                    f"{list(self.fractions)}); add task files")
+        self._check_splits(root, len(files), parts, evaluation_only=normalization is not None)
         self._splits = {s: [tasks[i] for i in np.sort(idx)] for s, idx in parts.items()}
         #: Which file went to which split, so `train` can say so (the split is by file: a file
         #: that holds a whole family keeps that family out of meta-training).
@@ -399,19 +378,55 @@ class TaskFolderTasks:
         #: Given (not fitted) when the tasks continue an existing bundle: its weights only mean
         #: something in the feature scale they were meta-trained in (``train --init``).
         self.given_normalization = normalization
-        if normalization is not None:
-            mean = np.asarray(normalization["mean"], dtype=np.float64).reshape(-1)
-            std = np.asarray(normalization["std"], dtype=np.float64).reshape(-1)
-            if mean.size not in (1, self.in_features) or std.size not in (1, self.in_features):
-                raise TaskDataError(f"{root}: the given normalization has {mean.size} feature(s), "
-                                    f"the tasks {self.in_features}")
-            mean, std = np.broadcast_to(mean, self.in_features), np.broadcast_to(std, self.in_features)
-        else:
-            train_x = np.concatenate([x for x, _ in self._splits["train"]])
-            mean, std = train_x.mean(axis=0), train_x.std(axis=0)
-            std[std < 1e-8] = 1.0
+        mean, std = (self._given_scale(root, normalization) if normalization is not None
+                     else self._fitted_scale())
         self.normalization = {"mean": mean.tolist(), "std": std.tolist()}
         self._mean, self._std = mean, std
+
+    def _check_rows(self, root: Path, files: list[Path], tasks: list) -> int:
+        """Every file has rows enough for a support and a query (per class when classifying);
+        returns the output width (the class count, the same in every file)."""
+        need = self.shots + self.queries
+        out_features = 1
+        if self.kind == "classification":
+            n_classes = {len(np.unique(y)) for _, y in tasks}
+            if len(n_classes) != 1:
+                raise TaskDataError(f"{root}: tasks have different class counts {sorted(n_classes)}")
+            out_features = n_classes.pop()
+        for f, (x, y) in zip(files, tasks, strict=True):
+            if self.kind == "regression" and len(x) < need:
+                raise TaskDataError(f"{f}: {len(x)} rows, fewer than shots+queries={need}")
+            if self.kind == "classification":
+                counts = np.unique(y, return_counts=True)[1]
+                if counts.min() < need:
+                    raise TaskDataError(f"{f}: a class has {counts.min()} rows, fewer than {need}")
+        return out_features
+
+    def _check_splits(self, root: Path, n_files: int, parts: dict, evaluation_only: bool) -> None:
+        for split, idx in parts.items():
+            # An evaluation-only folder (all of it meta-test, in a given bundle's scale) needs no
+            # training files.
+            if len(idx) or (evaluation_only and split in ("train", "val")):
+                continue
+            if split == "val" and self.fractions[1] == 0:
+                continue
+            raise TaskDataError(
+                f"{root}: the {split} split is empty ({n_files} task files, fractions "
+                f"{list(self.fractions)}); add task files")
+
+    def _given_scale(self, root: Path, normalization: dict) -> tuple[np.ndarray, np.ndarray]:
+        mean = np.asarray(normalization["mean"], dtype=np.float64).reshape(-1)
+        std = np.asarray(normalization["std"], dtype=np.float64).reshape(-1)
+        if mean.size not in (1, self.in_features) or std.size not in (1, self.in_features):
+            raise TaskDataError(f"{root}: the given normalization has {mean.size} feature(s), "
+                                f"the tasks {self.in_features}")
+        return np.broadcast_to(mean, self.in_features), np.broadcast_to(std, self.in_features)
+
+    def _fitted_scale(self) -> tuple[np.ndarray, np.ndarray]:
+        train_x = np.concatenate([x for x, _ in self._splits["train"]])
+        mean, std = train_x.mean(axis=0), train_x.std(axis=0)
+        std[std < 1e-8] = 1.0
+        return mean, std
 
     def _hold_out_validation_rows(self, root: Path, split_seed: int) -> None:
         """``--val-fraction 0``: validate on held-out rows of the training tasks (a fifth of
