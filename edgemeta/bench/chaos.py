@@ -69,50 +69,53 @@ def _zip_bomb(size: int) -> bytes:
 def malformed(kind: str, rng: random.Random) -> tuple[str, bytes]:
     """One malformed input of ``kind``: (file name suffix, bytes)."""
     n = rng.randint(1, 5)
-    if kind == "long_field":
-        return ".csv", b"id,x,y\n1,0.5,\"" + b"9" * (140_000 + n) + b"\"\n"
-    if kind == "long_header":
-        return ".csv", b"x" * (140_000 + n) + b",y\n1,2\n"
-    if kind == "deep_json":
-        return ".jsonl", b'{"id": 1, "x": ' + b"[" * (100_000 + n) + b"\n"
-    if kind == "long_number":
-        return ".jsonl", b'{"id": 1, "x": ' + b"7" * rng.choice([400, 5000]) + b', "y": 1}\n'
-    if kind == "npy_as_npz":
-        buf = io.BytesIO()
-        np.save(buf, np.arange(n))
-        return ".npz", buf.getvalue()
-    if kind == "npz_0d":
-        return ".npz", _npz({"id": np.float64(1), "x": np.float64(0.5), "y": np.float64(1)})
-    if kind == "npz_huge_header":
-        return ".npz", _huge_header_npz()
-    if kind == "npz_bomb":
-        return ".npz", _zip_bomb(80 * 1024 * 1024)
-    if kind == "npz_object":
-        return ".npz", _npz({"id": np.arange(2), "x": np.array(["a", "b"]), "y": np.zeros(2)})
-    if kind == "nan_rows":
-        return ".csv", b"id,x,y\n1,nan,1\n2,inf,2\n3,1e39,0\n4,0.5,0.1\n"
-    if kind == "bom":
-        return ".csv", b"\xef\xbb\xbfid,x,y\n1,0.5,0.2\n"  # valid: must be processed
-    if kind == "binary":
-        return ".csv", bytes(rng.getrandbits(8) for _ in range(200))
-    if kind == "truncated":
-        return ".csv", b"id,x,y\n1,0.5,1.0\n2,0."
-    if kind == "wrong_columns":
-        return ".csv", b"id,z,y\n1,0.5,1.0\n"
-    if kind == "text":
-        return ".csv", b"id,x,y\n1,abc,1\n"
-    if kind == "empty":
-        return ".csv", b""
-    if kind == "labels_long_field":
-        return ".labels.csv", b"id,label\n1,\"" + b"5" * 140_000 + b"\"\n"
-    if kind == "labels_garbage":
-        return ".labels.jsonl", b'{"id": [[[[' + b"]" * n + b"\n"
-    if kind == "mutated":
-        base = bytearray(b"id,x,y\n1,0.5,1.0\n2,0.25,0.5\n")
-        for _ in range(n):
-            base[rng.randrange(len(base))] = rng.getrandbits(8)
-        return rng.choice([".csv", ".jsonl", ".npz", ".labels.csv"]), bytes(base)
-    raise ValueError(kind)
+    try:
+        make = _MALFORMED[kind]
+    except KeyError:
+        raise ValueError(kind) from None
+    return make(n, rng)
+
+
+def _npy_as_npz(n: int, rng: random.Random) -> tuple[str, bytes]:
+    buf = io.BytesIO()
+    np.save(buf, np.arange(n))
+    return ".npz", buf.getvalue()
+
+
+def _mutated(n: int, rng: random.Random) -> tuple[str, bytes]:
+    base = bytearray(b"id,x,y\n1,0.5,1.0\n2,0.25,0.5\n")
+    for _ in range(n):
+        base[rng.randrange(len(base))] = rng.getrandbits(8)
+    return rng.choice([".csv", ".jsonl", ".npz", ".labels.csv"]), bytes(base)
+
+
+# Each kind: (the file name's suffix, its bytes) from a size jitter n and the rng.
+_MALFORMED = {
+    "long_field": lambda n, rng: (".csv", b"id,x,y\n1,0.5,\"" + b"9" * (140_000 + n) + b"\"\n"),
+    "long_header": lambda n, rng: (".csv", b"x" * (140_000 + n) + b",y\n1,2\n"),
+    "deep_json": lambda n, rng: (".jsonl", b'{"id": 1, "x": ' + b"[" * (100_000 + n) + b"\n"),
+    "long_number": lambda n, rng: (
+        ".jsonl", b'{"id": 1, "x": ' + b"7" * rng.choice([400, 5000]) + b', "y": 1}\n'),
+    "npy_as_npz": _npy_as_npz,
+    "npz_0d": lambda n, rng: (
+        ".npz", _npz({"id": np.float64(1), "x": np.float64(0.5), "y": np.float64(1)})),
+    "npz_huge_header": lambda n, rng: (".npz", _huge_header_npz()),
+    "npz_bomb": lambda n, rng: (".npz", _zip_bomb(80 * 1024 * 1024)),
+    "npz_object": lambda n, rng: (
+        ".npz", _npz({"id": np.arange(2), "x": np.array(["a", "b"]), "y": np.zeros(2)})),
+    "nan_rows": lambda n, rng: (".csv", b"id,x,y\n1,nan,1\n2,inf,2\n3,1e39,0\n4,0.5,0.1\n"),
+    # valid: must be processed
+    "bom": lambda n, rng: (".csv", b"\xef\xbb\xbfid,x,y\n1,0.5,0.2\n"),
+    "binary": lambda n, rng: (".csv", bytes(rng.getrandbits(8) for _ in range(200))),
+    "truncated": lambda n, rng: (".csv", b"id,x,y\n1,0.5,1.0\n2,0."),
+    "wrong_columns": lambda n, rng: (".csv", b"id,z,y\n1,0.5,1.0\n"),
+    "text": lambda n, rng: (".csv", b"id,x,y\n1,abc,1\n"),
+    "empty": lambda n, rng: (".csv", b""),
+    "labels_long_field": lambda n, rng: (
+        ".labels.csv", b"id,label\n1,\"" + b"5" * 140_000 + b"\"\n"),
+    "labels_garbage": lambda n, rng: (".labels.jsonl", b'{"id": [[[[' + b"]" * n + b"\n"),
+    "mutated": _mutated,
+}
 
 
 KINDS = ("long_field", "long_header", "deep_json", "long_number", "npy_as_npz", "npz_0d",
