@@ -64,7 +64,20 @@ class BundleInfo:
 
     def normalize(self, x: np.ndarray) -> np.ndarray:
         """Raw feature rows as the model takes them (the bundle's feature normalization)."""
-        return ((np.asarray(x) - self.mean) / self.std).astype(np.float32)
+        return normalize(x, self.mean, self.std)
+
+
+def feature_scale(meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """The feature normalization a bundle was meta-trained with: (mean, std), float32."""
+    norm = meta["input"].get("normalization") or {}
+    return (np.asarray(norm.get("mean", 0.0), dtype=np.float32),
+            np.asarray(norm.get("std", 1.0), dtype=np.float32))
+
+
+def normalize(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """The one place raw rows become the model's inputs, for serving and for learning alike: a
+    second copy that drifted from it would adapt on rows scaled unlike those served."""
+    return ((np.asarray(x) - mean) / std).astype(np.float32)
 
 
 def _task_rows(spec: dict[str, Any], key: str, outputs: int) -> int | None:
@@ -121,9 +134,7 @@ def read_bundle_info(path: str | Path) -> BundleInfo:
         kind = meta["task"]["kind"]
         features = int(meta["input"]["features"])
         outputs = int(meta["output"]["size"])
-        norm = meta["input"].get("normalization") or {}
-        mean = np.asarray(norm.get("mean", 0.0), dtype=np.float32)
-        std = np.asarray(norm.get("std", 1.0), dtype=np.float32)
+        mean, std = feature_scale(meta)
         rng = meta["output"].get("target_range")
         target_range = (float(rng[0]), float(rng[1])) if rng else None
     except (KeyError, TypeError, ValueError, IndexError) as exc:

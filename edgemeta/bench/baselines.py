@@ -32,7 +32,7 @@ class TorchNet:
     def predict(self, weights: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
         torch = self.torch
         a = self.adapter
-        xt = torch.as_tensor((x - a._mean) / a._std)
+        xt = torch.as_tensor(a.normalize(x))
         with torch.no_grad():
             out = torch.func.functional_call(a.model_, {k: torch.as_tensor(v) for k, v in
                                                         weights.items()}, (xt,)).numpy()

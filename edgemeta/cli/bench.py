@@ -135,6 +135,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _register_bench(sub) -> None:
     b = sub.add_parser("bench", help="reproducible benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)
+    for register_one in (_register_small, _register_chaos, _register_soak, _register_fleet,
+                         _register_devices, _register_stream):
+        register_one(bsub)
+
+
+def _register_small(bsub) -> None:
+    """The benches with a size switch and at most a bundle."""
     f = bsub.add_parser("fewshot", help="sinusoid and digits few-shot benchmark")
     _out(f, "fewshot")
     f.add_argument("--quick", action="store_true", help="tiny budget, for smoke tests")
@@ -155,6 +162,8 @@ def _register_bench(sub) -> None:
         p.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
         p.set_defaults(func=cmd_bench)
 
+
+def _register_chaos(bsub) -> None:
     c = bsub.add_parser("chaos", help="the real daemon against hostile inputs, kills, a full disk")
     _out(c, "chaos")
     c.add_argument("--files", type=int, default=1100,
@@ -167,6 +176,8 @@ def _register_bench(sub) -> None:
     c.add_argument("--quick", action="store_true", help="150 files, 6 kills, 5 poison tries")
     c.set_defaults(func=cmd_bench)
 
+
+def _register_soak(bsub) -> None:
     k = bsub.add_parser("soak", help="the real daemon under a steady stream: RSS, fds, threads")
     _out(k, "soak")
     k.add_argument("--minutes", type=float, default=30.0, help="duration (default: %(default)s)")
@@ -176,6 +187,8 @@ def _register_bench(sub) -> None:
     k.add_argument("--quick", action="store_true", help="1 minute at 200 rows/s, a smoke test")
     k.set_defaults(func=cmd_bench)
 
+
+def _register_fleet(bsub) -> None:
     fl = bsub.add_parser("fleet", help="harvest a simulated fleet's episodes, re-meta-train with "
                          "--init, compare old and new bundle; 1 vs 2 torchrun processes")
     _out(fl, "fleet")
@@ -199,6 +212,9 @@ def _register_bench(sub) -> None:
                     help="1 seed, 3 devices x 600 rows, 400 + 200 iterations: a smoke test "
                     "(overrides the sizes above)")
     fl.set_defaults(func=cmd_bench)
+
+
+def _register_devices(bsub) -> None:
     v = bsub.add_parser("devices", help="CPU vs CUDA: meta-training, adaptation, drift-to-serving")
     _out(v, "devices")
     v.add_argument("--bundle", default=None,
@@ -208,6 +224,8 @@ def _register_bench(sub) -> None:
     v.add_argument("--quick", action="store_true", help="seconds instead of minutes, a smoke test")
     v.set_defaults(func=cmd_bench)
 
+
+def _register_stream(bsub) -> None:
     s = bsub.add_parser("stream", help="continual adaptation vs an oracle, river and baselines")
     _out(s, "stream")
     s.add_argument("--families", default="sinusoid,hyperplane",

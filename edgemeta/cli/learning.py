@@ -360,6 +360,14 @@ def cmd_tasks_report(args: argparse.Namespace) -> int:
 def _register_train(sub) -> None:
     t = sub.add_parser("train", help="meta-train a bundle")
     t.add_argument("--out", required=True, help="bundle directory to write")
+    _task_arguments(t.add_argument_group("tasks"))
+    _learner_arguments(t.add_argument_group("model and meta-learning"))
+    _run_arguments(t.add_argument_group("the run"))
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+
+def _task_arguments(t) -> None:
     t.add_argument("--tasks", choices=["sinusoid", "hyperplane", "array", "folder"],
                    default="sinusoid", help="task distribution (default: %(default)s)")
     t.add_argument("--data", help="labelled array (.npz/.csv) or task folder (for array, folder)")
@@ -379,6 +387,9 @@ def _register_train(sub) -> None:
                    help="share of classes (array) or task files (folder) kept for validation")
     t.add_argument("--test-fraction", type=float,
                    help="share of classes (array) or task files (folder) kept for meta-test")
+
+
+def _learner_arguments(t) -> None:
     t.add_argument("--algorithm", default="maml",
                    help="maml, fomaml, reptile, metasgd, anil or protonet (default: %(default)s)")
     t.add_argument("--hidden", type=_positive_int_list, default=[40, 40],
@@ -394,6 +405,9 @@ def _register_train(sub) -> None:
                    help="Adam learning rate of the meta-update (default: %(default)s)")
     t.add_argument("--meta-batch", type=int, default=25,
                    help="tasks per meta-update (default: %(default)s)")
+
+
+def _run_arguments(t) -> None:
     t.add_argument("--iterations", type=int, default=10000,
                    help="meta-updates at most (default: %(default)s)")
     t.add_argument("--time-budget", type=float,
@@ -419,10 +433,9 @@ def _register_train(sub) -> None:
     t.add_argument("--allow-untrained", action="store_true",
                    help="write the bundle even when no validation beat the initialization")
     t.add_argument("--require-better-than-chance", action="store_true",
-                   help="refuse to write a bundle whose adapted validation loss is within noise "
-                        "of the no-adaptation predictor's (default: write it with a warning)")
-    t.add_argument("--quiet", action="store_true", help="no progress bar")
-    t.set_defaults(func=cmd_train)
+                   help="refuse to write a bundle that adapts no better than the predictor that "
+                        "ignores x, by its loss or (classifying) its error rate (default: write "
+                        "it with a warning)")
 
 
 def _register_eval(sub) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from edgemeta.bundle_format import feature_scale, normalize
 from edgemeta.meta.algorithms import make_learner
 from edgemeta.meta.bundle import Bundle
 from edgemeta.meta.inner import output_loss
@@ -69,13 +70,15 @@ class Adapter:
                                      int(meta["inner"]["steps"]), float(meta["inner"]["lr"]),
                                      self.head_)
         self.init_ = self._tensors(bundle.weights)
-        norm = meta["input"].get("normalization") or {}
-        self._mean = np.asarray(norm.get("mean", 0.0), dtype=np.float32)
-        self._std = np.asarray(norm.get("std", 1.0), dtype=np.float32)
+        self._mean, self._std = feature_scale(meta)
         # Regression targets as meta-training saw them (the exported graph scales back).
         scaling = meta["output"].get("scaling") or {}
         self.target_mean_ = float(scaling.get("mean", 0.0))
         self.target_std_ = float(scaling.get("std", 1.0))
+
+    def normalize(self, x: np.ndarray) -> np.ndarray:
+        """Raw feature rows as the network takes them (:func:`edgemeta.bundle_format.normalize`)."""
+        return normalize(x, self._mean, self._std)
 
     def _tensors(self, weights: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
         return {n: torch.as_tensor(np.asarray(w, dtype=np.float32), device=self.device)
@@ -94,7 +97,7 @@ class Adapter:
             raise AdaptationFailed(f"support set has {len(x)} rows of x and {len(y)} labels")
         if not (np.isfinite(x).all() and np.isfinite(y.astype(np.float64)).all()):
             raise AdaptationFailed("support set contains NaN or infinite values")
-        xt = torch.as_tensor((x - self._mean) / self._std, device=self.device)
+        xt = torch.as_tensor(self.normalize(x), device=self.device)
         if self.kind_ == "regression":
             y = (y.astype(np.float64) - self.target_mean_) / self.target_std_
             yt = torch.as_tensor(y.astype(np.float32).reshape(len(y), -1), device=self.device)

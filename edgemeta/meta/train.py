@@ -184,147 +184,191 @@ def train(settings: TrainSettings, tasks,
         fitted = StandardizedTargets.fit(tasks, seed=settings.seed + 11)
         if fitted.needed():
             tasks = fitted
-    device = settings.resolved_device()
-    torch.manual_seed(settings.seed)  # the same initial weights on every rank
-    rng = np.random.default_rng(settings.seed if ctx.world == 1 else [settings.seed, ctx.rank])
-    local_batch = ctx.share(settings.meta_batch)
-    model, head = build_for(settings, tasks)
-    model.to(device)
-    learner = make_learner(settings.algorithm, model, tasks.kind, settings.inner_steps,
-                           settings.inner_lr, head)
-    net = {n: p.detach().clone() for n, p in model.named_parameters()}
-    params = {**net, **learner.extra_params(net)}
-    if init is not None:
-        missing, unexpected = sorted(set(params) - set(init)), sorted(set(init) - set(params))
-        if missing or unexpected:
-            raise SettingsError(f"init: the weights do not fit the model (missing {missing}, "
-                                f"unexpected {unexpected})")
-        for n, value in init.items():
-            if tuple(value.shape) != tuple(params[n].shape):
-                raise SettingsError(f"init: {n} has shape {tuple(value.shape)}, the model "
-                                    f"{tuple(params[n].shape)}")
-            params[n] = value.detach().clone().to(device=device, dtype=params[n].dtype)
-    for p in params.values():
-        p.requires_grad_(True)
-    optimizer = torch.optim.Adam(params.values(), lr=settings.outer_lr)
-    best = {n: p.detach().clone() for n, p in params.items()}
-    # A warm start that replays its parent's tasks validates the two families apart: the best
-    # weights are those best on the new tasks among the ones within max_forgetting of the
-    # parent on its own (iteration 0, the parent, always qualifies).
-    families = replayed_families(tasks) if init is not None else None
+    return _MetaTraining(settings, tasks, init, ctx, progress).run()
 
-    def scores() -> dict[str, float]:
-        if families is None:
-            return {"val_loss": meta_validate(learner, params, tasks, settings.val_tasks,
-                                              settings.seed + 1, device)}
-        new, old = (meta_validate(learner, params, f, settings.val_tasks, settings.seed + 1,
-                                  device) for f in families[:2])
+
+class _MetaTraining:
+    """One run of :func:`train`. A class because the loop, the validations and the handling of
+    an interruption share the weights, the best so far and the counters."""
+
+    def __init__(self, settings: TrainSettings, tasks, init: dict[str, torch.Tensor] | None,
+                 ctx: Context, progress: Callable[[int, float, float | None], None] | None):
+        self.settings, self.tasks, self.ctx, self.progress = settings, tasks, ctx, progress
+        self.device = settings.resolved_device()
+        torch.manual_seed(settings.seed)  # the same initial weights on every rank
+        self.rng = np.random.default_rng(settings.seed if ctx.world == 1
+                                         else [settings.seed, ctx.rank])
+        self.local_batch = ctx.share(settings.meta_batch)
+        self.model, self.head = build_for(settings, tasks)
+        self.model.to(self.device)
+        self.learner = make_learner(settings.algorithm, self.model, tasks.kind,
+                                    settings.inner_steps, settings.inner_lr, self.head)
+        self.params = self._initial_params(init)
+        self.optimizer = torch.optim.Adam(self.params.values(), lr=settings.outer_lr)
+        self.best = {n: p.detach().clone() for n, p in self.params.items()}
+        # A warm start that replays its parent's tasks validates the two families apart: the
+        # best weights are those best on the new tasks among the ones within max_forgetting of
+        # the parent on its own (iteration 0, the parent, always qualifies).
+        self.families = replayed_families(tasks) if init is not None else None
+        self.first = (self.scores() if ctx.writer or self.families
+                      else {"val_loss": math.inf})
+        self.best_val, self.best_it = self.first["val_loss"], 0
+        self.replayed_limit = (self.first.get("val_replayed", math.inf)
+                               * (1 + settings.max_forgetting))
+        self.history: list[dict[str, float]] = [{"iteration": 0, **self.first}]
+        self.start = self.last_val = time.perf_counter()
+        self.interval = settings.validation_interval()
+        self.interrupted = False
+        self.it, self.validated = 0, 0
+        self.loss: torch.Tensor | None = None
+
+    def _initial_params(self, init: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        net = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        params = {**net, **self.learner.extra_params(net)}
+        if init is not None:
+            missing, unexpected = sorted(set(params) - set(init)), sorted(set(init) - set(params))
+            if missing or unexpected:
+                raise SettingsError(f"init: the weights do not fit the model (missing {missing}, "
+                                    f"unexpected {unexpected})")
+            for n, value in init.items():
+                if tuple(value.shape) != tuple(params[n].shape):
+                    raise SettingsError(f"init: {n} has shape {tuple(value.shape)}, the model "
+                                        f"{tuple(params[n].shape)}")
+                params[n] = value.detach().clone().to(device=self.device, dtype=params[n].dtype)
+        for p in params.values():
+            p.requires_grad_(True)
+        return params
+
+    # -- validation ---------------------------------------------------------------------------
+    def scores(self) -> dict[str, float]:
+        s = self.settings
+        if self.families is None:
+            return {"val_loss": meta_validate(self.learner, self.params, self.tasks, s.val_tasks,
+                                              s.seed + 1, self.device)}
+        new, old = (meta_validate(self.learner, self.params, f, s.val_tasks, s.seed + 1,
+                                  self.device) for f in self.families[:2])
         return {"val_loss": new, "val_replayed": old}
 
-    first = scores() if ctx.writer or families else {"val_loss": math.inf}
+    def validate(self) -> float:
+        figures = self.scores()
+        val = figures["val_loss"]
+        self.history.append({"iteration": self.it, "meta_loss": self.loss.item(), **figures})
+        if val < self.best_val and figures.get("val_replayed", 0.0) <= self.replayed_limit:
+            self.best_val, self.best_it = val, self.it
+            self.best = {n: p.detach().clone() for n, p in self.params.items()}
+        self.validated, self.last_val = self.it, time.perf_counter()
+        return val
 
-    def outer_loss() -> torch.Tensor:
+    def _validation_due(self) -> bool:
+        s = self.settings
+        return (self.it % s.val_every == 0 or self.it == s.iterations
+                or time.perf_counter() - self.last_val >= self.interval)
+
+    # -- one meta-iteration ---------------------------------------------------------------------
+    def outer_loss(self) -> torch.Tensor:
+        if self.families is None:
+            return self.learner.outer_loss(self.params,
+                                           self.tasks.sample(self.local_batch, self.rng)
+                                           .to(self.device))
         # Each family's loss relative to the parent's on it, weighted by its share of the
         # meta-batch: a family whose tasks have 10x the loss (larger amplitudes, say) would
         # otherwise own the gradient, and "replay half" would replay almost nothing.
-        new, old, ratio = families
-        n_old = int(round(local_batch * ratio))
-        total = torch.zeros((), device=device)
-        for family, n, share, scale in ((new, local_batch - n_old, 1 - ratio, first["val_loss"]),
-                                        (old, n_old, ratio, first["val_replayed"])):
+        new, old, ratio = self.families
+        n_old = int(round(self.local_batch * ratio))
+        total = torch.zeros((), device=self.device)
+        for family, n, share, scale in (
+                (new, self.local_batch - n_old, 1 - ratio, self.first["val_loss"]),
+                (old, n_old, ratio, self.first["val_replayed"])):
             if n > 0:
-                batch = family.sample(n, rng).to(device)
-                total = total + share * learner.outer_loss(params, batch) / max(scale, 1e-8)
+                batch = family.sample(n, self.rng).to(self.device)
+                total = total + share * self.learner.outer_loss(self.params, batch) / max(scale,
+                                                                                          1e-8)
         return total
 
-    best_val = first["val_loss"]
-    replayed_limit = first.get("val_replayed", math.inf) * (1 + settings.max_forgetting)
-    best_it = 0
-    history: list[dict[str, float]] = [{"iteration": 0, **first}]
-    start = last_val = time.perf_counter()
-    interval = settings.validation_interval()
-    interrupted = False
-    lost: PeerLost | None = None
-    it, validated, loss = 0, 0, None
-
-    def validate() -> float:
-        nonlocal best_val, best_it, best, validated, last_val
-        figures = scores()
-        val = figures["val_loss"]
-        history.append({"iteration": it, "meta_loss": loss.item(), **figures})
-        if val < best_val and figures.get("val_replayed", 0.0) <= replayed_limit:
-            best_val, best_it = val, it
-            best = {n: p.detach().clone() for n, p in params.items()}
-        validated, last_val = it, time.perf_counter()
-        return val
-
-    def nonfinite(value: torch.Tensor) -> FloatingPointError:
+    def _nonfinite(self) -> FloatingPointError:
         return FloatingPointError(
-            f"meta-loss became {float(value)} at iteration {it + 1}; lower outer_lr "
-            f"({settings.outer_lr}) or inner_lr ({settings.inner_lr})")
+            f"meta-loss became {float(self.loss)} at iteration {self.it + 1}; lower outer_lr "
+            f"({self.settings.outer_lr}) or inner_lr ({self.settings.inner_lr})")
 
-    stop_asked = False
-    try:
+    def _out_of_budget(self) -> bool:
+        s = self.settings
+        return self.it >= s.iterations or bool(
+            s.time_budget and time.perf_counter() - self.start > s.time_budget)
+
+    def _gradient(self) -> bool:
+        """The local gradient of one meta-batch; returns whether a Ctrl-C came under torchrun
+        (it is told to the other ranks through the next all-reduce; alone, it propagates)."""
+        try:
+            self.loss = self.outer_loss()
+            self.optimizer.zero_grad()
+            if torch.isfinite(self.loss):
+                self.loss.backward()
+        except KeyboardInterrupt:
+            if self.ctx.world == 1:
+                raise
+            return True
+        return False
+
+    def _loop(self) -> None:
+        stop_asked = False
         while True:
-            stop = stop_asked or it >= settings.iterations or bool(
-                settings.time_budget and time.perf_counter() - start > settings.time_budget)
-            if stop and ctx.world == 1:
-                break
-            batch = tasks.sample(local_batch, rng).to(device) if families is None else None
-            try:
-                loss = learner.outer_loss(params, batch) if batch is not None else outer_loss()
-                optimizer.zero_grad()
-                if torch.isfinite(loss):
-                    loss.backward()
-            except KeyboardInterrupt:
-                if ctx.world == 1:
-                    raise
-                stop_asked = stop = True  # tell the other ranks through the next all-reduce
-            if ctx.world > 1:
-                any_stop, any_bad = ctx.reduce(params.values(), local_batch / settings.meta_batch,
-                                               stop, not torch.isfinite(loss))
+            stop = stop_asked or self._out_of_budget()
+            if stop and self.ctx.world == 1:
+                return
+            if self._gradient():
+                stop_asked = stop = True
+            if self.ctx.world > 1:
+                any_stop, any_bad = self.ctx.reduce(self.params.values(),
+                                                    self.local_batch / self.settings.meta_batch,
+                                                    stop, not torch.isfinite(self.loss))
                 if any_bad:
-                    raise nonfinite(loss)
+                    raise self._nonfinite()
                 if any_stop:
-                    interrupted = stop_asked
-                    break
-            elif not torch.isfinite(loss):
-                raise nonfinite(loss)
-            optimizer.step()
-            it += 1
-            val = None
-            if ctx.writer and (it % settings.val_every == 0 or it == settings.iterations
-                               or time.perf_counter() - last_val >= interval):
-                val = validate()
-            if progress and ctx.writer:
-                progress(it, loss.item(), val)
-    except KeyboardInterrupt:
-        interrupted = True
-    except PeerLost as exc:
-        lost, interrupted = exc, True
-    # A second interruption (torchrun's SIGTERM right after a peer's death was noticed) must not
-    # lose what was learned: nothing below lets one escape.
-    with contextlib.suppress(KeyboardInterrupt):
-        if lost is not None:
-            warnings.warn(f"{lost}; keeping the best weights so far", stacklevel=2)
-        if ctx.writer and it > validated and loss is not None and torch.isfinite(loss):
-            # Always judge the last weights too: a budget or Ctrl-C between validations must not
-            # throw away everything learned since the last one.
-            val = validate()
-            if progress:
-                progress(it, loss.item(), val)
-    chance = None
-    if ctx.writer:
+                    self.interrupted = stop_asked
+                    return
+            elif not torch.isfinite(self.loss):
+                raise self._nonfinite()
+            self.optimizer.step()
+            self.it += 1
+            val = self.validate() if self.ctx.writer and self._validation_due() else None
+            if self.progress and self.ctx.writer:
+                self.progress(self.it, self.loss.item(), val)
+
+    # -- the run --------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        lost: PeerLost | None = None
+        try:
+            self._loop()
+        except KeyboardInterrupt:
+            self.interrupted = True
+        except PeerLost as exc:
+            lost, self.interrupted = exc, True
+        # A second interruption (torchrun's SIGTERM right after a peer's death was noticed) must
+        # not lose what was learned: nothing below lets one escape.
         with contextlib.suppress(KeyboardInterrupt):
-            chance = chance_check(learner, best, tasks, max(settings.val_tasks, 200),
-                                  settings.seed + 1, device)
-    result = None
-    while result is None:  # nor here: the caller ignores SIGTERM once it has the result
-        with contextlib.suppress(KeyboardInterrupt):
-            result = TrainResult({n: p.cpu() for n, p in best.items()}, best_val, best_it, it,
-                                 time.perf_counter() - start, interrupted, history, model.cpu(),
-                                 tasks, head, settings, chance)
-    return result
+            if lost is not None:
+                warnings.warn(f"{lost}; keeping the best weights so far", stacklevel=3)
+            if (self.ctx.writer and self.it > self.validated and self.loss is not None
+                    and torch.isfinite(self.loss)):
+                # Always judge the last weights too: a budget or Ctrl-C between validations
+                # must not throw away everything learned since the last one.
+                val = self.validate()
+                if self.progress:
+                    self.progress(self.it, self.loss.item(), val)
+        chance = None
+        if self.ctx.writer:
+            with contextlib.suppress(KeyboardInterrupt):
+                chance = chance_check(self.learner, self.best, self.tasks,
+                                      max(self.settings.val_tasks, 200), self.settings.seed + 1,
+                                      self.device)
+        result = None
+        while result is None:  # nor here: the caller ignores SIGTERM once it has the result
+            with contextlib.suppress(KeyboardInterrupt):
+                result = TrainResult({n: p.cpu() for n, p in self.best.items()}, self.best_val,
+                                     self.best_it, self.it, time.perf_counter() - self.start,
+                                     self.interrupted, self.history, self.model.cpu(),
+                                     self.tasks, self.head, self.settings, chance)
+        return result
 
 
 class ProgressBar:
