@@ -140,8 +140,9 @@ class Inbox:
         """Serve the file's rows and write their predictions; returns the learning to do once
         the file is moved."""
         rows = parse_rows(path, self.settings.stream(stream), self.limits, self.bundle.classes)
-        outputs, version = self.predict(stream, rows.x)
-        served, members = self.mix(stream, rows.x, outputs, version)
+        inputs = self.normalize(rows.x)  # once per file: serving, mixing and learning share it
+        outputs, version = self.predict(stream, inputs)
+        served, members = self.mix(stream, inputs, outputs, version)
         predictions = iter(self.predictions(served))
         weights = iter(self.portfolios[stream].row_weights(members) if members is not None
                        else ())
@@ -171,7 +172,8 @@ class Inbox:
             log.warning("stream=%s file=%s has no label column %r: its rows are served and wait "
                         "for a label file joined by id; until labels arrive, drift on this "
                         "stream cannot be detected", stream, path.name, label)
-        return lambda: self.observe(stream, rows.x, outputs, version, rows.y, rows.ids, members)
+        return lambda: self.observe(stream, rows.x, inputs, outputs, version, rows.y, rows.ids,
+                                    members)
 
     def _labels(self, stream: str, path: Path) -> Callable[[], None]:
         """Join a label file with the cached rows; returns the learning to do once the file is
@@ -218,25 +220,27 @@ class Inbox:
         return (outputs[:, 0].tolist() if self.kind == "regression"
                 else outputs.argmax(axis=1).tolist())
 
-    def predict(self, stream: str, x: np.ndarray) -> tuple[np.ndarray, int]:
+    def predict(self, stream: str, inputs: np.ndarray) -> tuple[np.ndarray, int]:
+        """The serving model's outputs on ``inputs``, rows as the model takes them
+        (:meth:`normalize`)."""
         started = time.perf_counter()
-        if len(x) == 0:
+        if len(inputs) == 0:
             return np.zeros((0, self.bundle.outputs), np.float32), self.models.version(stream)
-        outputs, version = self.models.predict(stream, self.normalize(x))
+        outputs, version = self.models.predict(stream, inputs)
         self.metrics.inference_latency.labels(stream).observe(time.perf_counter() - started)
-        self.metrics.samples.labels(stream).inc(len(x))
-        self.metrics.predictions.labels(stream).inc(len(x))
+        self.metrics.samples.labels(stream).inc(len(inputs))
+        self.metrics.predictions.labels(stream).inc(len(inputs))
         return outputs, version
 
-    def mix(self, stream: str, x: np.ndarray, outputs: np.ndarray,
+    def mix(self, stream: str, inputs: np.ndarray, outputs: np.ndarray,
             version: int) -> tuple[np.ndarray, np.ndarray | None]:
         """What to serve: the ONNX outputs, or with a portfolio the mixture of its members
         (and every member's prediction, to judge them by once the labels come)."""
         portfolio = self.portfolios.get(stream)
-        if portfolio is None or len(x) == 0:
+        if portfolio is None or len(inputs) == 0:
             return outputs, None
         dropped = dict(portfolio.dropped_)
-        served, members = portfolio.predict(self.normalize(x), outputs, version)
+        served, members = portfolio.predict(inputs, outputs, version)
         for name, count in portfolio.dropped_.items():
             if count > dropped.get(name, 0):
                 self.metrics.portfolio_dropped.labels(stream, name).inc(count - dropped.get(name, 0))
@@ -255,10 +259,12 @@ class Inbox:
             self.metrics.portfolio_loss.labels(stream, member).set(
                 float("nan") if view["loss"] is None else view["loss"])
 
-    def observe(self, stream: str, x: np.ndarray, outputs: np.ndarray, version: int,
-                y: np.ndarray | None = None, ids: list | None = None,
+    def observe(self, stream: str, x: np.ndarray, inputs: np.ndarray, outputs: np.ndarray,
+                version: int, y: np.ndarray | None = None, ids: list | None = None,
                 members: np.ndarray | None = None) -> None:
-        """Learn from served rows: their labels now, or later through the label cache."""
+        """Learn from served rows: their labels now, or later through the label cache. ``x``
+        is the raw rows (kept raw: the regime and the cache outlive a bundle's scale), ``inputs``
+        the same rows normalized."""
         if len(x) == 0:
             return
         portfolio = self.portfolios.get(stream) if members is not None else None
@@ -266,7 +272,7 @@ class Inbox:
             self.metrics.labels.labels(stream, "inline").inc(len(y))
             self.streams.learn(stream, x, y, outputs)
             if portfolio is not None:
-                portfolio.learn(self.normalize(x), y, members)
+                portfolio.learn(inputs, y, members)
                 self._portfolio_metrics(stream)
             return
         row_ids = [str(i) for i in (ids if ids is not None else range(len(x)))]
@@ -275,4 +281,4 @@ class Inbox:
         for i, row_id in enumerate(row_ids):
             self.cache.put(stream, row_id, x[i], outputs[i], version)
         if self.settings.drift.feature_detector != "none":
-            self.streams.unlabelled(stream, self.normalize(x))
+            self.streams.unlabelled(stream, inputs)

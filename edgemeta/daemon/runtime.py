@@ -278,9 +278,10 @@ class Daemon:
         """Serve raw rows on ``stream`` and learn from their labels (or keep them for delayed
         labels): the path every inbox file takes, without the file. Returns the predictions and
         the version that made them."""
-        outputs, version = self.inbox.predict(stream, x)
-        served, members = self.inbox.mix(stream, x, outputs, version)
-        self.inbox.observe(stream, x, outputs, version, y, ids, members)
+        inputs = self.inbox.normalize(x)
+        outputs, version = self.inbox.predict(stream, inputs)
+        served, members = self.inbox.mix(stream, inputs, outputs, version)
+        self.inbox.observe(stream, x, inputs, outputs, version, y, ids, members)
         return self.inbox.predictions(served), version
 
     def drain(self, timeout: float = 60.0) -> bool:
