@@ -151,7 +151,7 @@ def run_daemon_bench(out: Path, bundle: Path, quick: bool = False) -> dict[str, 
             report["throughput_portfolio"] = throughput(daemon, 4 if quick else 20, 5_000,
                                                         seed=2, prefix="p")
             t = report["throughput_portfolio"]
-            print(f"ingest with the portfolio (linear, knn): {t['rows_per_second']:.0f} rows/s "
+            print(f"ingest with the default portfolio: {t['rows_per_second']:.0f} rows/s "
                   f"({t['files']} files x {t['rows_per_file']} rows in {t['seconds']:.2f} s)")
             report["expert_costs"] = expert_costs(4_000 if quick else 20_000)
             print("portfolio cost, us per row (100-row files / 1-row files):")
