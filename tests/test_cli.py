@@ -90,10 +90,13 @@ def test_eval_refuses_a_tampered_bundle(sinusoid_bundle, tmp_path):
 
 def test_ctrl_c_writes_the_best_bundle_so_far(tmp_path):
     out = tmp_path / "b"
+    # A suite started in the background by a non-interactive shell inherits SIGINT ignored, and
+    # so would train: give it the disposition a terminal's Ctrl-C meets.
     proc = subprocess.Popen([sys.executable, "-m", "edgemeta", "train", "--out", str(out),
                              "--iterations", "1000000", "--val-every", "20"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     seen = ""
     while not re.search(r"val \d", seen):
