@@ -445,7 +445,6 @@ class Lifecycle:
             raise LifecycleError(f"invalid state {self!r}: expected {'; '.join(problems)}")
 
 
-
 # Which transition each event takes (Stopping, and everything while stopping, come first).
 Lifecycle._HANDLERS = (
     (Started, Lifecycle._started), (DriftDetected, Lifecycle._drift),

@@ -32,6 +32,7 @@ False
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -115,6 +116,17 @@ def versus_chance(losses: torch.Tensor, chance: torch.Tensor, errors: torch.Tens
     error, base_error, error_noise = _paired(errors.detach().double().flatten(),
                                              chance_errors.detach().double().flatten())
     return ChanceCheck(loss, base, noise, n, error, base_error, error_noise)
+
+
+def judged_on(kind: str, batches: Sequence[TaskBatch], classes: int, losses: torch.Tensor,
+              errors: torch.Tensor | None = None, loss_scale: float = 1.0) -> ChanceCheck:
+    """The check for per-task ``losses`` (and, classifying, per-task ``errors``) measured on
+    ``batches``: the no-adaptation predictor scored on the same rows, in the same units."""
+    chance = torch.cat([chance_losses(kind, b, classes) for b in batches]) * loss_scale
+    if kind != "classification" or errors is None:
+        return versus_chance(losses, chance)
+    return versus_chance(losses, chance, errors,
+                         torch.cat([chance_errors(b, classes) for b in batches]))
 
 
 def _paired(values: torch.Tensor, chance: torch.Tensor) -> tuple[float, float, float]:

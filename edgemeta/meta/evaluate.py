@@ -19,7 +19,7 @@ import torch
 
 from edgemeta.meta.algorithms import MetaLearner, make_learner
 from edgemeta.meta.bundle import Bundle
-from edgemeta.meta.chance import chance_errors, chance_losses, versus_chance
+from edgemeta.meta.chance import judged_on
 from edgemeta.meta.inner import batch_loss, batch_predict, output_loss
 from edgemeta.meta.models import build_model, head_names
 from edgemeta.meta.tasks import (
@@ -177,13 +177,9 @@ def evaluate(bundle: Bundle, shots: int | None = None, steps: Sequence[int] = (0
     trained = learner.inner_steps
     scores = [task_scores(learner, init, b, trained, scale) for b in batches]
     losses = torch.cat([s["loss"] for s in scores])
-    chance = torch.cat([chance_losses(kind, b, tasks.out_features) for b in batches]) * scale
-    if kind == "classification":
-        errors = 1 - torch.cat([s["accuracy"] for s in scores])
-        chance_error = torch.cat([chance_errors(b, tasks.out_features) for b in batches])
-        check = versus_chance(losses, chance, errors, chance_error)
-    else:
-        check = versus_chance(losses, chance)
+    errors = (1 - torch.cat([s["accuracy"] for s in scores]) if kind == "classification"
+              else None)
+    check = judged_on(kind, batches, tasks.out_features, losses, errors, loss_scale=scale)
     results["versus_chance"] = {"steps": trained, **check.as_dict(), "text": check.describe()}
     if target is not None:
         results["speed"] = speed_view(results, learner, init, tasks, target, shot_grid, seed,

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from edgemeta.meta.algorithms import ALGORITHMS, learner_class, make_learner
-from edgemeta.meta.chance import ChanceCheck, chance_errors, chance_losses, versus_chance
+from edgemeta.meta.chance import ChanceCheck, judged_on
 from edgemeta.meta.distributed import Context, PeerLost
 from edgemeta.meta.inner import batch_loss, batch_predict
 from edgemeta.meta.models import build_model, head_names
@@ -156,12 +156,11 @@ def chance_check(learner, params, tasks, n_tasks: int, seed: int, device) -> Cha
     fast = {n: p.detach() for n, p in fast.items()}
     with torch.no_grad():
         losses = batch_loss(learner.model, learner.kind, fast, batch.query_x, batch.query_y)
-        chance = chance_losses(learner.kind, batch, tasks.out_features)
-        if learner.kind != "classification":
-            return versus_chance(losses, chance)
-        served = batch_predict(learner.model, fast, batch.query_x).argmax(-1)
-        errors = (served != batch.query_y).double().mean(-1)
-    return versus_chance(losses, chance, errors, chance_errors(batch, tasks.out_features))
+        errors = None
+        if learner.kind == "classification":
+            served = batch_predict(learner.model, fast, batch.query_x).argmax(-1)
+            errors = (served != batch.query_y).double().mean(-1)
+    return judged_on(learner.kind, [batch], tasks.out_features, losses, errors)
 
 
 def train(settings: TrainSettings, tasks,
