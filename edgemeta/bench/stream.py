@@ -64,8 +64,8 @@ from edgemeta.testing.streams import (
 # The project's own families, then river's generators (``river_families``).
 ALL_FAMILIES = (*FAMILIES, *RIVER_FAMILIES)
 
-__all__ = ["ALL_FAMILIES", "FAMILIES", "run_stream_bench", "run_edgemeta", "run_daemon", "daemon_config",
-           "switching_stream"]
+__all__ = ["ALL_FAMILIES", "FAMILIES", "OPTIONAL_RUNS", "run_stream_bench", "run_edgemeta",
+           "run_daemon", "daemon_config", "switching_stream"]
 
 # -- edgemeta: the daemon's own path ----------------------------------------------------------------
 
@@ -225,8 +225,14 @@ def make_stream(family: str, n: int, hazard: float, noise: float | None,
     return switching_stream(family, n=n, hazard=hazard, noise=noise, seed=seed)
 
 
+#: Runs a long benchmark can leave out (``--without``): neither is in a target of the
+#: portfolio's, and together they are about half of a sinusoid seed's time.
+OPTIONAL_RUNS = ("periodic", "interleaved")
+
+
 def run_family(family: str, bundle: Path, seeds: list[int], n: int, hazard: float,
-               noise: float | None, steps: int, support: int, holdout: int) -> dict[str, Any]:
+               noise: float | None, steps: int, support: int, holdout: int,
+               without: frozenset[str] = frozenset()) -> dict[str, Any]:
     net = TorchNet(bundle)
     per_seed = []
     for seed in seeds:
@@ -241,13 +247,14 @@ def run_family(family: str, bundle: Path, seeds: list[int], n: int, hazard: floa
                                  holdout_size=holdout, sections={"portfolio": {"enabled": True}})
         runs.append(dataclasses.replace(mixed, name=PORTFOLIO))
         runs += [run_expert(name, stream) for name in ("linear", "knn", "knn_recent")]
-        runs.append(run_periodic(stream, net, period=100, window=50, steps=steps))
+        if "periodic" not in without:
+            runs.append(run_periodic(stream, net, period=100, window=50, steps=steps))
         for name, make in river_learners(stream.kind, seed).items():
             runs.append(run_river(name, make, stream))
         edge = runs[0]
         det = detection_figures(stream.switches, edge.info["detections"], n)
         record = {"seed": seed, "stream": stream, "runs": runs, "detection": det}
-        if family in ("sinusoid", "hyperplane"):
+        if family in ("sinusoid", "hyperplane") and "interleaved" not in without:
             # Two streams of the family interleaved in one daemon, each with its own lineage.
             record["interleaved"] = interleaved(
                 stream, make_stream(family, n, hazard, noise, seed + 1000), bundle, edge,
@@ -272,7 +279,8 @@ def interleaved(a: SwitchingStream, b: SwitchingStream, bundle: Path, a_alone: R
 def run_stream_bench(out: Path, families: list[str], seeds: int = 3, n: int = 20_000,
                      hazard: float = 1 / 300, noise: float | None = None, steps: int = 30,
                      support: int = 10, holdout: int = 20, iterations: int | None = None,
-                     bundles: Path | None = None) -> list[dict[str, Any]]:
+                     bundles: Path | None = None,
+                     without: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
     out.mkdir(parents=True, exist_ok=True)
     bundles = bundles or out / "bundles"
     results = []
@@ -284,7 +292,7 @@ def run_stream_bench(out: Path, families: list[str], seeds: int = 3, n: int = 20
             its = iterations or {"sinusoid": 6000, "hyperplane": 3000}[base]
             bundle = ensure_bundle(base, bundles, its)
         result = run_family(family, bundle, list(range(seeds)), n, hazard, noise, steps, support,
-                            holdout)
+                            holdout, without)
         result["bundle"] = str(bundle)
         plot_family(result, out / f"stream-{family}.png")
         results.append(result)

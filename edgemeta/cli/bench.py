@@ -86,7 +86,7 @@ def _devices(args: argparse.Namespace) -> None:
 
 
 def _stream(args: argparse.Namespace) -> None:
-    from edgemeta.bench.stream import ALL_FAMILIES, run_stream_bench
+    from edgemeta.bench.stream import ALL_FAMILIES, OPTIONAL_RUNS, run_stream_bench
 
     families = [f.strip() for f in args.families.split(",") if f.strip()]
     unknown = sorted(set(families) - set(ALL_FAMILIES))
@@ -98,11 +98,15 @@ def _stream(args: argparse.Namespace) -> None:
     for name in ("seeds", "samples", "steps", "support", "holdout"):
         if getattr(args, name) < 1:
             raise CliError(f"--{name}: must be >= 1, got {getattr(args, name)}")
+    without = frozenset(w.strip() for w in args.without.split(",") if w.strip())
+    if without - set(OPTIONAL_RUNS):
+        raise CliError(f"--without: unknown {', '.join(sorted(without - set(OPTIONAL_RUNS)))}; "
+                       f"use {','.join(OPTIONAL_RUNS)}")
     quick = {"n": 3000, "seeds": 1, "iterations": 500} if args.quick else {}
     run_stream_bench(Path(args.out), families, seeds=quick.get("seeds", args.seeds),
                      n=quick.get("n", args.samples), hazard=args.hazard, noise=args.noise,
                      steps=args.steps, support=args.support, holdout=args.holdout,
-                     iterations=quick.get("iterations"))
+                     iterations=quick.get("iterations"), without=without)
 
 
 def _with_bundle(args: argparse.Namespace) -> None:
@@ -242,6 +246,9 @@ def _register_stream(bsub) -> None:
     s.add_argument("--steps", type=int, default=30, help="inner steps per adaptation")
     s.add_argument("--support", type=int, default=10)
     s.add_argument("--holdout", type=int, default=20)
+    s.add_argument("--without", default="",
+                   help="comma-separated runs to leave out, for long runs: periodic (the "
+                   "fine-tune-every-100-rows baseline), interleaved (two streams in one daemon)")
     s.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
     s.set_defaults(func=cmd_bench)
 
