@@ -165,7 +165,9 @@ class PortfolioSettings:
     experts: list[str] = field(  # linear, knn, knn_recent
         default_factory=lambda: ["linear", "knn", "knn_recent"])
     sharing: float = 0.01  # Fixed-Share rate: the weight spread evenly after each row (switches)
-    eta: float = 2.0  # learning rate of the exponential weights, per normalized loss unit
+    # how hard a loss moves the weights; unset: 1.0 per error (classifiers), 2.0 per
+    # normalized squared error (regression)
+    eta: float | None = None
     onnx_prior: float = 0.5  # least weight a freshly adapted ONNX model starts with
     linear_forgetting: float = 0.995  # linear expert: weight a row keeps per newer row
     knn_k: int = 5  # nearest-neighbour expert: neighbours averaged
@@ -501,7 +503,8 @@ def _validate_portfolio(p: PortfolioSettings) -> None:
     if not 0 < p.linear_forgetting <= 1:
         raise ConfigError(f"portfolio.linear_forgetting: must be in (0, 1], got "
                           f"{p.linear_forgetting!r}")
-    _positive("portfolio.eta", p.eta)
+    if p.eta is not None:
+        _positive("portfolio.eta", p.eta)
     _positive("portfolio.knn_k", p.knn_k)
     for key in ("knn_window", "knn_recent_window"):
         if getattr(p, key) < p.knn_k:

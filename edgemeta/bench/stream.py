@@ -296,8 +296,8 @@ def run_stream_bench(out: Path, families: list[str], seeds: int = 3, n: int = 20
         result["bundle"] = str(bundle)
         plot_family(result, out / f"stream-{family}.png")
         results.append(result)
-    report = format_results(results)
-    print(report)
-    clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]
-    (out / "stream.json").write_text(json.dumps(clean, indent=2))
+        # After every family: a run of hours that is stopped keeps the families it finished.
+        clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]
+        (out / "stream.json").write_text(json.dumps(clean, indent=2))
+    print(format_results(results))
     return results
