@@ -129,6 +129,27 @@ def test_a_classifier_that_is_always_right_wins_even_when_its_scores_look_unsure
     assert served[np.arange(25), y].min() > 0.9
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_classifier_mixture_errs_about_as_little_as_its_best_member(seed):
+    """river's SEA stream: a threshold concept with 10% label noise, switching every ~300 rows.
+    The experts differ by a few hundredths in error rate and barely at all in log loss; the
+    mixture must serve about as few errors as its best member (weighed by log loss it erred
+    0.012 more), never a blend that is worse than each of them."""
+    from edgemeta.bench.river_families import river_stream
+
+    stream = river_stream("river-sea", n=4000, hazard=1 / 300, seed=seed)
+    p = Portfolio("classification", outputs=2)
+    served_wrong, member_wrong = [], []
+    for i in range(len(stream.y)):
+        x, y = stream.x[i:i + 1], stream.y[i:i + 1].astype(int)
+        served, members = p.predict(x, np.zeros((1, 2)), version=1)
+        served_wrong.append(served.argmax(axis=1)[0] != y[0])
+        member_wrong.append(np.nan_to_num(members, nan=0.0).argmax(axis=2)[0] != y[0])
+        p.learn(x, y, members)
+    best = np.mean(member_wrong, axis=0).min()
+    assert np.mean(served_wrong) <= best + 0.005
+
+
 def test_one_row_files_keep_the_linear_expert_on_a_linear_stream():
     """Files of one row each: the labels' spread is not known from the first row (its variance
     is 0), so it must not judge the experts' predictions as exploding."""

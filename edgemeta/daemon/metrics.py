@@ -61,7 +61,8 @@ class Metrics:
                                       "stream's portfolio in the served mixture (onnx: the adapted "
                                       "model)", ["stream", "expert"], registry=r)
         self.portfolio_loss = Gauge("edgemeta_portfolio_loss", "Recent loss of each portfolio "
-                                    "member, normalized (1: as good as the labels' mean)",
+                                    "member: normalized squared error (1: as good as the labels' "
+                                    "mean), or error rate for classifiers",
                                     ["stream", "expert"], registry=r)
         self.portfolio_champion = Gauge("edgemeta_portfolio_champion", "1 for the portfolio member "
                                         "with the most weight in a stream's mixture, 0 for the "

@@ -17,6 +17,12 @@ average of the experts, for every sequence of experts that switches ``k`` times 
 lets the mixture's own loss stand for the averaged loss). ``regret_bound`` computes it, and the
 tests check the mixture against it.
 
+For classifiers the losses are errors (0 or 1), which are not convex in a prediction: the bound
+then holds for the weighted average of the members' errors, the expected errors of serving one
+member drawn by its weight. The portfolio serves the most probable class of the averaged
+probabilities instead (deterministic, and an average of probabilities is right at least where
+the weight is); that is measured (``bench stream``), not bounded.
+
 >>> fs = FixedShare(3, eta=2.0, alpha=0.01)
 >>> for _ in range(20):
 ...     fs.update(np.array([1.0, 0.0, 1.0]))
