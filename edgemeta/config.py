@@ -19,6 +19,8 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from edgemeta.portfolio.experts import DEFAULT_EXPERTS, EXPERTS
+
 FORMATS = ("csv", "jsonl", "npz")
 # "auto": a Bernoulli CUSUM on the 0/1 errors of a classifier, ADWIN on a regressor's squared
 # errors (the fastest of each kind at <= 0.1 false alarms per 10k stable rows: `bench drift`).
@@ -162,8 +164,8 @@ class PortfolioSettings:
     model's own error."""
 
     enabled: bool = True  # serve the mixture; false: the ONNX model alone, as before 2026-12
-    experts: list[str] = field(  # linear, knn, knn_recent
-        default_factory=lambda: ["linear", "knn", "knn_recent"])
+    experts: list[str] = field(  # linear, knn, knn_recent, knn_short
+        default_factory=lambda: list(DEFAULT_EXPERTS))
     sharing: float = 0.01  # Fixed-Share rate: the weight spread evenly after each row (switches)
     # how hard a loss moves the weights; unset: 1.0 per error (classifiers), 2.0 per
     # normalized squared error (regression)
@@ -173,6 +175,7 @@ class PortfolioSettings:
     knn_k: int = 5  # nearest-neighbour expert: neighbours averaged
     knn_window: int = 500  # nearest-neighbour expert: most recent labelled rows searched
     knn_recent_window: int = 100  # the second, short-memory nearest-neighbour expert's window
+    knn_short_window: int = 20  # the third: the rows right after a switch
 
 
 @dataclass
@@ -490,7 +493,7 @@ def _validate_io(settings: Settings) -> None:
     _positive("serving.intra_op_threads", settings.serving.intra_op_threads, allow_zero=True)
 
 def _validate_portfolio(p: PortfolioSettings) -> None:
-    known = ("linear", "knn", "knn_recent")
+    known = tuple(EXPERTS)
     for name in p.experts:
         if name not in known:
             raise ConfigError(f"portfolio.experts: unknown expert {name!r} (known: "
@@ -506,7 +509,7 @@ def _validate_portfolio(p: PortfolioSettings) -> None:
     if p.eta is not None:
         _positive("portfolio.eta", p.eta)
     _positive("portfolio.knn_k", p.knn_k)
-    for key in ("knn_window", "knn_recent_window"):
+    for key in ("knn_window", "knn_recent_window", "knn_short_window"):
         if getattr(p, key) < p.knn_k:
             raise ConfigError(f"portfolio.{key}: {getattr(p, key)} is smaller than knn_k "
                               f"{p.knn_k}")

@@ -210,7 +210,9 @@ def test_the_daemon_serves_the_mixture_says_where_each_answer_came_from_and_rest
         assert set(first["experts"]) >= {"onnx", "linear"}
         assert sum(first["experts"].values()) == pytest.approx(1.0, abs=1e-3)
         assert served_mse(sent[-10:]) < 0.05 * served_mse(sent[:2])
-        assert daemon.total("edgemeta_portfolio_weight", stream="sine", expert="linear") > 0.5
+        weights = {m: daemon.total("edgemeta_portfolio_weight", stream="sine", expert=m)
+                   for m in ("onnx", "linear", "knn", "knn_recent", "knn_short")}
+        assert weights["linear"] == max(weights.values()), weights
         assert daemon.total("edgemeta_portfolio_champion", stream="sine", expert="linear") == 1
         assert daemon.total("edgemeta_portfolio_champion", stream="sine", expert="onnx") == 0
         daemon.wait(lambda: (daemon.status()["streams"]["sine"].get("portfolio") or {})
@@ -243,7 +245,7 @@ def test_the_portfolio_is_on_by_default_and_its_off_switch_serves_the_onnx_model
            "streams": [{"name": "a", "features": ["x"], "label": "y"},
                        {"name": "b", "features": ["x"], "label": "y"}]}
     on = build_portfolios(validate(parse_config(raw)), bundle)
-    assert set(on) == {"a", "b"} and on["a"].members == ("onnx", "linear", "knn", "knn_recent")
+    assert set(on) == {"a", "b"} and on["a"].members == ("onnx", "linear", "knn", "knn_recent", "knn_short")
     off = validate(parse_config({**raw, "portfolio": {"enabled": False}}))
     assert build_portfolios(off, bundle) == {}
     with pytest.raises(ConfigError, match="portfolio.experts: unknown expert 'arf'"):

@@ -19,6 +19,7 @@ import numpy as np
 
 from edgemeta.config import parse_config
 from edgemeta.daemon.metrics import STAGES
+from edgemeta.portfolio.experts import DEFAULT_EXPERTS
 from edgemeta.portfolio.portfolio import Portfolio
 from edgemeta.testing.inprocess import InProcessDaemon
 
@@ -106,8 +107,7 @@ def expert_costs(rows: int = 20_000) -> list[dict[str, Any]]:
     rng = np.random.default_rng(0)
     results = []
     for kind, outputs in (("regression", 1), ("classification", 2)):
-        for experts in ((), ("linear",), ("knn",), ("knn_recent",),
-                        ("linear", "knn", "knn_recent")):
+        for experts in ((), *((name,) for name in DEFAULT_EXPERTS), DEFAULT_EXPERTS):
             for batch in (100, 1):
                 n = rows if batch > 1 else rows // 10
                 x = rng.normal(size=(n + 1000, 10))

@@ -51,6 +51,7 @@ from edgemeta.bench.river_families import (
     river_stream,
     write_related_tasks,
 )
+from edgemeta.portfolio.experts import DEFAULT_EXPERTS
 from edgemeta.testing.streams import (
     FAMILIES,
     Run,
@@ -246,7 +247,7 @@ def run_family(family: str, bundle: Path, seeds: list[int], n: int, hazard: floa
             mixed = run_edgemeta(stream, bundle, Path(tmp), steps=steps, support_size=support,
                                  holdout_size=holdout, sections={"portfolio": {"enabled": True}})
         runs.append(dataclasses.replace(mixed, name=PORTFOLIO))
-        runs += [run_expert(name, stream) for name in ("linear", "knn", "knn_recent")]
+        runs += [run_expert(name, stream) for name in DEFAULT_EXPERTS]
         if "periodic" not in without:
             runs.append(run_periodic(stream, net, period=100, window=50, steps=steps))
         for name, make in river_learners(stream.kind, seed).items():

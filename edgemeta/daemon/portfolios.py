@@ -13,7 +13,8 @@ def build_portfolios(settings: Settings, bundle: BundleInfo) -> dict[str, Portfo
         return {}
     params = {"linear": {"forgetting": p.linear_forgetting},
               "knn": {"k": p.knn_k, "window": p.knn_window},
-              "knn_recent": {"k": p.knn_k, "window": p.knn_recent_window}}
+              "knn_recent": {"k": p.knn_k, "window": p.knn_recent_window},
+              "knn_short": {"k": p.knn_k, "window": p.knn_short_window}}
     outputs = 1 if bundle.kind == "regression" else bundle.outputs
     # The members' predictions of rows waiting for a delayed label are held like the label
     # cache's rows: at most as many, and within its byte budget (about 8 bytes per member and

@@ -47,7 +47,7 @@ from collections import OrderedDict
 import numpy as np
 
 from edgemeta.portfolio.calibration import TemperatureGrid
-from edgemeta.portfolio.experts import EXPERTS
+from edgemeta.portfolio.experts import DEFAULT_EXPERTS, EXPERTS
 from edgemeta.portfolio.fixed_share import FixedShare
 
 # The temperature a member's scores start at: the ONNX model's logits as they are; an expert's
@@ -61,7 +61,7 @@ DEFAULT_ETA = (1.0, 2.0)
 
 
 class Portfolio:
-    def __init__(self, kind: str, outputs: int, experts: tuple[str, ...] = ("linear", "knn", "knn_recent"),
+    def __init__(self, kind: str, outputs: int, experts: tuple[str, ...] = DEFAULT_EXPERTS,
                  eta: float | None = None, sharing: float = 0.01, onnx_prior: float = 0.5,
                  loss_cap: float = 4.0, explode: float = 1e4, pending: int = 100_000,
                  expert_params: dict[str, dict] | None = None):
