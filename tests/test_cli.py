@@ -224,6 +224,14 @@ def test_train_says_when_a_busy_machine_starved_its_time_budget_and_in_which_uni
     assert _loss_units(SimpleNamespace(best_val=0.5, tasks=SinusoidTasks())) == ""
 
 
+def test_bench_stream_refuses_a_run_it_cannot_leave_out_before_running_anything(tmp_path):
+    proc = run_edgemeta("bench", "stream", "--without", "periodic,oracle", "--out",
+                        str(tmp_path / "s"))
+    assert proc.returncode == 2
+    assert "--without: unknown oracle; use periodic,interleaved" in proc.stderr
+    assert not (tmp_path / "s").exists()
+
+
 def test_the_bench_extra_holds_every_package_the_benchmarks_import():
     """Every bench must run from the install the README names for it (`.[cpu,bench]`): the
     third-party modules edgemeta/bench imports are the daemon's dependencies or the bench
