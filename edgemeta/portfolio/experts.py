@@ -22,6 +22,15 @@ class LinearExpert:
     so after a switch the old regime fades instead of averaging with the new one forever;
     ``ridge`` keeps the solve well posed on few rows. An intercept is always fitted.
 
+    For classifiers it fits one-hot targets (one score per class) and the portfolio's softmax
+    turns the scores into probabilities with a temperature fitted to their log loss: a softmax
+    over linear scores, updated in closed form per file, rather than a logistic regression fitted
+    by its likelihood. Both were measured on river's SEA stream (3 seeds x 6,000 rows): a
+    logistic model by bounded-curvature (Boehning) Newton steps over a forgetting window erred
+    0.147-0.162 against this one's 0.143-0.154; a replica of river's SGD logistic regression
+    (0.138-0.158 alone) added as one more member moved the mixture's error from 0.1446 to
+    0.1439, less than its per-row cost (a Python loop per row) was worth.
+
     >>> rng = np.random.default_rng(0)
     >>> x = rng.normal(size=(200, 2)); y = (3 * x[:, :1] - x[:, 1:] + 0.5)
     >>> e = LinearExpert(outputs=1); e.learn(x, y)
