@@ -15,15 +15,14 @@ instead was measured worse on all four classification streams of ``bench stream`
 6,000 rows; river's SEA: the mixture erred 0.152, its best member 0.146; weighed by errors
 0.145): among members of similar accuracy the log loss differences are small and noisy, so
 the weights stayed spread and the served class was a blend that erred more than its best
-member. The rate each error moves the
-weights is ``eta`` (default 1.0 for classifiers, 2.0 per normalized squared error for
-regression). A classifier member's class scores (the ONNX model's logits, an expert's fitted
-scores) still become probabilities through a softmax whose temperature is fitted online to that
-member's log loss (``calibration.py``), so that the average the mixture serves mixes
-probabilities that mean what they say. A member whose prediction is not
-finite, or a regression expert whose prediction is beyond ``explode`` label standard
-deviations of the labels' mean, is dropped for the rest of the process's life, counted in
-``dropped_``, and never served.
+member. The rate each error moves the weights is ``eta`` (default 1.0 for classifiers, 2.0 per
+normalized squared error for regression). A classifier member's class scores (the ONNX model's
+logits, an expert's fitted scores) still become probabilities through a softmax whose
+temperature is fitted online to that member's log loss (``calibration.py``), so that the
+average the mixture serves mixes probabilities that mean what they say. A member whose
+prediction is not finite, or a regression expert whose prediction is beyond ``explode`` label
+standard deviations of the labels' mean, is dropped for the rest of the process's life,
+counted in ``dropped_``, and never served.
 
 A restart starts the experts fresh (they are rebuilt from the rows that follow, a few hundred
 at the defaults); no input is lost, since every input is served and moved by the daemon as
