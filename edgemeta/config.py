@@ -164,7 +164,7 @@ class PortfolioSettings:
     model's own error."""
 
     enabled: bool = True  # serve the mixture; false: the ONNX model alone, as before 2026-12
-    experts: list[str] = field(  # linear, knn, knn_recent, knn_short
+    experts: list[str] = field(  # linear, knn, knn_recent, knn_short; opt-in: arf, hat
         default_factory=lambda: list(DEFAULT_EXPERTS))
     sharing: float = 0.01  # Fixed-Share rate: the weight spread evenly after each row (switches)
     # how hard a loss moves the weights; unset: 1.0 per error (classifiers), 2.0 per

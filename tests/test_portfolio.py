@@ -150,6 +150,27 @@ def test_a_classifier_mixture_errs_about_as_little_as_its_best_member(seed):
     assert np.mean(served_wrong) <= best + 0.005
 
 
+@pytest.mark.parametrize("kind, expert", [("classification", "arf"), ("regression", "hat")])
+def test_an_opt_in_river_tree_expert_learns_a_step_and_carries_the_mixture(kind, expert):
+    """A step in one feature: a tree's shape, not a line's. With river's tree alone beside an
+    ONNX model that knows nothing, the tree takes the weight and the served answers."""
+    rng = np.random.default_rng(6)
+    outputs = 2 if kind == "classification" else 1
+    p = Portfolio(kind, outputs=outputs, experts=(expert,))
+    for _ in range(40):
+        x = rng.uniform(-1, 1, size=(20, 2))
+        y = (x[:, 0] > 0.3).astype(int) if kind == "classification" else np.where(
+            x[:, 0] > 0.3, 2.0, -2.0)
+        _, members = p.predict(x, np.zeros((20, outputs)), version=1)
+        p.learn(x, y, members)
+    assert p.weights()[expert] > 0.9
+    served, _ = p.predict(np.array([[0.9, 0.0], [-0.9, 0.0]]), np.zeros((2, outputs)), version=1)
+    if kind == "classification":
+        assert served.argmax(axis=1).tolist() == [1, 0]
+    else:
+        assert np.allclose(served.ravel(), [2.0, -2.0], atol=0.5)
+
+
 def test_one_row_files_keep_the_linear_expert_on_a_linear_stream():
     """Files of one row each: the labels' spread is not known from the first row (its variance
     is 0), so it must not judge the experts' predictions as exploding."""
@@ -248,5 +269,8 @@ def test_the_portfolio_is_on_by_default_and_its_off_switch_serves_the_onnx_model
     assert set(on) == {"a", "b"} and on["a"].members == ("onnx", "linear", "knn", "knn_recent", "knn_short")
     off = validate(parse_config({**raw, "portfolio": {"enabled": False}}))
     assert build_portfolios(off, bundle) == {}
-    with pytest.raises(ConfigError, match="portfolio.experts: unknown expert 'arf'"):
-        validate(parse_config({**raw, "portfolio": {"experts": ["linear", "arf"]}}))
+    with pytest.raises(ConfigError, match="portfolio.experts: unknown expert 'forest'"):
+        validate(parse_config({**raw, "portfolio": {"experts": ["linear", "forest"]}}))
+    opted = build_portfolios(validate(parse_config(
+        {**raw, "portfolio": {"experts": ["linear", "hat"]}})), bundle)
+    assert opted["a"].members == ("onnx", "linear", "hat")

@@ -135,11 +135,11 @@ def run_expert(name: str, stream: SwitchingStream, classes: int = 2) -> Run:
     """One of the portfolio's online experts alone, predict-then-learn row by row (on the raw
     features: the daemon gives them the bundle-normalized ones, which a linear model and a
     standardized KNN do not mind)."""
-    from edgemeta.portfolio.experts import EXPERTS
+    from edgemeta.portfolio.experts import make_expert
 
     regression = stream.kind == "regression"
     outputs = 1 if regression else max(classes, int(np.max(stream.y)) + 1)
-    model = EXPERTS[name](outputs)
+    model = make_expert(name, stream.kind, outputs)
     n = len(stream.y)
     loss = np.empty(n)
     started = time.perf_counter()

@@ -46,7 +46,7 @@ from collections import OrderedDict
 import numpy as np
 
 from edgemeta.portfolio.calibration import TemperatureGrid
-from edgemeta.portfolio.experts import DEFAULT_EXPERTS, EXPERTS
+from edgemeta.portfolio.experts import DEFAULT_EXPERTS, make_expert
 from edgemeta.portfolio.fixed_share import FixedShare
 
 # The temperature a member's scores start at: the ONNX model's logits as they are; an expert's
@@ -75,7 +75,7 @@ class Portfolio:
         self.pending = pending
         params = expert_params or {}
         self.members = ("onnx", *experts)
-        self._learners = [EXPERTS[name](outputs, **params.get(name, {})) for name in experts]
+        self._learners = [make_expert(name, kind, outputs, params.get(name)) for name in experts]
         self._calibration = ([TemperatureGrid(ONNX_TEMPERATURE)]
                              + [TemperatureGrid(EXPERT_TEMPERATURE) for _ in experts]
                              if kind != "regression" else [])
