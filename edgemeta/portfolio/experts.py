@@ -168,15 +168,16 @@ class RiverTreeExpert:
     value. Seeded, so a run repeats.
 
     >>> rng = np.random.default_rng(0)
-    >>> e = RiverTreeExpert(outputs=1, model="hat", kind="regression")
+    >>> e = TreeExpert(outputs=1, kind="regression")
     >>> x = rng.uniform(-1, 1, size=(400, 1)); e.learn(x, np.where(x > 0, 1.0, -1.0))
     >>> np.round(e.predict(np.array([[0.8], [-0.8]])), 1).ravel().tolist()
     [1.0, -1.0]
     """
 
-    def __init__(self, outputs: int, model: str = "arf", kind: str = "regression", seed: int = 0):
+    model: str  # "arf" or "hat", set by the subclass
+
+    def __init__(self, outputs: int, kind: str = "regression", seed: int = 0):
         self.outputs = outputs
-        self.model = model
         self.kind = kind
         self.seed = seed
         self._learner = None
@@ -214,21 +215,26 @@ class RiverTreeExpert:
         self.rows_ += len(labels)
 
 
-def _river(model: str):
-    def make(outputs: int, kind: str = "regression", **params) -> RiverTreeExpert:
-        return RiverTreeExpert(outputs, model=model, kind=kind, **params)
-    return make
+class ForestExpert(RiverTreeExpert):
+    """river's adaptive random forest."""
+
+    model = "arf"
+
+
+class TreeExpert(RiverTreeExpert):
+    """river's Hoeffding adaptive tree."""
+
+    model = "hat"
 
 
 EXPERTS = {"linear": LinearExpert, "knn": WindowKNN, "knn_recent": RecentKNN,
-           "knn_short": ShortKNN, "arf": _river("arf"), "hat": _river("hat")}
+           "knn_short": ShortKNN, "arf": ForestExpert, "hat": TreeExpert}
 DEFAULT_EXPERTS = ("linear", "knn", "knn_recent", "knn_short")
-#: Experts that need to know whether they classify (river's learners); the others learn from
-#: one-hot targets either way.
-KIND_AWARE = frozenset({"arf", "hat"})
 
 
 def make_expert(name: str, kind: str, outputs: int, params: dict | None = None):
-    """The expert ``name`` for a stream of ``kind`` with ``outputs`` scores per row."""
-    extra = {"kind": kind} if name in KIND_AWARE else {}
-    return EXPERTS[name](outputs, **extra, **(params or {}))
+    """The expert ``name`` for a stream of ``kind`` with ``outputs`` scores per row. Only
+    river's learners need the kind; the others learn from one-hot targets either way."""
+    cls = EXPERTS[name]
+    extra = {"kind": kind} if issubclass(cls, RiverTreeExpert) else {}
+    return cls(outputs, **extra, **(params or {}))
