@@ -55,8 +55,8 @@ ONNX_TEMPERATURE, EXPERT_TEMPERATURE = 1.0, 4.0
 # The labels' spread is a scale for the losses and the explosion test only once this many have
 # been seen; before, a file's own spread (or 1 for a single row) stands in.
 MIN_SCALE_ROWS = 30
-# eta when not given: (classification: per error, regression: per normalized squared error).
-DEFAULT_ETA = (1.0, 2.0)
+# eta when not given: per error (classification), per normalized squared error (regression).
+DEFAULT_ETA = {"classification": 1.0, "regression": 2.0}
 
 
 class Portfolio:
@@ -93,7 +93,7 @@ class Portfolio:
         squared error (regression)."""
         if self.eta is not None:
             return self.eta
-        return DEFAULT_ETA[self.kind == "regression"]
+        return DEFAULT_ETA[self.kind]
 
     # -- serving -------------------------------------------------------------------------------
     def _probabilities(self, preds: np.ndarray) -> np.ndarray:
